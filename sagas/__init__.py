@@ -1,0 +1,1 @@
+"""Concrete sagas, written against the public `sagaworks` API."""

@@ -1,0 +1,31 @@
+"""sagaworks: message-driven sagas over RabbitMQ and PostgreSQL.
+
+The public API is what a saga author needs: messages, the definition DSL and
+the failure a port raises for a business refusal.
+"""
+
+from sagaworks.domain.definition import (
+    CancelOn,
+    Deadline,
+    SagaDefinition,
+    StartOn,
+    Step,
+    StepInput,
+    Wait,
+)
+from sagaworks.domain.errors import BusinessFailure, DefinitionError
+from sagaworks.domain.messages import Envelope, Message
+
+__all__ = [
+    "BusinessFailure",
+    "CancelOn",
+    "Deadline",
+    "DefinitionError",
+    "Envelope",
+    "Message",
+    "SagaDefinition",
+    "StartOn",
+    "Step",
+    "StepInput",
+    "Wait",
+]

@@ -1,0 +1,1 @@
+"""Logging, metrics and traces: how sagaworks reports what it does."""

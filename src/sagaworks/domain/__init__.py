@@ -1,0 +1,1 @@
+"""Pure saga logic: definitions, instances and the `decide` function. No I/O."""

@@ -1,0 +1,135 @@
+"""Every tunable of sagaworks, read once from the environment and `/run/secrets`.
+
+Settings are plain data handed to `bootstrap`; nothing reads the environment
+anywhere else, so a test can build a `Settings` object and get a fully wired
+system without touching `os.environ`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["DEFAULT_SECRETS_DIR", "Settings", "mask_url"]
+
+DEFAULT_SECRETS_DIR = Path("/run/secrets")
+
+
+def mask_url(url: str) -> str:
+    """Return `url` with any password replaced by `***`, safe to print or log."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo = f"{parts.username or ''}:***"
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{userinfo}@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+class Settings(BaseSettings):
+    """Effective configuration; environment variables are `SAGAWORKS_<FIELD>`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SAGAWORKS_",
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+    )
+
+    amqp_url: SecretStr = Field(
+        default=SecretStr("amqp://guest:guest@localhost:5672/"),
+        description="RabbitMQ URL; `amqps://` for TLS.",
+    )
+    database_url: SecretStr = Field(
+        default=SecretStr("postgresql://postgres@localhost:5432/sagaworks"),
+        description="PostgreSQL URL of the worker role; `?ssl=require` for TLS.",
+    )
+    migration_database_url: SecretStr | None = Field(
+        default=None,
+        description="PostgreSQL URL of the migrations role; defaults to `database_url`.",
+    )
+    db_pool_size: int = Field(default=10, ge=1, le=200, description="Pooled connections per worker.")
+    db_pool_max_overflow: int = Field(
+        default=5, ge=0, le=200, description="Extra connections allowed above the pool size."
+    )
+    db_connect_timeout_s: float = Field(
+        default=5.0, gt=0, description="Deadline for opening a database connection."
+    )
+    amqp_connect_timeout_s: float = Field(
+        default=5.0, gt=0, description="Deadline for opening the broker connection."
+    )
+    prefetch: int = Field(
+        default=32, ge=1, le=10_000, description="Unacknowledged deliveries per consumer."
+    )
+    delivery_limit: int = Field(
+        default=5,
+        ge=1,
+        le=1_000,
+        description="Deliveries of one message before the broker dead-letters it.",
+    )
+    grace_period_s: float = Field(
+        default=20.0,
+        gt=0,
+        description="On SIGTERM/SIGINT: time to settle in-flight work and flush the outbox.",
+    )
+    exchange_prefix: str = Field(
+        default="",
+        pattern=r"^[A-Za-z0-9_.\-]*$",
+        description="Prepended to every exchange and queue name (one broker, several tenants).",
+    )
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto", description="`auto`: console on a terminal, JSON otherwise."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Threshold for sagaworks and library loggers."
+    )
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_scheme(cls, value: SecretStr) -> SecretStr:
+        scheme = urlsplit(value.get_secret_value()).scheme
+        if scheme not in {"amqp", "amqps"}:
+            raise ValueError(
+                f"SAGAWORKS_AMQP_URL must start with amqp:// or amqps://, not {scheme or 'nothing'}://"
+            )
+        return value
+
+    @field_validator("database_url", "migration_database_url")
+    @classmethod
+    def _pg_scheme(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        scheme = urlsplit(value.get_secret_value()).scheme
+        if scheme not in {"postgresql", "postgres", "postgresql+asyncpg"}:
+            raise ValueError(
+                "database URLs must start with postgresql:// (or postgresql+asyncpg://), "
+                f"not {scheme or 'nothing'}://"
+            )
+        return value
+
+    @classmethod
+    def load(cls, secrets_dir: Path | None = DEFAULT_SECRETS_DIR, **overrides: Any) -> Settings:
+        """Read the environment, then secret files (one file per field) if the folder exists."""
+        if secrets_dir is not None and secrets_dir.is_dir():
+            return cls(_secrets_dir=secrets_dir, **overrides)
+        return cls(**overrides)
+
+    def effective_migration_url(self) -> str:
+        url = self.migration_database_url or self.database_url
+        return url.get_secret_value()
+
+    def as_public_dict(self) -> dict[str, Any]:
+        """Every setting with passwords masked: what `sagaworks config show` prints."""
+        public: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                value = mask_url(value.get_secret_value())
+            public[name] = value
+        return public

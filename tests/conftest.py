@@ -1,0 +1,107 @@
+"""Shared fixtures: a private database and a private name prefix per test session.
+
+Integration tests talk to the real RabbitMQ and PostgreSQL named by
+`SAGAWORKS_AMQP_URL` / `SAGAWORKS_DATABASE_URL` (defaults: localhost). Each
+test session works in databases and under exchange/queue names of its own and
+removes them afterwards, so runs never see each other's data.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from sagaworks.settings import Settings
+
+BASE = Settings.load(secrets_dir=None)
+
+
+def _with_database(url: str, database: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{database}", parts.query, parts.fragment))
+
+
+def _admin_dsn() -> str:
+    url = _with_database(BASE.database_url.get_secret_value(), "postgres")
+    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+@pytest.fixture(scope="session")
+def run_id() -> str:
+    return f"t{os.getpid()}{secrets.token_hex(3)}"
+
+
+@pytest.fixture(scope="session")
+def database_factory(run_id: str) -> Iterator[Callable[[], Awaitable[str]]]:
+    """Returns an async callable giving the URL of a new, empty database (dropped at the end)."""
+    created: list[str] = []
+
+    async def make() -> str:
+        name = f"sagaworks_{run_id}_{len(created)}"
+        conn = await asyncpg.connect(_admin_dsn())
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+        created.append(name)
+        return _with_database(BASE.database_url.get_secret_value(), name)
+
+    yield make
+
+    async def drop_all() -> None:
+        conn = await asyncpg.connect(_admin_dsn())
+        try:
+            for name in created:
+                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+    if created:
+        import asyncio
+
+        asyncio.run(drop_all())
+
+
+@pytest.fixture(scope="session")
+def unused_database_url(run_id: str) -> Iterator[str]:
+    """URL of a database that does not exist yet (dropped at the end if something made it)."""
+    name = f"sagaworks_{run_id}_missing"
+    yield _with_database(BASE.database_url.get_secret_value(), name)
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(_admin_dsn())
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+    import asyncio
+
+    asyncio.run(drop())
+
+
+@pytest.fixture
+def settings_factory(run_id: str) -> Callable[..., Settings]:
+    """Settings for this test session: private exchange/queue prefix, overrides applied."""
+
+    def make(**overrides: object) -> Settings:
+        values: dict[str, object] = {"exchange_prefix": f"{run_id}."}
+        values.update(overrides)
+        return Settings.load(secrets_dir=None, **values)
+
+    return make
+
+
+@pytest.fixture
+async def migrated_database_url(database_factory: Callable[[], Awaitable[str]]) -> AsyncIterator[str]:
+    """A fresh database at the newest schema revision."""
+    from sagaworks.adapters.postgres.migrations_runner import upgrade
+
+    url = await database_factory()
+    await upgrade(url, "head")
+    yield url
