@@ -2,6 +2,8 @@
 
 Each call takes one command object carrying the idempotency key, so a call
 repeated after a crash or a retry has no second effect on the participant.
+An undo names the request it undoes by that request's key: when a request
+timed out, nobody knows whether it took effect, and the participant does.
 """
 
 from __future__ import annotations
@@ -41,8 +43,13 @@ class ReserveStock(_Command):
     lines: tuple[OrderLine, ...]
 
 
-class ReleaseStock(_Command):
-    reservation_id: str
+class _Undo(_Command):
+    undoes: str
+    """Idempotency key of the request to undo; the participant undoes it if it took effect."""
+
+
+class ReleaseStock(_Undo):
+    pass
 
 
 class AuthorisePayment(_Command):
@@ -51,8 +58,8 @@ class AuthorisePayment(_Command):
     currency: str
 
 
-class VoidAuthorisation(_Command):
-    authorisation_id: str
+class VoidAuthorisation(_Undo):
+    pass
 
 
 class CapturePayment(_Command):
@@ -65,8 +72,8 @@ class BookShipment(_Command):
     lines: tuple[OrderLine, ...]
 
 
-class CancelShipment(_Command):
-    shipment_id: str
+class CancelShipment(_Undo):
+    pass
 
 
 class StockReservation(BaseModel):

@@ -55,12 +55,11 @@ async def reserve_stock(inventory: Inventory, call: Call) -> StockReservation:
 
 
 async def release_stock(inventory: Inventory, call: Call) -> None:
-    assert call.state.reservation_id is not None
     await inventory.release(
         ReleaseStock(
             idempotency_key=call.idempotency_key,
             order_id=call.state.order_id,
-            reservation_id=call.state.reservation_id,
+            undoes=call.action_key,
         )
     )
 
@@ -78,12 +77,11 @@ async def authorise_payment(payments: Payments, call: Call) -> Authorisation:
 
 
 async def void_authorisation(payments: Payments, call: Call) -> None:
-    assert call.state.authorisation_id is not None
     await payments.void(
         VoidAuthorisation(
             idempotency_key=call.idempotency_key,
             order_id=call.state.order_id,
-            authorisation_id=call.state.authorisation_id,
+            undoes=call.action_key,
         )
     )
 
@@ -99,12 +97,11 @@ async def book_shipment(shipping: Shipping, call: Call) -> ShipmentBooking:
 
 
 async def cancel_shipment(shipping: Shipping, call: Call) -> None:
-    assert call.state.shipment_id is not None
     await shipping.cancel(
         CancelShipment(
             idempotency_key=call.idempotency_key,
             order_id=call.state.order_id,
-            shipment_id=call.state.shipment_id,
+            undoes=call.action_key,
         )
     )
 
@@ -168,8 +165,10 @@ order_fulfilment: SagaDefinition[OrderState] = SagaDefinition(
         ),
     ),
     cancel=(CancelOn(OrderCancellationRequested, reason="customer_cancelled"),),
+    completes_with=OrderFulfilled,
     on_completed=lambda s: OrderFulfilled(
         order_id=s.order_id, shipment_id=s.shipment_id or "", capture_id=s.capture_id or ""
     ),
+    compensates_with=OrderCancelled,
     on_compensated=lambda s, reason: OrderCancelled(order_id=s.order_id, reason=reason),
 )

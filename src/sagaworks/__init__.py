@@ -13,7 +13,7 @@ from sagaworks.domain.definition import (
     StepInput,
     Wait,
 )
-from sagaworks.domain.errors import BusinessFailure, DefinitionError
+from sagaworks.domain.errors import BusinessFailure, DefinitionError, PortUnavailable
 from sagaworks.domain.messages import Envelope, Message
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "DefinitionError",
     "Envelope",
     "Message",
+    "PortUnavailable",
     "SagaDefinition",
     "StartOn",
     "Step",

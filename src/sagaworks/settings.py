@@ -54,7 +54,9 @@ class Settings(BaseSettings):
         default=None,
         description="PostgreSQL URL of the migrations role; defaults to `database_url`.",
     )
-    db_pool_size: int = Field(default=10, ge=1, le=200, description="Pooled connections per worker.")
+    db_pool_size: int = Field(
+        default=10, ge=1, le=200, description="Pooled connections per worker."
+    )
     db_pool_max_overflow: int = Field(
         default=5, ge=0, le=200, description="Extra connections allowed above the pool size."
     )
@@ -77,6 +79,31 @@ class Settings(BaseSettings):
         default=20.0,
         gt=0,
         description="On SIGTERM/SIGINT: time to settle in-flight work and flush the outbox.",
+    )
+    park_for_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="How long an event that arrived before its saga could take it is kept "
+        "before it is dead-lettered (`no_saga`, `unexpected_event`).",
+    )
+    max_message_bytes: int = Field(
+        default=256 * 1024, ge=1024, description="Larger bodies are dead-lettered as `oversized`."
+    )
+    timer_poll_interval_s: float = Field(
+        default=0.2,
+        gt=0,
+        le=60,
+        description="How often due timers (deadlines, retries) are looked for.",
+    )
+    outbox_sweep_interval_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="Longest wait between sweeps for outbox rows nobody published.",
+    )
+    sagas: tuple[str, ...] = Field(
+        default=("sagas.order_fulfilment",),
+        description="Modules whose `SAGA` the worker runs; each also provides `build_ports()`.",
     )
     exchange_prefix: str = Field(
         default="",

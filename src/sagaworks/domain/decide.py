@@ -19,6 +19,8 @@ from sagaworks.domain.instance import InFlight, SagaInstance, Status, saga_id_fo
 from sagaworks.domain.messages import Envelope, Message
 
 __all__ = [
+    "COMMANDS_DOMAIN",
+    "EVENTS_DOMAIN",
     "Decision",
     "EventReceived",
     "Failure",
@@ -26,6 +28,7 @@ __all__ = [
     "Input",
     "Outgoing",
     "RunStep",
+    "SagaNeedsAttention",
     "StepFinished",
     "TimerFired",
     "TimerSpec",
@@ -36,6 +39,7 @@ __all__ = [
 ]
 
 COMMANDS_DOMAIN = "sagaworks.commands"
+EVENTS_DOMAIN = "sagaworks.events"
 
 
 class RunStep(Message, type="sagaworks.step.run", domain=COMMANDS_DOMAIN):
@@ -47,6 +51,16 @@ class RunStep(Message, type="sagaworks.step.run", domain=COMMANDS_DOMAIN):
     kind: Literal["action", "compensation"]
     attempt: int
     port: str
+
+
+class SagaNeedsAttention(Message, type="sagaworks.saga.needs_attention", domain=EVENTS_DOMAIN):
+    """A saga stopped and needs a person: a compensation or a post-pivot step failed for good."""
+
+    saga_type: str
+    saga_id: UUID
+    correlation_key: str
+    step: str
+    error: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +126,7 @@ class Decision:
 
     outcome: Literal["applied", "ignored", "park"]
     instance: SagaInstance | None
+    at: datetime
     reason: str = ""
     outgoing: tuple[Outgoing, ...] = ()
     set_timers: tuple[TimerSpec, ...] = ()
@@ -128,8 +143,9 @@ def deadline_timer(wait: str) -> str:
     return f"deadline:{wait}"
 
 
-def retry_timer(step: str, kind: str) -> str:
-    return f"retry:{step}:{kind}"
+def retry_timer(step: str, kind: str, attempt: int) -> str:
+    """Named per attempt, so a late duplicate firing of an old timer is recognised as stale."""
+    return f"retry:{step}:{kind}:{attempt}"
 
 
 def decide(
@@ -208,6 +224,7 @@ class _Transition:
         return Decision(
             outcome="applied",
             instance=replace(self.i, version=self.i.version + 1),
+            at=self.now,
             outgoing=tuple(self.outgoing),
             set_timers=tuple(self.set_timers),
             cancel_timers=tuple(self.cancel_timers),
@@ -215,15 +232,15 @@ class _Transition:
         )
 
     def ignore(self, reason: str) -> Decision:
-        return Decision(outcome="ignored", instance=self.i, reason=reason)
+        return Decision(outcome="ignored", instance=self.i, at=self.now, reason=reason)
 
     def park(self, reason: str) -> Decision:
-        return Decision(outcome="park", instance=self.i, reason=reason)
+        return Decision(outcome="park", instance=self.i, at=self.now, reason=reason)
 
 
 def _start(definition: SagaDefinition[Any], given: Input, now: datetime) -> Decision:
     if not (isinstance(given, EventReceived) and isinstance(given.message, definition.start.event)):
-        return Decision(outcome="park", instance=None, reason="no_saga")
+        return Decision(outcome="park", instance=None, at=now, reason="no_saga")
     key = definition.start.key(given.message)
     instance = SagaInstance(
         id=saga_id_for(definition.name, key),
@@ -245,8 +262,7 @@ def _advance(t: _Transition) -> None:
     """Start the step at the current position, or complete the saga."""
     if t.i.position >= len(t.d.steps):
         t.i = replace(t.i, status=Status.COMPLETED, in_flight=None)
-        message = t.d.on_completed(t.i.state)
-        t.publish(message, message.domain, message.routing_key)
+        _announce(t, t.d.on_completed(t.i.state), t.d.completes_with)
         t.record("completed")
         return
     item = t.d.steps[t.i.position]
@@ -256,6 +272,15 @@ def _advance(t: _Transition) -> None:
     fire_at = item.fire_at(t.i.state, t.now)
     t.set_timers.append(TimerSpec(deadline_timer(item.name), fire_at))
     t.record("waiting", item.name, event=item.event.message_type, until=fire_at.isoformat())
+
+
+def _announce(t: _Transition, message: Message, declared: type[Message]) -> None:
+    if not isinstance(message, declared):
+        raise TypeError(
+            f'saga "{t.d.name}" declares it announces {declared.__name__} '
+            f"but built a {type(message).__name__}"
+        )
+    t.publish(message, message.domain, message.routing_key)
 
 
 def _on_event(t: _Transition, given: EventReceived) -> Decision:
@@ -311,22 +336,35 @@ def _on_step_finished(t: _Transition, given: StepFinished) -> Decision:
     ):
         return t.ignore("stale_step_result")
     step = t.d.step(given.step)
-    if given.failure is None:
+    failure = given.failure
+    if failure is None:
         _succeeded(t, step, given)
-    elif given.failure.retry_at is not None and not given.failure.business:
-        _schedule_retry(t, flight, given.failure)
-    elif given.kind == "compensation":
-        _needs_attention(t, step.name, given.failure.reason)
-    elif step.pivot or _past_pivot(t):
-        _needs_attention(t, step.name, given.failure.reason)
-    else:
-        t.i = replace(t.i, in_flight=None)
-        t.record("step_failed", step.name, reason=given.failure.reason)
-        if t.i.status is Status.COMPENSATING:
-            _next_compensation(t)
+    elif given.kind == "compensation" or step.pivot or _past_pivot(t):
+        if _retryable(failure):
+            _schedule_retry(t, flight, failure)
         else:
-            _compensate(t, given.failure.reason)
+            _needs_attention(t, step.name, failure.reason)
+    elif t.i.status is Status.COMPENSATING:
+        _action_failed(t, step, failure)
+        _next_compensation(t)
+    elif _retryable(failure):
+        _schedule_retry(t, flight, failure)
+    else:
+        _action_failed(t, step, failure)
+        _compensate(t, failure.reason)
     return t.decision()
+
+
+def _retryable(failure: Failure) -> bool:
+    return failure.retry_at is not None and not failure.business
+
+
+def _action_failed(t: _Transition, step: Step[Any], failure: Failure) -> None:
+    """A refused action had no effect; one that failed technically may have, so it is undone."""
+    maybe_done = not failure.business
+    done = (*t.i.done, step.name) if maybe_done else t.i.done
+    t.i = replace(t.i, in_flight=None, done=done)
+    t.record("step_failed", step.name, reason=failure.reason, outcome_unknown=maybe_done)
 
 
 def _past_pivot(t: _Transition) -> bool:
@@ -353,7 +391,8 @@ def _succeeded(t: _Transition, step: Step[Any], given: StepFinished) -> None:
 def _schedule_retry(t: _Transition, flight: InFlight, failure: Failure) -> None:
     assert failure.retry_at is not None
     t.i = replace(t.i, in_flight=replace(flight, retry_at=failure.retry_at))
-    t.set_timers.append(TimerSpec(retry_timer(flight.step, flight.kind), failure.retry_at))
+    name = retry_timer(flight.step, flight.kind, flight.attempt)
+    t.set_timers.append(TimerSpec(name, failure.retry_at))
     t.record(
         "retry_scheduled",
         flight.step,
@@ -365,8 +404,17 @@ def _schedule_retry(t: _Transition, flight: InFlight, failure: Failure) -> None:
 
 
 def _needs_attention(t: _Transition, step: str, error: str) -> None:
+    """Stop and ask a person: announced on sagaworks' events exchange for alerting."""
     t.i = replace(t.i, status=Status.NEEDS_ATTENTION, in_flight=None, error=error)
     t.record("needs_attention", step, error=error)
+    alert = SagaNeedsAttention(
+        saga_type=t.d.name,
+        saga_id=t.i.id,
+        correlation_key=t.i.correlation_key,
+        step=step,
+        error=error,
+    )
+    t.publish(alert, EVENTS_DOMAIN, f"saga.needs_attention.{t.d.name}")
 
 
 def _compensate(t: _Transition, reason: str) -> None:
@@ -377,8 +425,9 @@ def _compensate(t: _Transition, reason: str) -> None:
         t.cancel_timers.append(deadline_timer(current.name))
     flight = t.i.in_flight
     if flight is not None and flight.retry_at is not None:
-        t.cancel_timers.append(retry_timer(flight.step, flight.kind))
-        t.i = replace(t.i, in_flight=None)
+        t.cancel_timers.append(retry_timer(flight.step, flight.kind, flight.attempt))
+        t.i = replace(t.i, in_flight=None, done=(*t.i.done, flight.step))
+        t.record("step_abandoned", flight.step, attempt=flight.attempt, outcome_unknown=True)
     _next_compensation(t)
 
 
@@ -392,8 +441,7 @@ def _next_compensation(t: _Transition) -> None:
             t.run(step, "compensation", 1)
             return
     t.i = replace(t.i, status=Status.COMPENSATED)
-    message = t.d.on_compensated(t.i.state, t.i.reason or "compensated")
-    t.publish(message, message.domain, message.routing_key)
+    _announce(t, t.d.on_compensated(t.i.state, t.i.reason or "compensated"), t.d.compensates_with)
     t.record("compensated", reason=t.i.reason)
 
 
@@ -404,7 +452,7 @@ def _on_timer(t: _Transition, given: TimerFired) -> Decision:
     if (
         flight is not None
         and flight.retry_at is not None
-        and given.name == retry_timer(flight.step, flight.kind)
+        and given.name == retry_timer(flight.step, flight.kind, flight.attempt)
     ):
         t.run(t.d.step(flight.step), flight.kind, flight.attempt + 1)
         return t.decision()
@@ -415,6 +463,9 @@ def _on_timer(t: _Transition, given: TimerFired) -> Decision:
         and given.name == deadline_timer(current.name)
     ):
         t.record("deadline_missed", current.name)
-        _compensate(t, current.timeout_reason)
+        if _past_pivot(t):
+            _needs_attention(t, current.name, current.timeout_reason)
+        else:
+            _compensate(t, current.timeout_reason)
         return t.decision()
     return t.ignore("stale_timer")

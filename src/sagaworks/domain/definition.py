@@ -34,7 +34,7 @@ __all__ = [
 S = TypeVar("S", bound=BaseModel)
 E = TypeVar("E", bound=Message)
 
-_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
 
 Deadline = timedelta | Callable[[Any], datetime]
 """How long a wait may last: a fixed span, or an absolute time computed from the state."""
@@ -50,6 +50,8 @@ class StepInput(Generic[S]):
     kind: Literal["action", "compensation"]
     attempt: int
     idempotency_key: str
+    action_key: str
+    """The idempotency key of this step's action: what a compensation undoes, if it happened."""
     state: S
 
 
@@ -112,7 +114,9 @@ class SagaDefinition(Generic[S]):
     state_version: int
     start: StartOn[S, Any]
     steps: tuple[Step[S] | Wait[S, Any], ...]
+    completes_with: type[Message]
     on_completed: Callable[[S], Message]
+    compensates_with: type[Message]
     on_compensated: Callable[[S, str], Message]
     correlate: Mapping[type[Message], Callable[[Any], str]] = field(default_factory=dict)
     cancel: tuple[CancelOn[Any], ...] = ()
@@ -150,6 +154,9 @@ class SagaDefinition(Generic[S]):
             return self.start.key(message)
         return self.correlate[type(message)](message)
 
+    def published_events(self) -> tuple[type[Message], ...]:
+        return (self.completes_with, self.compensates_with)
+
     def ports(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(s.port for s in self.steps if isinstance(s, Step)))
 
@@ -161,7 +168,7 @@ class SagaDefinition(Generic[S]):
 
 
 def _validate(d: SagaDefinition[Any]) -> None:
-    if not _NAME.match(d.name):
+    if not _NAME.fullmatch(d.name):
         raise DefinitionError(d.name, "name must be snake_case letters, digits and _ (<= 63)")
     if not (isinstance(d.state, type) and issubclass(d.state, BaseModel)):
         raise DefinitionError(d.name, "state must be a pydantic model class")
@@ -169,7 +176,15 @@ def _validate(d: SagaDefinition[Any]) -> None:
         raise DefinitionError(d.name, "state_version must be 1 or more")
     if not d.steps:
         raise DefinitionError(d.name, "a saga needs at least one step")
-    for event in (d.start.event, *d.correlate, *(c.event for c in d.cancel)):
+    waits = [w.event for w in d.steps if isinstance(w, Wait)]
+    declared = (
+        d.start.event,
+        *d.correlate,
+        *(c.event for c in d.cancel),
+        *waits,
+        *d.published_events(),
+    )
+    for event in declared:
         if not (isinstance(event, type) and issubclass(event, Message) and event.is_declared()):
             raise DefinitionError(
                 d.name,
@@ -177,9 +192,10 @@ def _validate(d: SagaDefinition[Any]) -> None:
                 "(subclass Message with type=... and domain=...)",
             )
     seen: set[str] = set()
+    awaited: set[str] = set()
     pivot_seen: str | None = None
     for item in d.steps:
-        if not _NAME.match(item.name):
+        if not _NAME.fullmatch(item.name):
             raise DefinitionError(d.name, "step names must be snake_case", step=item.name)
         if item.name in seen:
             raise DefinitionError(d.name, "duplicate step name", step=item.name)
@@ -190,6 +206,14 @@ def _validate(d: SagaDefinition[Any]) -> None:
                 pivot_seen = item.name
         else:
             _validate_wait(d, item)
+            if item.event.message_type in awaited:
+                raise DefinitionError(
+                    d.name,
+                    f'a second wait for "{item.event.message_type}": the saga cannot tell '
+                    "which wait an event is for; wait once",
+                    step=item.name,
+                )
+            awaited.add(item.event.message_type)
     for cancel in d.cancel:
         if cancel.event not in d.correlate:
             raise DefinitionError(
@@ -210,7 +234,7 @@ def _validate(d: SagaDefinition[Any]) -> None:
 
 
 def _validate_step(d: SagaDefinition[Any], item: Step[Any], pivot_seen: str | None) -> None:
-    if not _NAME.match(item.port):
+    if not _NAME.fullmatch(item.port):
         raise DefinitionError(d.name, f'port name "{item.port}" must be snake_case', step=item.name)
     if item.pivot and pivot_seen is not None:
         raise DefinitionError(
@@ -219,6 +243,13 @@ def _validate_step(d: SagaDefinition[Any], item: Step[Any], pivot_seen: str | No
     if item.pivot and item.compensation is not None:
         raise DefinitionError(
             d.name, "a pivot step is the point of no return and has no compensation", step=item.name
+        )
+    if item.compensation is not None and pivot_seen is not None:
+        raise DefinitionError(
+            d.name,
+            f'comes after the pivot "{pivot_seen}", so it is never compensated: '
+            "drop its compensation",
+            step=item.name,
         )
     if item.compensation is None and not item.pivot and pivot_seen is None:
         raise DefinitionError(

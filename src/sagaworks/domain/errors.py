@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["BusinessFailure", "DefinitionError"]
+__all__ = ["BusinessFailure", "DefinitionError", "PortUnavailable"]
 
 
 class DefinitionError(ValueError):
@@ -25,3 +25,7 @@ class BusinessFailure(Exception):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+
+
+class PortUnavailable(Exception):
+    """A port could not be reached or answered with a transient error; the call is retried."""

@@ -47,9 +47,11 @@ def configure_logging(
     renderer = _renderer(fmt, out)
     tail: list[Processor] = []
     if isinstance(renderer, structlog.processors.JSONRenderer):
-        tail.append(structlog.processors.ExceptionRenderer(
-            structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
-        ))
+        tail.append(
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            )
+        )
     structlog.configure(
         processors=[
             *shared,

@@ -1,0 +1,125 @@
+"""Simulated services around the saga, talking over real RabbitMQ like real ones would.
+
+`OrderService` publishes `order.placed` and cancellation requests and listens
+for the outcome events; `Warehouse` publishes `shipment.dispatched` once a
+shipment was booked. Both set CloudEvents attributes as AMQP properties.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
+
+from sagaworks import Message
+from sagas.order_fulfilment.messages import OrderCancelled, OrderFulfilled
+
+__all__ = ["OrderService", "Outcome", "Warehouse", "publish"]
+
+Outcome = tuple[str, str]
+"""(outcome event type, reason or shipment id) per order id."""
+
+
+async def publish(
+    exchange: AbstractExchange,
+    message: Message,
+    message_id: str,
+    *,
+    source: str,
+    correlation_id: str | None = None,
+) -> None:
+    """Publish like a well-behaved service: persistent, confirmed, CloudEvents attributes."""
+    await exchange.publish(
+        aio_pika.Message(
+            message.model_dump_json().encode(),
+            message_id=message_id,
+            type=message.message_type,
+            app_id=source,
+            correlation_id=correlation_id,
+            timestamp=datetime.now(UTC),
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            headers={"cloudEvents_specversion": "1.0"},
+        ),
+        routing_key=message.routing_key,
+    )
+
+
+class OrderService:
+    """Places orders and records how each one ended, from the events sagaworks publishes."""
+
+    def __init__(self, channel: AbstractChannel, orders_exchange: str) -> None:
+        self._channel = channel
+        self._exchange_name = orders_exchange
+        self.exchange: AbstractExchange | None = None
+        self.outcomes: dict[str, Outcome] = {}
+        self.outcome_events = 0
+        self._queue: aio_pika.abc.AbstractQueue | None = None
+
+    async def start(self) -> None:
+        self.exchange = await self._channel.get_exchange(self._exchange_name)
+        self._queue = await self._channel.declare_queue(exclusive=True, auto_delete=True)
+        for event in (OrderFulfilled, OrderCancelled):
+            await self._queue.bind(self.exchange, event.routing_key)
+        await self._queue.consume(self._on_outcome)
+
+    async def _on_outcome(self, incoming: AbstractIncomingMessage) -> None:
+        async with incoming.process():
+            self.outcome_events += 1
+            if incoming.type == OrderFulfilled.message_type:
+                done = OrderFulfilled.model_validate_json(incoming.body)
+                self.outcomes[done.order_id] = (done.message_type, done.shipment_id)
+            elif incoming.type == OrderCancelled.message_type:
+                cancelled = OrderCancelled.model_validate_json(incoming.body)
+                self.outcomes[cancelled.order_id] = (cancelled.message_type, cancelled.reason)
+
+    async def send(self, message: Message, message_id: str, correlation_id: str) -> None:
+        assert self.exchange is not None, "start() the order service first"
+        await publish(
+            self.exchange,
+            message,
+            message_id,
+            source="demo/order-service",
+            correlation_id=correlation_id,
+        )
+
+
+class Warehouse:
+    """Dispatches booked shipments after a while, as told by `plan` for each order."""
+
+    def __init__(
+        self,
+        channel: AbstractChannel,
+        warehouse_exchange: str,
+        plan: Callable[[str, str], list[tuple[float, Message, str]]],
+    ) -> None:
+        self._channel = channel
+        self._exchange_name = warehouse_exchange
+        self._plan = plan
+        self._exchange: AbstractExchange | None = None
+        self._pending: set[asyncio.Task[None]] = set()
+        self.published = 0
+
+    async def start(self) -> None:
+        self._exchange = await self._channel.get_exchange(self._exchange_name)
+
+    def on_booked(self, order_id: str, shipment_id: str) -> None:
+        """Called by the shipping participant when it books a shipment."""
+        for delay, message, message_id in self._plan(order_id, shipment_id):
+            task = asyncio.get_running_loop().create_task(self._later(delay, message, message_id))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    async def _later(self, delay: float, message: Message, message_id: str) -> None:
+        await asyncio.sleep(delay)
+        assert self._exchange is not None
+        await publish(self._exchange, message, message_id, source="demo/warehouse")
+        self.published += 1
+
+    async def stop(self) -> None:
+        for task in list(self._pending):
+            task.cancel()
+        await asyncio.gather(*self._pending, return_exceptions=True)

@@ -1,0 +1,251 @@
+"""The saga store's schema as SQLAlchemy Core tables: the one place queries take names from.
+
+The tables mirror the hand-written Alembic migrations in `migrations/versions`;
+an integration test compares the two, so a column added here without a
+migration fails CI. Triggers and their functions exist only in the migrations
+(see docs/schema.md).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+
+__all__ = [
+    "ALEMBIC_VERSION_TABLE",
+    "DEAD_LETTER_STATUSES",
+    "OUTBOX_CHANNEL",
+    "SAGA_STATUSES",
+    "dead_letter_audit",
+    "dead_letters",
+    "inbox",
+    "metadata",
+    "outbox",
+    "parked_messages",
+    "saga_history",
+    "saga_instances",
+    "timers",
+]
+
+ALEMBIC_VERSION_TABLE = "sagaworks_alembic_version"
+"""Alembic's revision table; named for sagaworks so the database can be shared with other apps."""
+
+OUTBOX_CHANNEL = "sagaworks_outbox"
+"""`LISTEN` channel notified (empty payload) after every statement that inserts into `outbox`."""
+
+SAGA_STATUSES = ("running", "compensating", "completed", "compensated", "needs_attention")
+DEAD_LETTER_STATUSES = ("active", "replayed", "archived")
+
+metadata = MetaData(
+    naming_convention={
+        "pk": "pk_%(table_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    }
+)
+
+
+def _one_of(column: str, values: tuple[str, ...]) -> str:
+    listed = ", ".join(f"'{value}'" for value in values)
+    return f"{column} IN ({listed})"
+
+
+def _timestamp(name: str, *, nullable: bool = False, now: bool = False) -> Column[object]:
+    return Column(
+        name,
+        DateTime(timezone=True),
+        nullable=nullable,
+        server_default=func.now() if now else None,
+    )
+
+
+def _identity() -> Column[int]:
+    return Column("id", BigInteger, Identity(), primary_key=True)
+
+
+saga_instances = Table(
+    "saga_instances",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("saga_type", Text, nullable=False),
+    Column("correlation_key", Text, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("current_step", Text, nullable=True),
+    Column("state", JSONB, nullable=False),
+    Column("state_schema_version", Integer, nullable=False),
+    Column("version", Integer, nullable=False, server_default=text("1")),
+    Column("progress", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    _timestamp("created_at", now=True),
+    _timestamp("updated_at", now=True),
+    CheckConstraint(_one_of("status", SAGA_STATUSES), name="status"),
+    CheckConstraint("version >= 1", name="version"),
+    UniqueConstraint("saga_type", "correlation_key"),
+    Index("ix_saga_instances_status_updated_at", "status", "updated_at"),
+)
+"""One row per saga: state, position (`progress`) and a row version for optimistic checks."""
+
+saga_history = Table(
+    "saga_history",
+    metadata,
+    _identity(),
+    Column(
+        "saga_id",
+        UUID(as_uuid=True),
+        ForeignKey("saga_instances.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("seq", Integer, nullable=False),
+    _timestamp("at", now=True),
+    Column("kind", Text, nullable=False),
+    Column("step", Text, nullable=True),
+    Column("message_id", Text, nullable=True),
+    Column("detail", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    UniqueConstraint("saga_id", "seq"),
+)
+"""Append-only timeline of a saga (a trigger refuses UPDATE and direct DELETE)."""
+
+inbox = Table(
+    "inbox",
+    metadata,
+    Column("consumer", Text, nullable=False),
+    Column("message_id", Text, nullable=False),
+    Column("saga_id", UUID(as_uuid=True), nullable=True),
+    _timestamp("processed_at", now=True),
+    PrimaryKeyConstraint("consumer", "message_id"),
+    Index("ix_inbox_processed_at", "processed_at"),
+)
+"""Message ids each consumer has processed: a duplicate delivery is acked and skipped."""
+
+outbox = Table(
+    "outbox",
+    metadata,
+    _identity(),
+    Column("message_id", Text, nullable=False),
+    Column("saga_id", UUID(as_uuid=True), nullable=True),
+    Column("exchange", Text, nullable=False),
+    Column("routing_key", Text, nullable=False),
+    Column("headers", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("body", LargeBinary, nullable=False),
+    _timestamp("created_at", now=True),
+    _timestamp("published_at", nullable=True),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("last_error", Text, nullable=True),
+    UniqueConstraint("message_id"),
+    Index("ix_outbox_unpublished", "id", postgresql_where=text("published_at IS NULL")),
+)
+"""Messages committed with a transition and not yet (or already) published by the relay."""
+
+timers = Table(
+    "timers",
+    metadata,
+    _identity(),
+    Column(
+        "saga_id",
+        UUID(as_uuid=True),
+        ForeignKey("saga_instances.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("name", Text, nullable=False),
+    _timestamp("fire_at"),
+    Column("payload", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    _timestamp("created_at", now=True),
+    UniqueConstraint("saga_id", "name"),
+    Index("ix_timers_fire_at", "fire_at"),
+)
+"""Step deadlines and delayed retries, claimed when due with `FOR UPDATE SKIP LOCKED`."""
+
+parked_messages = Table(
+    "parked_messages",
+    metadata,
+    _identity(),
+    Column("consumer", Text, nullable=False),
+    Column("saga_type", Text, nullable=False),
+    Column("saga_id", UUID(as_uuid=True), nullable=False),
+    Column("correlation_key", Text, nullable=False),
+    Column("message_id", Text, nullable=False),
+    Column("message_type", Text, nullable=False),
+    Column("headers", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("body", LargeBinary, nullable=False),
+    Column("reason", Text, nullable=False),
+    _timestamp("received_at", now=True),
+    _timestamp("expires_at"),
+    UniqueConstraint("consumer", "message_id"),
+    Index("ix_parked_messages_saga_id", "saga_id"),
+    Index("ix_parked_messages_saga_type_correlation_key", "saga_type", "correlation_key"),
+    Index("ix_parked_messages_expires_at", "expires_at"),
+)
+"""Events that arrived before their saga could take them, replayed when it can (brief I6)."""
+
+dead_letters = Table(
+    "dead_letters",
+    metadata,
+    _identity(),
+    Column("message_id", Text, nullable=False),
+    Column("queue", Text, nullable=False),
+    Column("exchange", Text, nullable=False),
+    Column("routing_key", Text, nullable=False),
+    Column("message_type", Text, nullable=True),
+    Column("saga_type", Text, nullable=True),
+    Column("headers", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("body", LargeBinary, nullable=False),
+    Column("original_body", LargeBinary, nullable=True),
+    Column("reason", Text, nullable=False),
+    Column("exception_type", Text, nullable=True),
+    Column("exception_message", Text, nullable=True),
+    Column("handler", Text, nullable=True),
+    Column("fingerprint", Text, nullable=False),
+    _timestamp("first_failed_at"),
+    _timestamp("last_failed_at"),
+    Column("times_failed", Integer, nullable=False, server_default=text("1")),
+    Column("times_replayed", Integer, nullable=False, server_default=text("0")),
+    Column("status", Text, nullable=False, server_default=text("'active'")),
+    CheckConstraint(_one_of("status", DEAD_LETTER_STATUSES), name="status"),
+    CheckConstraint("times_failed >= 1", name="times_failed"),
+    CheckConstraint("times_replayed >= 0", name="times_replayed"),
+    UniqueConstraint("queue", "message_id"),
+    Index("ix_dead_letters_fingerprint", "fingerprint"),
+    Index("ix_dead_letters_reason", "reason"),
+    Index("ix_dead_letters_last_failed_at", "last_failed_at"),
+    Index("ix_dead_letters_status_last_failed_at", "status", "last_failed_at"),
+)
+"""Messages the broker dead-lettered, with why they failed; edited, replayed or archived here."""
+
+dead_letter_audit = Table(
+    "dead_letter_audit",
+    metadata,
+    _identity(),
+    _timestamp("at", now=True),
+    Column("operator", Text, nullable=False),
+    Column("action", Text, nullable=False),
+    Column("batch_id", UUID(as_uuid=True), nullable=True),
+    Column(
+        "dead_letter_id",
+        BigInteger,
+        ForeignKey("dead_letters.id", ondelete="SET NULL"),
+        nullable=True,
+    ),
+    Column("outcome", Text, nullable=False),
+    Column("detail", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Index("ix_dead_letter_audit_dead_letter_id", "dead_letter_id"),
+    Index("ix_dead_letter_audit_at", "at"),
+)
+"""Who did what to which dead letter, and how it went; rows survive a purge of the letter."""

@@ -1,0 +1,280 @@
+"""The RabbitMQ topology sagaworks relies on, declared idempotently from code.
+
+Recoverability (brief §4–§5) depends on broker-side settings that are easy to
+get subtly wrong on RabbitMQ 3.10: a quorum queue has no delivery limit
+unless one is set, and `at-least-once` dead-lettering silently degrades to
+`at-most-once` without `x-overflow: reject-publish`. So the topology is not
+left to whoever declares a queue first: this module names every exchange and
+queue, fixes their arguments in one place (`queue_arguments`, which the
+worker's subscribers reuse so that their own declarations match), and
+declares them at start-up.
+
+Declaring is idempotent: declaring what already exists with the same
+arguments changes nothing and keeps the queued messages. RabbitMQ never
+alters an existing entity, though; if the arguments differ it answers
+PRECONDITION_FAILED, which `apply_topology` turns into a `TopologyConflict`
+that says which argument differs and how to migrate (docs/topology.md).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import aio_pika
+from aio_pika.abc import AbstractConnection, ExchangeType
+from aiormq.exceptions import ChannelPreconditionFailed
+
+from sagaworks.adapters.rabbitmq.errors import EntityKind, TopologyConflict
+
+__all__ = [
+    "Binding",
+    "QueueSpec",
+    "TopologyReport",
+    "TopologySpec",
+    "apply_topology",
+    "commands_exchange_name",
+    "dead_letter_exchange_name",
+    "dead_letter_queue_arguments",
+    "dead_letter_queue_name",
+    "events_exchange_name",
+    "port_queue_name",
+    "exchange_name",
+    "queue_arguments",
+    "saga_queue_name",
+]
+
+_T = TypeVar("_T")
+
+# "inequivalent arg 'x-delivery-limit' for queue 'q' in vhost '/': received the value '5' of
+# type 'signedint' but current is none" -- values come as `none`, `'v'` or `the value 'v' of
+# type 't'` (RabbitMQ 3.10, rabbit_misc:assert_args_equivalence and rabbit_exchange).
+_INEQUIVALENT_ARG = re.compile(
+    r"inequivalent arg '(?P<argument>[^']*)' for (?:queue|exchange) '.*?' "
+    r"in vhost '(?P<vhost>.*?)': received (?P<received>.+) but current is (?P<current>.+)$"
+)
+_VHOST = re.compile(r"in vhost '(?P<vhost>.*?)'")
+_VALUE = re.compile(r"^(?:none|the value '(?P<typed>.*)' of type '[^']*'|'(?P<plain>.*)')$")
+
+
+def exchange_name(prefix: str, domain: str) -> str:
+    """Topic exchange a domain service publishes to, e.g. `orders`, `warehouse`."""
+    return f"{prefix}{domain}"
+
+
+def events_exchange_name(prefix: str) -> str:
+    """Topic exchange sagaworks publishes its sagas' outcome events to."""
+    return f"{prefix}sagaworks.events"
+
+
+def commands_exchange_name(prefix: str) -> str:
+    """Topic exchange sagaworks publishes commands to participants on."""
+    return f"{prefix}sagaworks.commands"
+
+
+def saga_queue_name(prefix: str, saga_name: str) -> str:
+    """Quorum queue one saga consumes from, shared by all workers running that saga."""
+    if not saga_name:
+        raise ValueError("a saga needs a non-empty name to get a queue")
+    name = f"{prefix}sagaworks.{saga_name}"
+    if name == dead_letter_queue_name(prefix):
+        raise ValueError(
+            f'saga name "{saga_name}" would reuse the dead-letter queue "{name}"; rename the saga'
+        )
+    return name
+
+
+def port_queue_name(prefix: str, port: str) -> str:
+    """Quorum queue of step commands for one port, so work for a port can pause on its own."""
+    return f"{prefix}sagaworks.port.{port}"
+
+
+def dead_letter_exchange_name(prefix: str) -> str:
+    """Fanout exchange every saga queue dead-letters to."""
+    return f"{prefix}sagaworks.dlx"
+
+
+def dead_letter_queue_name(prefix: str) -> str:
+    """Quorum queue collecting dead letters until they are ingested into PostgreSQL."""
+    return f"{prefix}sagaworks.dead-letters"
+
+
+@dataclass(frozen=True)
+class Binding:
+    """Route messages published to `exchange` with a matching topic `routing_key`."""
+
+    exchange: str
+    routing_key: str
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    """A saga queue (final name, prefix included) and the bindings that feed it."""
+
+    name: str
+    bindings: tuple[Binding, ...]
+
+
+@dataclass(frozen=True)
+class TopologySpec:
+    """Everything `apply_topology` declares; all names are final (prefix included)."""
+
+    exchanges: tuple[str, ...]
+    queues: tuple[QueueSpec, ...]
+    dead_letter_exchange: str
+    dead_letter_queue: str
+    delivery_limit: int
+
+    def __post_init__(self) -> None:
+        if self.delivery_limit < 1:
+            raise ValueError(f"delivery_limit must be at least 1, not {self.delivery_limit}")
+        names = [*self.exchanges, self.dead_letter_exchange]
+        queues = [queue.name for queue in self.queues] + [self.dead_letter_queue]
+        for kind, declared in (("exchange", names), ("queue", queues)):
+            if "" in declared:
+                raise ValueError(f"{kind} names must not be empty")
+            duplicates = sorted({name for name in declared if declared.count(name) > 1})
+            if duplicates:
+                raise ValueError(
+                    f"{kind} names must be unique, the dead-letter {kind} included; "
+                    f"declared more than once: {', '.join(duplicates)}"
+                )
+        for queue in self.queues:
+            for binding in queue.bindings:
+                if binding.exchange not in self.exchanges:
+                    raise ValueError(
+                        f'queue "{queue.name}" is bound to exchange "{binding.exchange}", '
+                        "which is not among the declared exchanges; add it to `exchanges`"
+                    )
+
+
+@dataclass(frozen=True)
+class TopologyReport:
+    """What `apply_topology` declared (created, or found already as specified)."""
+
+    exchanges: tuple[str, ...]
+    queues: tuple[str, ...]
+    bindings: tuple[tuple[str, Binding], ...]
+    """(queue name, binding) pairs, the dead-letter queue's binding included."""
+
+    def summary(self) -> str:
+        return (
+            f"{len(self.exchanges)} exchanges, {len(self.queues)} queues, "
+            f"{len(self.bindings)} bindings"
+        )
+
+
+def queue_arguments(spec: TopologySpec) -> dict[str, Any]:
+    """Arguments of every saga queue; anything declaring a saga queue must pass exactly these.
+
+    Quorum queues replicate and count deliveries; `x-delivery-limit` bounds
+    poison-message redeliveries (3.10 has no default); `at-least-once`
+    dead-lettering keeps a message in the saga queue until the dead-letter
+    queue confirms it, and RabbitMQ only honours it with `reject-publish`.
+    """
+    return {
+        "x-queue-type": "quorum",
+        "x-dead-letter-exchange": spec.dead_letter_exchange,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+        "x-delivery-limit": spec.delivery_limit,
+    }
+
+
+def dead_letter_queue_arguments() -> dict[str, Any]:
+    """Arguments of the dead-letter queue: replicated, and no dead-lettering of its own."""
+    return {"x-queue-type": "quorum"}
+
+
+async def apply_topology(connection: AbstractConnection, spec: TopologySpec) -> TopologyReport:
+    """Declare `spec` on a channel of its own; safe to run on every start-up.
+
+    A plain (non-robust) channel is used on purpose: a refused declaration
+    closes the channel, and a robust channel would reopen itself and replay
+    its declarations. The caller's connection stays usable either way.
+
+    Raises `TopologyConflict` on the first entity that exists with other
+    arguments; nothing that already exists is changed.
+    """
+    arguments = queue_arguments(spec)
+    bindings: list[tuple[str, Binding]] = []
+    async with aio_pika.Channel(connection, publisher_confirms=False) as channel:
+        for name in spec.exchanges:
+            await _declare(
+                "exchange", name, channel.declare_exchange(name, ExchangeType.TOPIC, durable=True)
+            )
+        await _declare(
+            "exchange",
+            spec.dead_letter_exchange,
+            channel.declare_exchange(spec.dead_letter_exchange, ExchangeType.FANOUT, durable=True),
+        )
+        dead_letters = await _declare(
+            "queue",
+            spec.dead_letter_queue,
+            channel.declare_queue(
+                spec.dead_letter_queue, durable=True, arguments=dead_letter_queue_arguments()
+            ),
+        )
+        # A fanout exchange ignores routing keys; "" avoids aio-pika's default (the queue name).
+        dead_letter_binding = Binding(spec.dead_letter_exchange, "")
+        await dead_letters.bind(dead_letter_binding.exchange, dead_letter_binding.routing_key)
+        bindings.append((spec.dead_letter_queue, dead_letter_binding))
+        for queue_spec in spec.queues:
+            queue = await _declare(
+                "queue",
+                queue_spec.name,
+                channel.declare_queue(queue_spec.name, durable=True, arguments=arguments),
+            )
+            for binding in queue_spec.bindings:
+                await queue.bind(binding.exchange, binding.routing_key)
+                bindings.append((queue_spec.name, binding))
+    return TopologyReport(
+        exchanges=(*spec.exchanges, spec.dead_letter_exchange),
+        queues=(spec.dead_letter_queue, *(queue.name for queue in spec.queues)),
+        bindings=tuple(bindings),
+    )
+
+
+async def _declare(kind: EntityKind, name: str, declaration: Awaitable[_T]) -> _T:
+    try:
+        return await declaration
+    except ChannelPreconditionFailed as exc:
+        raise _conflict(kind, name, str(exc.args[0]) if exc.args else "") from exc
+
+
+def _conflict(kind: EntityKind, name: str, reply_text: str) -> TopologyConflict:
+    match = _INEQUIVALENT_ARG.search(reply_text)
+    if match is None:
+        vhost = _VHOST.search(reply_text)
+        return TopologyConflict(
+            kind=kind,
+            name=name,
+            vhost=vhost["vhost"] if vhost else "/",
+            argument=None,
+            existing=None,
+            wanted=None,
+            reply_text=reply_text,
+        )
+    return TopologyConflict(
+        kind=kind,
+        name=name,
+        vhost=match["vhost"],
+        argument=match["argument"],
+        existing=_value(match["current"]),
+        wanted=_value(match["received"]),
+        reply_text=reply_text,
+    )
+
+
+def _value(rendered: str) -> str | None:
+    """`none` -> None; `'v'` and `the value 'v' of type 't'` -> `v`; anything else as is."""
+    match = _VALUE.match(rendered)
+    if match is None:
+        return rendered
+    if match["typed"] is not None:
+        return str(match["typed"])
+    if match["plain"] is not None:
+        return str(match["plain"])
+    return None

@@ -1,0 +1,18 @@
+"""Engine limits the use cases enforce, set from `Settings` by the bootstrap."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+__all__ = ["EngineOptions"]
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOptions:
+    park_for: timedelta = timedelta(minutes=5)
+    """How long an event that arrived too early (or before its saga) is kept."""
+    max_message_bytes: int = 256 * 1024
+    """Larger bodies are dead-lettered as `oversized` on first delivery."""
+    publish_after_commit: bool = True
+    """Publish committed outbox rows at once (the sweeper remains the safety net)."""

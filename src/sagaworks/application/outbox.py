@@ -1,0 +1,44 @@
+"""Publishing committed outbox rows: at once after commit, and by the sweeper."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from sagaworks.application.ports import OutboxRow, Publisher, Store
+
+__all__ = ["OutboxRelay"]
+
+_log = logging.getLogger("sagaworks.outbox")
+
+
+class OutboxRelay:
+    """At-least-once publication of the outbox; consumers dedupe on the message id."""
+
+    def __init__(self, store: Store, publisher: Publisher, *, sweep_grace_s: float = 2.0) -> None:
+        self._store = store
+        self._publisher = publisher
+        self._grace = sweep_grace_s
+
+    async def publish_now(self, rows: Sequence[OutboxRow]) -> bool:
+        """Publish rows a transaction just committed; on failure the sweeper retries them."""
+        if not rows:
+            return True
+        try:
+            await self._publisher.publish(rows)
+        except Exception as error:  # noqa: BLE001 - committed rows stay for the sweeper
+            _log.warning(
+                "outbox publish failed; the sweeper will retry",
+                extra={"rows": len(rows), "error": f"{type(error).__name__}: {error}"},
+            )
+            return False
+        await self._store.mark_published([r.id for r in rows])
+        return True
+
+    async def sweep(self, batch: int = 500, *, older_than_s: float | None = None) -> int:
+        """Publish rows nobody published (a crash between commit and publish). Returns a count."""
+        grace = self._grace if older_than_s is None else older_than_s
+        async with self._store.claim_unpublished(batch, grace) as rows:
+            if rows:
+                await self._publisher.publish(rows)
+            return len(rows)

@@ -1,0 +1,190 @@
+"""What the use cases need from the outside world, as Protocols.
+
+The Postgres and in-memory adapters implement `Store`; the RabbitMQ adapter
+and an in-memory one implement `Publisher`. Use cases never see a driver.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol, TypeVar
+from uuid import UUID
+
+from sagaworks.domain.decide import Decision
+from sagaworks.domain.definition import SagaDefinition
+from sagaworks.domain.instance import SagaInstance
+
+__all__ = [
+    "Clock",
+    "DeadLetter",
+    "DueTimer",
+    "InboundMessage",
+    "LockedSaga",
+    "OutboxRow",
+    "ParkedMessage",
+    "PortCaller",
+    "Publisher",
+    "SagaTransaction",
+    "Store",
+]
+
+T = TypeVar("T")
+
+
+class Clock(Protocol):
+    def now(self) -> datetime: ...
+
+
+@dataclass(frozen=True, slots=True)
+class InboundMessage:
+    """One delivery, transport-neutral: what a use case needs to know about it."""
+
+    message_id: str
+    message_type: str
+    body: bytes
+    headers: Mapping[str, Any]
+    queue: str
+    exchange: str
+    routing_key: str
+    source: str = ""
+    time: datetime | None = None
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    user_id: str | None = None
+    delivery_count: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """A committed message waiting to be published (`id` is the outbox row id)."""
+
+    id: int
+    message_id: str
+    exchange: str
+    routing_key: str
+    headers: Mapping[str, Any]
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ParkedMessage:
+    id: int
+    saga_type: str
+    inbound: InboundMessage
+    reason: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class LockedSaga:
+    instance: SagaInstance | None
+    duplicate: bool = False
+    has_parked: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DueTimer:
+    id: int
+    saga_type: str
+    saga_id: UUID
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message sagaworks gave up on, with why; goes to the dead-letter store."""
+
+    inbound: InboundMessage
+    reason: str
+    exception_type: str | None = None
+    exception_message: str | None = None
+    handler: str | None = None
+    saga_type: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+class SagaTransaction(Protocol):
+    """One database transaction; every method runs inside it."""
+
+    async def lock_saga(
+        self, definition: SagaDefinition[Any], saga_id: UUID, *, message_id: str | None = None
+    ) -> LockedSaga:
+        """Serialise all work on one saga (even one not created yet), then load it.
+
+        With `message_id`, also record the message in the saga's inbox;
+        `LockedSaga.duplicate` says it had been processed before.
+        """
+        ...
+
+    async def save(self, definition: SagaDefinition[Any], decision: Decision) -> None:
+        """Persist an applied decision: instance, history, outbox, timers."""
+        ...
+
+    async def park(
+        self,
+        saga_type: str,
+        saga_id: UUID,
+        correlation_key: str,
+        message: InboundMessage,
+        reason: str,
+        expires_at: datetime,
+    ) -> None:
+        """Keep an event its saga cannot take yet (`no_saga`, `unexpected_event`)."""
+        ...
+
+    async def parked_for(self, saga_id: UUID) -> list[ParkedMessage]:
+        """Events parked for one saga, oldest first, locked for this transaction."""
+        ...
+
+    async def unpark(self, ids: Sequence[int]) -> None: ...
+
+    async def claim_due_timer(self, now: datetime) -> DueTimer | None:
+        """Claim one due timer whose saga nobody else holds (`SKIP LOCKED`), and delete it."""
+        ...
+
+    async def expire_parked(self, now: datetime, limit: int) -> list[ParkedMessage]:
+        """Remove parked messages past their bound (`SKIP LOCKED`) and return them."""
+        ...
+
+    async def dead_letter(self, letter: DeadLetter, now: datetime) -> None: ...
+
+    def written_outbox(self) -> list[OutboxRow]:
+        """Outbox rows this transaction wrote, to publish right after commit."""
+        ...
+
+
+class Store(Protocol):
+    def transaction(self) -> AbstractAsyncContextManager[SagaTransaction]: ...
+
+    async def load_saga(
+        self, definition: SagaDefinition[Any], saga_id: UUID
+    ) -> SagaInstance | None:
+        """Read a saga without locking it (to check a command is still current)."""
+        ...
+
+    def claim_unpublished(
+        self, limit: int, older_than_s: float
+    ) -> AbstractAsyncContextManager[list[OutboxRow]]:
+        """Lock unpublished outbox rows (`SKIP LOCKED`); they are marked published on exit."""
+        ...
+
+    async def mark_published(self, ids: Sequence[int]) -> None: ...
+
+
+class Publisher(Protocol):
+    async def publish(self, rows: Sequence[OutboxRow]) -> None:
+        """Publish persistently and wait for every confirm; raise if any is not confirmed."""
+        ...
+
+
+class PortCaller(Protocol):
+    """Calls a port through its resilience policy (timeout, retries, breaker)."""
+
+    async def call(self, port: str, attempt: Callable[[], Awaitable[T]]) -> T: ...
+
+    def next_retry_at(self, port: str, attempt: int, now: datetime) -> datetime | None:
+        """When a delayed retry of a failed attempt may run; None when the budget is spent."""
+        ...

@@ -1,0 +1,125 @@
+"""Use case: run one step's action or compensation on its port.
+
+The port is called with no lock held; its result is then applied in a
+transaction of its own. A repeated command (redelivery, crash) calls the port
+again with the same idempotency key, so the participant sees one effect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from sagaworks.application.options import EngineOptions
+from sagaworks.application.outbox import OutboxRelay
+from sagaworks.application.ports import Clock, DeadLetter, InboundMessage, PortCaller, Store
+from sagaworks.application.registry import SagaRegistry, UnknownSaga
+from sagaworks.application.results import Handled
+from sagaworks.application.transition import apply_input
+from sagaworks.domain.decide import Failure, RunStep, StepFinished, idempotency_key
+from sagaworks.domain.definition import SagaDefinition, StepInput
+from sagaworks.domain.errors import BusinessFailure, PortUnavailable
+from sagaworks.domain.instance import SagaInstance
+
+__all__ = ["RunStepCommand"]
+
+
+class RunStepCommand:
+    def __init__(
+        self,
+        store: Store,
+        relay: OutboxRelay,
+        clock: Clock,
+        registry: SagaRegistry,
+        ports: Mapping[str, object],
+        caller: PortCaller,
+        options: EngineOptions,
+    ) -> None:
+        self._store = store
+        self._relay = relay
+        self._clock = clock
+        self._registry = registry
+        self._ports = ports
+        self._caller = caller
+        self._options = options
+
+    async def __call__(self, inbound: InboundMessage) -> Handled:
+        try:
+            command = RunStep.model_validate_json(inbound.body)
+            definition = self._registry.get(command.saga_type)
+        except (ValidationError, UnknownSaga) as error:
+            return await self._reject(inbound, error)
+        instance = await self._store.load_saga(definition, command.saga_id)
+        if instance is None or not _is_current(instance, command):
+            return Handled("stale", saga_id=str(command.saga_id))
+        finished = await self._call_port(definition, instance, command, inbound.message_id)
+        async with self._store.transaction() as tx:
+            locked = await tx.lock_saga(definition, command.saga_id, message_id=inbound.message_id)
+            if locked.duplicate:
+                return Handled("duplicate", saga_id=str(command.saga_id))
+            decision = await apply_input(tx, definition, locked, finished, self._clock.now())
+            rows = tx.written_outbox()
+        await self._relay.publish_now(rows)
+        return Handled(
+            "applied" if decision.outcome == "applied" else "ignored",
+            decision.reason,
+            str(command.saga_id),
+        )
+
+    async def _call_port(
+        self,
+        definition: SagaDefinition[Any],
+        instance: SagaInstance,
+        command: RunStep,
+        message_id: str,
+    ) -> StepFinished:
+        step = definition.step(command.step)
+        function = step.action if command.kind == "action" else step.compensation
+        assert function is not None, "decide only compensates steps that have a compensation"
+        port = self._ports[step.port]
+        call = StepInput(
+            saga_id=instance.id,
+            correlation_key=instance.correlation_key,
+            step=step.name,
+            kind=command.kind,
+            attempt=command.attempt,
+            idempotency_key=idempotency_key(instance.id, step.name, command.kind),
+            action_key=idempotency_key(instance.id, step.name, "action"),
+            state=instance.state,
+        )
+        try:
+            result = await self._caller.call(step.port, lambda: function(port, call))
+        except BusinessFailure as refusal:
+            return _finished(command, message_id, failure=Failure(refusal.reason, business=True))
+        except (PortUnavailable, TimeoutError) as error:
+            retry_at = self._caller.next_retry_at(step.port, command.attempt, self._clock.now())
+            failure = Failure(f"{type(error).__name__}: {error}", business=False, retry_at=retry_at)
+            return _finished(command, message_id, failure=failure)
+        return _finished(command, message_id, result=result)
+
+    async def _reject(self, inbound: InboundMessage, error: Exception) -> Handled:
+        reason = "unknown_saga" if isinstance(error, UnknownSaga) else "schema_invalid"
+        letter = DeadLetter(inbound, reason, type(error).__name__, str(error), handler="run_step")
+        async with self._store.transaction() as tx:
+            await tx.dead_letter(letter, self._clock.now())
+        return Handled("dead_lettered", reason)
+
+
+def _is_current(instance: SagaInstance, command: RunStep) -> bool:
+    flight = instance.in_flight
+    return (
+        flight is not None
+        and flight.retry_at is None
+        and (flight.step, flight.kind, flight.attempt)
+        == (command.step, command.kind, command.attempt)
+    )
+
+
+def _finished(
+    command: RunStep, message_id: str, *, result: Any = None, failure: Failure | None = None
+) -> StepFinished:
+    return StepFinished(
+        command.step, command.kind, command.attempt, result, failure, message_id=message_id
+    )

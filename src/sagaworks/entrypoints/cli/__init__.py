@@ -1,0 +1,1 @@
+"""The `sagaworks` command line."""

@@ -1,0 +1,189 @@
+"""`sagaworks`: run the worker, migrate, declare topology, inspect configuration, demo."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+
+from sagaworks.adapters.observability.logging import configure_logging
+from sagaworks.entrypoints.cli.errors import fail, run_async, settings_error_lines
+from sagaworks.settings import DEFAULT_SECRETS_DIR, Settings
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="sagaworks",
+    help="Message-driven sagas over RabbitMQ and PostgreSQL.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+config_app = typer.Typer(help="Inspect the effective configuration.", no_args_is_help=True)
+db_app = typer.Typer(help="Create and migrate the PostgreSQL schema.", no_args_is_help=True)
+topology_app = typer.Typer(help="Declare the RabbitMQ topology.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(db_app, name="db")
+app.add_typer(topology_app, name="topology")
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings.load(secrets_dir=DEFAULT_SECRETS_DIR)
+    except ValidationError as error:
+        fail("invalid settings: " + "; ".join(settings_error_lines(error)), 2)
+
+
+def _echo(text: str) -> None:
+    typer.echo(text)
+
+
+@config_app.command("show")
+def config_show(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+) -> None:
+    """Print every setting as in effect now, passwords masked."""
+    public = load_settings().as_public_dict()
+    if as_json:
+        _echo(json.dumps(public, indent=2, default=str))
+        return
+    width = max(len(k) for k in public)
+    for key, value in public.items():
+        shown = ",".join(value) if isinstance(value, tuple) else value
+        _echo(f"SAGAWORKS_{key.upper():<{width}}  {shown}")
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
+) -> None:
+    """Create the database if missing, then migrate it up (as the migrations role)."""
+    from sagaworks.adapters.postgres import migrations_runner as m
+
+    settings = load_settings()
+    configure_logging(settings.log_format, settings.log_level)
+    url = settings.effective_migration_url()
+
+    async def go() -> str | None:
+        created = await m.ensure_database_exists(url)
+        if created:
+            _echo("created the database")
+        await m.upgrade(url, revision)
+        return await m.current(url)
+
+    _echo(f"database at revision {run_async(go())}")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Print the revision the database is at, and whether it is the newest."""
+    from sagaworks.adapters.postgres import migrations_runner as m
+
+    settings = load_settings()
+    revision = run_async(m.current(settings.effective_migration_url()))
+    head = m.head()
+    state = "up to date" if revision == head else f"behind; newest is {head}"
+    _echo(f"{revision or 'not migrated'} ({state})")
+
+
+@db_app.command("downgrade")
+def db_downgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision; `base` removes everything.")],
+) -> None:
+    """Migrate the database down to REVISION."""
+    from sagaworks.adapters.postgres import migrations_runner as m
+
+    settings = load_settings()
+    configure_logging(settings.log_format, settings.log_level)
+    url = settings.effective_migration_url()
+    run_async(m.downgrade(url, revision))
+    _echo(f"database at revision {run_async(m.current(url)) or 'base'}")
+
+
+@topology_app.command("apply")
+def topology_apply() -> None:
+    """Declare exchanges, queues and bindings for the configured sagas (idempotent)."""
+    from sagaworks.adapters.rabbitmq.connection import connect
+    from sagaworks.adapters.rabbitmq.topology import apply_topology
+    from sagaworks.application.registry import SagaRegistry
+    from sagaworks.bootstrap import topology_for
+    from sagaworks.entrypoints.cli.loading import load_sagas
+
+    settings = load_settings()
+    configure_logging(settings.log_format, settings.log_level)
+
+    async def go() -> str:
+        loaded = load_sagas(settings, with_ports=False)
+        spec = topology_for(settings, SagaRegistry(loaded.definitions))
+        connection = await connect(
+            settings.amqp_url.get_secret_value(), timeout_s=settings.amqp_connect_timeout_s
+        )
+        try:
+            return (await apply_topology(connection, spec)).summary()
+        finally:
+            await connection.close()
+
+    _echo(run_async(go()))
+
+
+@app.command("worker")
+def worker() -> None:
+    """Consume and drive sagas until SIGTERM/SIGINT, then stop gracefully (exit 0)."""
+    from sagaworks.bootstrap import bootstrap
+    from sagaworks.entrypoints.cli.loading import load_sagas
+    from sagaworks.entrypoints.worker import Worker, preflight
+
+    settings = load_settings()
+    configure_logging(settings.log_format, settings.log_level)
+
+    async def go() -> None:
+        loaded = load_sagas(settings)
+        await preflight(settings)
+        system = await bootstrap(settings, loaded.definitions, loaded.ports)
+        try:
+            await Worker(system).run()
+        finally:
+            await system.aclose()
+
+    run_async(go())
+
+
+@app.command("demo")
+def demo(
+    orders: Annotated[int, typer.Option(min=1, max=100_000, help="Orders to place.")] = 200,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object, no progress.")] = False,
+    timeout_s: Annotated[
+        float, typer.Option("--timeout", min=1.0, help="Seconds to wait for every saga to end.")
+    ] = 180.0,
+    seed: Annotated[int, typer.Option(help="Seed of the order mix.")] = 7,
+) -> None:
+    """Drive ORDERS orders through the order-fulfilment saga over RabbitMQ and PostgreSQL.
+
+    Exits 1 when a saga did not end or a participant saw an effect twice.
+    """
+    from sagaworks.entrypoints.cli.render import DemoProgress, print_demo_report
+    from sagaworks.entrypoints.demo import run_demo
+
+    settings = load_settings()
+    configure_logging(
+        settings.log_format, "WARNING" if settings.log_level == "INFO" else settings.log_level
+    )
+    if as_json:
+        report = run_async(run_demo(settings, orders, timeout_s=timeout_s, seed=seed))
+        _echo(json.dumps(report.as_dict()))
+    else:
+        with DemoProgress(orders) as progress:
+            report = run_async(
+                run_demo(settings, orders, timeout_s=timeout_s, seed=seed, progress=progress.update)
+            )
+        print_demo_report(report)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def main(argv: list[str] | None = None) -> Any:
+    return app(args=argv if argv is not None else sys.argv[1:], prog_name=Path(sys.argv[0]).name)

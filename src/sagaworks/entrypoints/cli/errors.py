@@ -1,0 +1,64 @@
+"""Operator errors become one line on stderr and a distinct exit code, never a traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Coroutine
+from typing import Any, NoReturn, TypeVar
+
+from pydantic import ValidationError
+
+from sagaworks.adapters.postgres.errors import DatabaseUnreachable, SchemaNotCurrent
+from sagaworks.adapters.rabbitmq.errors import RabbitMQError, TopologyConflict
+from sagaworks.application.registry import UnknownSaga
+from sagaworks.domain.errors import DefinitionError
+from sagaworks.entrypoints.cli.loading import SagaModuleError
+
+__all__ = ["EXIT_CODES", "fail", "run_async", "settings_error_lines"]
+
+T = TypeVar("T")
+
+EXIT_CODES: dict[type[BaseException], int] = {
+    ValidationError: 2,
+    DefinitionError: 2,
+    UnknownSaga: 2,
+    SagaModuleError: 2,
+    DatabaseUnreachable: 3,
+    SchemaNotCurrent: 4,
+    TopologyConflict: 6,
+    RabbitMQError: 5,
+}
+"""2 configuration, 3 database unreachable, 4 schema not current, 5 broker, 6 topology."""
+
+
+def settings_error_lines(error: ValidationError) -> list[str]:
+    lines = []
+    for e in error.errors():
+        field = ".".join(str(p) for p in e["loc"])
+        lines.append(f"SAGAWORKS_{field.upper()}: {e['msg']}")
+    return lines
+
+
+def fail(message: str, code: int) -> NoReturn:
+    print(f"sagaworks: error: {message}", file=sys.stderr)  # noqa: T201 - the CLI's own output
+    raise SystemExit(code)
+
+
+def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run a command's coroutine; known operator errors exit with their line and code."""
+    try:
+        return _run(coroutine)
+    except ValidationError as error:
+        fail("invalid settings: " + "; ".join(settings_error_lines(error)), 2)
+    except tuple(EXIT_CODES) as error:
+        code = next(c for kind, c in EXIT_CODES.items() if isinstance(error, kind))
+        fail(str(error), code)
+
+
+def _run(coroutine: Coroutine[Any, Any, T]) -> T:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is optional on some platforms
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)

@@ -1,0 +1,53 @@
+"""Finding the sagas a worker runs: modules named in `SAGAWORKS_SAGAS`.
+
+Each module exposes `SAGA` (a `SagaDefinition`) and `build_ports()`, which
+returns the port adapters by port name.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+from sagaworks.domain.definition import SagaDefinition
+from sagaworks.settings import Settings
+
+__all__ = ["LoadedSagas", "SagaModuleError", "load_sagas"]
+
+
+class SagaModuleError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class LoadedSagas:
+    definitions: tuple[SagaDefinition[Any], ...]
+    ports: dict[str, object]
+
+
+def load_sagas(settings: Settings, *, with_ports: bool = True) -> LoadedSagas:
+    definitions = []
+    ports: dict[str, object] = {}
+    for name in settings.sagas:
+        try:
+            module = importlib.import_module(name)
+        except ImportError as error:
+            raise SagaModuleError(
+                f'cannot import saga module "{name}" named in SAGAWORKS_SAGAS: {error}'
+            ) from error
+        definition = getattr(module, "SAGA", None)
+        if not isinstance(definition, SagaDefinition):
+            raise SagaModuleError(
+                f'saga module "{name}" has no SAGA = SagaDefinition(...); add one or '
+                "remove the module from SAGAWORKS_SAGAS"
+            )
+        definitions.append(definition)
+        if with_ports:
+            build_ports = getattr(module, "build_ports", None)
+            if build_ports is None:
+                raise SagaModuleError(
+                    f'saga module "{name}" has no build_ports() returning its port adapters'
+                )
+            ports.update(build_ports())
+    return LoadedSagas(tuple(definitions), ports)

@@ -1,0 +1,242 @@
+"""The worker: a FastStream application whose subscribers settle every delivery explicitly.
+
+Path of one message: consume → decide → commit → publish → ack. A use case
+returns only after its transaction committed and its outbox rows were handed
+to the broker, so acknowledging afterwards can lose nothing. A delivery is
+never left unsettled: database outages are waited out with backoff, other
+errors requeue it and the queue's delivery limit dead-letters it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+from faststream import AckPolicy, FastStream
+from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
+from faststream.rabbit.annotations import RabbitMessage
+from faststream.rabbit.message import RabbitMessage as RabbitMessageType
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from sagaworks.adapters.observability.logging import (
+    bind_message_context,
+    clear_message_context,
+    get_logger,
+)
+from sagaworks.adapters.postgres.engine import probe_database
+from sagaworks.adapters.postgres.migrations_runner import check_schema_current
+from sagaworks.adapters.postgres.notify import outbox_notifications
+from sagaworks.adapters.rabbitmq.inbound import to_inbound
+from sagaworks.adapters.rabbitmq.topology import (
+    apply_topology,
+    port_queue_name,
+    saga_queue_name,
+)
+from sagaworks.application.ports import InboundMessage
+from sagaworks.application.results import Handled
+from sagaworks.bootstrap import System
+from sagaworks.settings import Settings
+
+__all__ = ["Worker", "TRANSIENT_INFRASTRUCTURE_ERRORS", "preflight"]
+
+_log = get_logger("sagaworks.worker")
+
+TRANSIENT_INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.DeadlockDetectedError,
+)
+"""Errors that say the database (or the network) is briefly unavailable, not that the message is bad."""
+
+_OUTAGE_PATIENCE_S = 60.0
+
+
+async def preflight(settings: Settings) -> None:
+    """Fail fast, with one clear line, when the database cannot serve a worker."""
+    url = settings.database_url.get_secret_value()
+    await probe_database(url, settings.db_connect_timeout_s)
+    await check_schema_current(url)
+
+
+async def _decode(msg: RabbitMessageType) -> bytes:
+    """Hand the raw body to the use case: validation is ours, with a dead-letter reason."""
+    return msg.body
+
+
+class Worker:
+    """Consumes every saga and port queue of a `System` until told to stop."""
+
+    def __init__(self, system: System) -> None:
+        self.system = system
+        settings = system.settings
+        self.broker = RabbitBroker(
+            settings.amqp_url.get_secret_value(),
+            graceful_timeout=settings.grace_period_s * 0.7,
+            logger=None,
+        )
+        self.app = FastStream(
+            self.broker,
+            logger=None,
+            after_startup=[self._start_background],
+            after_shutdown=[self._stop_background],
+        )
+        self._background: list[asyncio.Task[None]] = []
+        self._subscribe()
+
+    def _subscribe(self) -> None:
+        settings = self.system.settings
+        prefix = settings.exchange_prefix
+        channel = Channel(prefetch_count=settings.prefetch)
+        for definition in self.system.registry:
+            queue = saga_queue_name(prefix, definition.name)
+
+            async def on_event(inbound: InboundMessage, d: Any = definition) -> Handled:
+                return await self.system.handle_event(d, inbound)
+
+            self._consume(queue, channel, on_event)
+        for port in self.system.registry.ports():
+            self._consume(port_queue_name(prefix, port), channel, self.system.run_step)
+
+    def _consume(
+        self,
+        queue: str,
+        channel: Channel,
+        use_case: Callable[[InboundMessage], Awaitable[Handled]],
+    ) -> None:
+        @self.broker.subscriber(
+            RabbitQueue(queue, declare=False),
+            channel=channel,
+            ack_policy=AckPolicy.MANUAL,
+            decoder=_decode,
+            no_reply=True,
+        )
+        async def settle(message: RabbitMessage) -> None:
+            inbound = to_inbound(message.raw_message, queue)
+            bind_message_context(
+                message_id=inbound.message_id, correlation_id=inbound.correlation_id
+            )
+            try:
+                handled = await _patiently(use_case, inbound)
+            except Exception:
+                _log.exception(
+                    "handler failed; message requeued (the delivery limit dead-letters it)",
+                    queue=queue,
+                    delivery_count=inbound.delivery_count,
+                )
+                await message.nack(requeue=True)
+                return
+            finally:
+                clear_message_context()
+            await message.ack()
+            if handled.outcome in {"dead_lettered", "parked"}:
+                _log.info(
+                    handled.outcome, queue=queue, reason=handled.reason, saga_id=handled.saga_id
+                )
+
+    async def _start_background(self) -> None:
+        self._background = [
+            asyncio.create_task(self._sweep_outbox(), name="outbox-sweeper"),
+            asyncio.create_task(self._fire_timers(), name="timers"),
+            asyncio.create_task(self._expire_parked(), name="parked-expiry"),
+        ]
+
+    async def _stop_background(self) -> None:
+        """After consumers stopped and in-flight work settled: stop loops, flush the outbox."""
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        flush_budget = self.system.settings.grace_period_s * 0.25
+        try:
+            async with asyncio.timeout(flush_budget):
+                while await self.system.relay.sweep(older_than_s=0.0):
+                    pass
+        except Exception as error:  # noqa: BLE001 - left for the next worker's sweeper
+            _log.warning("outbox not fully flushed at shutdown", error=repr(error))
+
+    async def _sweep_outbox(self) -> None:
+        interval = self.system.settings.outbox_sweep_interval_s
+        engine = self.system.engine
+        notified = (
+            outbox_notifications(engine) if engine is not None else contextlib.nullcontext(None)
+        )
+        async with notified as woken:
+            while True:
+                if woken is not None:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(woken.wait(), interval)
+                    woken.clear()
+                else:
+                    await asyncio.sleep(interval)
+                await self._guard("outbox sweep", self.system.relay.sweep())
+                await asyncio.sleep(min(interval, 0.5))
+
+    async def _fire_timers(self) -> None:
+        interval = self.system.settings.timer_poll_interval_s
+        while True:
+            fired = await self._guard("timers", self.system.fire_timers())
+            if not fired:
+                await asyncio.sleep(interval)
+
+    async def _expire_parked(self) -> None:
+        while True:
+            await self._guard("parked expiry", self.system.expire_parked())
+            await asyncio.sleep(5.0)
+
+    async def _guard(self, what: str, work: Awaitable[int]) -> int:
+        try:
+            return await work
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 - a background loop must outlive an outage
+            _log.warning(f"{what} failed; will retry", error=f"{type(error).__name__}: {error}")
+            await asyncio.sleep(1.0)
+            return 0
+
+    async def declare_topology(self) -> None:
+        assert self.system.connection is not None, "the worker needs the real broker"
+        await apply_topology(self.system.connection, self.system.topology)
+
+    async def run(self) -> None:
+        """Declare topology, then consume until SIGTERM/SIGINT; returns after a clean stop."""
+        await self.declare_topology()
+        await self.app.run(log_level=logging.DEBUG)
+
+    async def start(self) -> None:
+        """Start consuming inside a program that owns the event loop (demo, benchmark, tests)."""
+        await self.declare_topology()
+        await self.broker.start()
+        await self._start_background()
+
+    async def stop(self) -> None:
+        """Stop consuming, settle in-flight deliveries, flush the outbox."""
+        await self.broker.stop()
+        await self._stop_background()
+
+
+async def _patiently(
+    use_case: Callable[[InboundMessage], Awaitable[Handled]], inbound: InboundMessage
+) -> Handled:
+    """Run the use case, waiting out a database outage rather than burning deliveries."""
+    retrying = AsyncRetrying(
+        retry=retry_if_exception_type(TRANSIENT_INFRASTRUCTURE_ERRORS),
+        stop=stop_after_delay(_OUTAGE_PATIENCE_S),
+        wait=wait_exponential_jitter(initial=0.1, max=5.0),
+        reraise=True,
+    )
+    async for attempt in retrying:
+        with attempt:
+            return await use_case(inbound)
+    raise AssertionError("tenacity re-raises the last error")  # pragma: no cover
