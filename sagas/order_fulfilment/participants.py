@@ -88,23 +88,23 @@ class OrderService:
 
 
 class Warehouse:
-    """Dispatches booked shipments after a while, as told by `plan` for each order."""
+    """Dispatches booked shipments after a while, as told by `plan` for each order.
+
+    The plan may also make the customer cancel while the parcel waits; each
+    message goes to the exchange of its own domain (`exchange_for`).
+    """
 
     def __init__(
         self,
         channel: AbstractChannel,
-        warehouse_exchange: str,
+        exchange_for: Callable[[str], str],
         plan: Callable[[str, str], list[tuple[float, Message, str]]],
     ) -> None:
         self._channel = channel
-        self._exchange_name = warehouse_exchange
+        self._exchange_for = exchange_for
         self._plan = plan
-        self._exchange: AbstractExchange | None = None
         self._pending: set[asyncio.Task[None]] = set()
         self.published = 0
-
-    async def start(self) -> None:
-        self._exchange = await self._channel.get_exchange(self._exchange_name)
 
     def on_booked(self, order_id: str, shipment_id: str) -> None:
         """Called by the shipping participant when it books a shipment."""
@@ -115,8 +115,10 @@ class Warehouse:
 
     async def _later(self, delay: float, message: Message, message_id: str) -> None:
         await asyncio.sleep(delay)
-        assert self._exchange is not None
-        await publish(self._exchange, message, message_id, source="demo/warehouse")
+        exchange = await self._channel.get_exchange(
+            self._exchange_for(message.domain), ensure=False
+        )
+        await publish(exchange, message, message_id, source="demo/warehouse")
         self.published += 1
 
     async def stop(self) -> None:

@@ -28,7 +28,7 @@ from sagaworks.domain.messages import Message
 from sagaworks.entrypoints.worker import Worker, preflight
 from sagaworks.settings import Settings
 from sagas.order_fulfilment import order_fulfilment
-from sagas.order_fulfilment.messages import OrderPlaced, ShipmentDispatched
+from sagas.order_fulfilment.messages import OrderPlaced
 from sagas.order_fulfilment.participants import OrderService, Warehouse
 from sagas.order_fulfilment.scenario import OrderPlan, plan_orders
 from sagas.order_fulfilment.simulated import Ledger, Simulation, simulated_ports
@@ -100,7 +100,7 @@ async def run_demo(
     channel = await connection.channel(publisher_confirms=True)
     warehouse = Warehouse(
         channel,
-        exchange_name(prefix, ShipmentDispatched.domain),
+        lambda domain: exchange_name(prefix, domain),
         lambda order_id, _shipment: _warehouse_sends(by_order, order_id),
     )
     ports = simulated_ports(Simulation(seed=seed), ledger, warehouse.on_booked)
@@ -111,7 +111,6 @@ async def run_demo(
     try:
         await worker.start()
         await order_service.start()
-        await warehouse.start()
         await asyncio.gather(*(_send_all(order_service, p) for p in plans))
         counts = await _wait_for_end(system, run_id, orders, timeout_s, progress)
         elapsed = time.monotonic() - started
