@@ -14,8 +14,8 @@ from datetime import UTC, datetime
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 
-from sagaworks import Message
 from sagas.order_fulfilment.messages import OrderCancelled, OrderFulfilled
+from sagaworks import Message
 
 __all__ = ["OrderService", "Outcome", "Warehouse", "publish"]
 

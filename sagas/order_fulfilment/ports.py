@@ -25,8 +25,8 @@ __all__ = [
     "Payments",
     "ReleaseStock",
     "ReserveStock",
-    "Shipping",
     "ShipmentBooking",
+    "Shipping",
     "StockReservation",
     "VoidAuthorisation",
 ]

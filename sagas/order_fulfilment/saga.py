@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from sagaworks import CancelOn, SagaDefinition, StartOn, Step, StepInput, Wait
 from sagas.order_fulfilment.messages import (
     OrderCancellationRequested,
     OrderCancelled,
@@ -27,6 +26,7 @@ from sagas.order_fulfilment.ports import (
     VoidAuthorisation,
 )
 from sagas.order_fulfilment.state import STATE_VERSION, OrderState
+from sagaworks import CancelOn, SagaDefinition, StartOn, Step, StepInput, Wait
 
 __all__ = ["order_fulfilment"]
 

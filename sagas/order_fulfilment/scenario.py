@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
 
-from sagaworks import Message
 from sagas.order_fulfilment.messages import (
     OrderCancellationRequested,
     OrderCancelled,
@@ -23,6 +22,7 @@ from sagas.order_fulfilment.messages import (
     ShipmentDispatched,
 )
 from sagas.order_fulfilment.simulated import DECLINED_CUSTOMER_PREFIX
+from sagaworks import Message
 
 __all__ = ["KINDS", "Kind", "OrderPlan", "Send", "plan_orders"]
 

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sagaworks import BusinessFailure, PortUnavailable
 from sagas.order_fulfilment.ports import (
     Authorisation,
     AuthorisePayment,
@@ -30,6 +29,7 @@ from sagas.order_fulfilment.ports import (
     StockReservation,
     VoidAuthorisation,
 )
+from sagaworks import BusinessFailure, PortUnavailable
 
 __all__ = [
     "DECLINED_CUSTOMER_PREFIX",

@@ -12,9 +12,14 @@ from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SecretsSettingsSource,
+    SettingsConfigDict,
+)
 
-__all__ = ["DEFAULT_SECRETS_DIR", "Settings", "mask_url"]
+__all__ = ["DEFAULT_SECRETS_DIR", "Settings", "mask_url", "reference_markdown"]
 
 DEFAULT_SECRETS_DIR = Path("/run/secrets")
 
@@ -40,6 +45,7 @@ class Settings(BaseSettings):
         extra="forbid",
         frozen=True,
         validate_default=True,
+        hide_input_in_errors=True,  # a rejected URL may carry a password
     )
 
     amqp_url: SecretStr = Field(
@@ -103,7 +109,8 @@ class Settings(BaseSettings):
     )
     sagas: tuple[str, ...] = Field(
         default=("sagas.order_fulfilment",),
-        description="Modules whose `SAGA` the worker runs; each also provides `build_ports()`.",
+        description="Modules whose `SAGA` the worker runs; each also provides `build_ports()`. "
+        'A JSON list in the environment: `["sagas.order_fulfilment"]`.',
     )
     exchange_prefix: str = Field(
         default="",
@@ -141,6 +148,23 @@ class Settings(BaseSettings):
         return value
 
     @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Secret files are named after the field alone (`database_url`), without the prefix."""
+        secrets = SecretsSettingsSource(
+            settings_cls,
+            secrets_dir=getattr(file_secret_settings, "secrets_dir", None),
+            env_prefix="",
+        )
+        return init_settings, env_settings, dotenv_settings, secrets
+
+    @classmethod
     def load(cls, secrets_dir: Path | None = DEFAULT_SECRETS_DIR, **overrides: Any) -> Settings:
         """Read the environment, then secret files (one file per field) if the folder exists."""
         if secrets_dir is not None and secrets_dir.is_dir():
@@ -160,3 +184,21 @@ class Settings(BaseSettings):
                 value = mask_url(value.get_secret_value())
             public[name] = value
         return public
+
+
+def reference_markdown() -> str:
+    """The settings reference in docs/configuration.md, generated from the fields above."""
+    lines = [
+        "| variable | default | what it sets |",
+        "|---|---|---|",
+    ]
+    for name, info in Settings.model_fields.items():
+        default = info.default
+        if isinstance(default, SecretStr):
+            default = mask_url(default.get_secret_value())
+        if isinstance(default, tuple):
+            default = ",".join(default)
+        shown = "(none)" if default in (None, "") else f"`{default}`"
+        description = (info.description or "").replace("|", "\\|")
+        lines.append(f"| `SAGAWORKS_{name.upper()}` | {shown} | {description} |")
+    return "\n".join(lines) + "\n"

@@ -70,7 +70,7 @@ class Wire:
 
 
 def read_attribute(name: str, headers: Mapping[str, Any], prop: object | None = None) -> str | None:
-    """A CloudEvents attribute from the AMQP property, else the `cloudEvents_`/`cloudEvents:` header."""
+    """A CloudEvents attribute: the AMQP property, else a `cloudEvents_`/`cloudEvents:` header."""
     if prop not in (None, ""):
         return prop.isoformat() if isinstance(prop, datetime) else str(prop)
     for key in (f"{CE_PREFIX}{name}", f"cloudEvents:{name}"):

@@ -32,8 +32,8 @@ __all__ = [
     "StepFinished",
     "TimerFired",
     "TimerSpec",
-    "decide",
     "deadline_timer",
+    "decide",
     "idempotency_key",
     "retry_timer",
 ]

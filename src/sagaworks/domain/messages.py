@@ -32,7 +32,7 @@ class Message(BaseModel):
     def __init_subclass__(
         cls,
         *,
-        type: str | None = None,  # noqa: A002 - the CloudEvents attribute is called `type`
+        type: str | None = None,
         domain: str | None = None,
         routing_key: str | None = None,
         **kwargs: Any,

@@ -20,6 +20,11 @@ from typing import Any
 
 import aio_pika
 
+from sagas.order_fulfilment import order_fulfilment
+from sagas.order_fulfilment.messages import OrderPlaced
+from sagas.order_fulfilment.participants import OrderService, Warehouse
+from sagas.order_fulfilment.scenario import OrderPlan, plan_orders
+from sagas.order_fulfilment.simulated import Ledger, Simulation, simulated_ports
 from sagaworks.adapters.postgres.migrations_runner import upgrade
 from sagaworks.adapters.postgres.queries import dead_letter_reasons, saga_status_counts
 from sagaworks.adapters.rabbitmq.topology import exchange_name
@@ -27,11 +32,6 @@ from sagaworks.bootstrap import bootstrap
 from sagaworks.domain.messages import Message
 from sagaworks.entrypoints.worker import Worker, preflight
 from sagaworks.settings import Settings
-from sagas.order_fulfilment import order_fulfilment
-from sagas.order_fulfilment.messages import OrderPlaced
-from sagas.order_fulfilment.participants import OrderService, Warehouse
-from sagas.order_fulfilment.scenario import OrderPlan, plan_orders
-from sagas.order_fulfilment.simulated import Ledger, Simulation, simulated_ports
 
 __all__ = ["DemoReport", "run_demo"]
 
@@ -142,7 +142,7 @@ async def run_demo(
 async def _settle_outcome_events(order_service: OrderService, orders: int) -> None:
     """Outcome events trail the commits that produced them by a broker hop: wait briefly."""
     deadline = time.monotonic() + 5.0
-    while len(order_service.outcomes) < orders and time.monotonic() < deadline:
+    while len(order_service.outcomes) < orders and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.05)
 
 

@@ -46,7 +46,7 @@ from sagaworks.application.results import Handled
 from sagaworks.bootstrap import System
 from sagaworks.settings import Settings
 
-__all__ = ["Worker", "TRANSIENT_INFRASTRUCTURE_ERRORS", "preflight"]
+__all__ = ["TRANSIENT_INFRASTRUCTURE_ERRORS", "Worker", "preflight"]
 
 _log = get_logger("sagaworks.worker")
 
@@ -59,7 +59,7 @@ TRANSIENT_INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.SerializationError,
     asyncpg.exceptions.DeadlockDetectedError,
 )
-"""Errors that say the database (or the network) is briefly unavailable, not that the message is bad."""
+"""The database (or the network) is briefly unavailable: the message itself is fine."""
 
 _OUTAGE_PATIENCE_S = 60.0
 
@@ -130,7 +130,7 @@ class Worker:
             )
             try:
                 handled = await _patiently(use_case, inbound)
-            except Exception:
+            except Exception:  # noqa: BLE001 - any other failure: requeue, never leave unsettled
                 _log.exception(
                     "handler failed; message requeued (the delivery limit dead-letters it)",
                     queue=queue,

@@ -106,19 +106,15 @@ SELECT (SELECT count(*) FROM s) AS written, o.id, o.message_id, o.exchange, o.ro
 FROM (SELECT 1) AS one LEFT JOIN o ON true
 """
 
-_INSERT_SAGA = (
-    """
+_INSERT_HEAD = """
 WITH s AS (
   INSERT INTO saga_instances (id, saga_type, correlation_key, status, current_step, state,
                               state_schema_version, version, created_at, updated_at, progress)
   VALUES ($1, $2, $3, $4, $5, $7, $20, 1, $6, $6, $21)
   RETURNING id
 ),"""
-    + _WRITE_TAIL
-)
 
-_UPDATE_SAGA = (
-    """
+_UPDATE_HEAD = """
 WITH s AS (
   UPDATE saga_instances
   SET status = $4, current_step = $5, state = $7, updated_at = $6, progress = $21,
@@ -126,8 +122,9 @@ WITH s AS (
   WHERE id = $1 AND saga_type = $2 AND correlation_key = $3 AND version = $22 - 1
   RETURNING id
 ),"""
-    + _WRITE_TAIL
-)
+
+_INSERT_SAGA = "".join((_INSERT_HEAD, _WRITE_TAIL))
+_UPDATE_SAGA = "".join((_UPDATE_HEAD, _WRITE_TAIL))
 
 _PARK = """
 INSERT INTO parked_messages (consumer, saga_type, saga_id, correlation_key, message_id,
@@ -269,7 +266,8 @@ class _Transaction:
 
     async def save(self, definition: SagaDefinition[Any], decision: Decision) -> None:
         instance = decision.instance
-        assert instance is not None and decision.outcome == "applied"
+        assert instance is not None
+        assert decision.outcome == "applied"
         cancelled = set(decision.cancel_timers) - {t.name for t in decision.set_timers}
         pending = [self._wire.encode(o) for o in decision.outgoing]
         current = (

@@ -40,8 +40,8 @@ __all__ = [
     "dead_letter_queue_arguments",
     "dead_letter_queue_name",
     "events_exchange_name",
-    "port_queue_name",
     "exchange_name",
+    "port_queue_name",
     "queue_arguments",
     "saga_queue_name",
 ]
