@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -98,10 +98,10 @@ def settings_factory(run_id: str) -> Callable[..., Settings]:
 
 
 @pytest.fixture
-async def migrated_database_url(database_factory: Callable[[], Awaitable[str]]) -> AsyncIterator[str]:
+async def migrated_database_url(database_factory: Callable[[], Awaitable[str]]) -> str:
     """A fresh database at the newest schema revision."""
     from sagaworks.adapters.postgres.migrations_runner import upgrade
 
     url = await database_factory()
     await upgrade(url, "head")
-    yield url
+    return url

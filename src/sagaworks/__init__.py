@@ -1,9 +1,11 @@
 """sagaworks: message-driven sagas over RabbitMQ and PostgreSQL.
 
-The public API is what a saga author needs: messages, the definition DSL and
-the failure a port raises for a business refusal.
+The public API is what a saga author needs: messages, the definition DSL,
+the failure a port raises for a business refusal, and the policy a port adapter
+declares (timeouts, retries, breaker).
 """
 
+from sagaworks.application.policy import PortPolicy
 from sagaworks.domain.definition import (
     CancelOn,
     Deadline,
@@ -23,6 +25,7 @@ __all__ = [
     "DefinitionError",
     "Envelope",
     "Message",
+    "PortPolicy",
     "PortUnavailable",
     "SagaDefinition",
     "StartOn",

@@ -15,7 +15,9 @@ from typing import Any
 from aio_pika.abc import AbstractRobustConnection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from sagaworks.adapters.postgres.breakers import PostgresBreakerLog
 from sagaworks.adapters.postgres.engine import create_engine_from_settings
+from sagaworks.adapters.postgres.pool import ConnectionPool
 from sagaworks.adapters.postgres.store import PostgresStore
 from sagaworks.adapters.rabbitmq.connection import connect
 from sagaworks.adapters.rabbitmq.publisher import RabbitPublisher
@@ -31,12 +33,15 @@ from sagaworks.adapters.rabbitmq.topology import (
     port_queue_name,
     saga_queue_name,
 )
+from sagaworks.adapters.resilience.breaker import PortBreakers
 from sagaworks.adapters.resilience.caller import ResilientCaller
-from sagaworks.adapters.resilience.policy import PortPolicy
+from sagaworks.adapters.resilience.policy import PortPolicy, declared_policies
+from sagaworks.application.circuit import RecordBreakerChange
 from sagaworks.application.handle_event import HandleEvent
 from sagaworks.application.options import EngineOptions
 from sagaworks.application.outbox import OutboxRelay
 from sagaworks.application.ports import Clock, PortCaller, Publisher, Store
+from sagaworks.application.published_marks import PublishedMarks
 from sagaworks.application.registry import SagaRegistry
 from sagaworks.application.run_step import RunStepCommand
 from sagaworks.application.timers import ExpireParked, FireDueTimers
@@ -97,12 +102,18 @@ class System:
     topology: TopologySpec
     engine: AsyncEngine | None = None
     connection: AbstractRobustConnection | None = None
+    breakers: PortBreakers | None = None
+    """This process's circuit breakers; None when a test hands in its own `PortCaller`."""
+    record_breaker_change: RecordBreakerChange | None = None
+    """Records breaker changes in PostgreSQL and announces them; None without PostgreSQL."""
 
     async def aclose(self) -> None:
         if isinstance(self.publisher, RabbitPublisher):
             await self.publisher.close()
         if self.connection is not None:
             await self.connection.close()
+        if isinstance(self.store, PostgresStore):
+            await self.store.aclose()
         if self.engine is not None:
             await self.engine.dispose()
 
@@ -118,7 +129,11 @@ async def bootstrap(
     publisher: Publisher | None = None,
     caller: PortCaller | None = None,
 ) -> System:
-    """Wire the system; adapters not given are the real PostgreSQL and RabbitMQ ones."""
+    """Wire the system; adapters not given are the real PostgreSQL and RabbitMQ ones.
+
+    Each port's policy is the one its adapter declares (a `policy` attribute),
+    unless `policies` names another.
+    """
     registry = SagaRegistry(sagas)
     missing = sorted(set(registry.ports()) - set(ports))
     if missing:
@@ -129,7 +144,12 @@ async def bootstrap(
     connection = None
     if store is None:
         engine = create_engine_from_settings(settings)
-        store = PostgresStore(engine, Wire(lambda domain: exchange_name(prefix, domain)))
+        pool = ConnectionPool(
+            settings.database_url.get_secret_value(),
+            size=settings.db_pool_size,
+            connect_timeout_s=settings.db_connect_timeout_s,
+        )
+        store = PostgresStore(engine, Wire(lambda domain: exchange_name(prefix, domain)), pool)
     if publisher is None:
         connection = await connect(
             settings.amqp_url.get_secret_value(), timeout_s=settings.amqp_connect_timeout_s
@@ -139,8 +159,13 @@ async def bootstrap(
         park_for=timedelta(seconds=settings.park_for_s),
         max_message_bytes=settings.max_message_bytes,
     )
-    relay = OutboxRelay(store, publisher)
-    caller = caller or ResilientCaller(policies or {})
+    relay = OutboxRelay(store, publisher, marks=PublishedMarks(store))
+    if caller is None:
+        caller = ResilientCaller({**declared_policies(ports), **(policies or {})})
+    record_breaker_change = None
+    if engine is not None:
+        breaker_log = PostgresBreakerLog(engine, Wire(lambda domain: exchange_name(prefix, domain)))
+        record_breaker_change = RecordBreakerChange(breaker_log, relay)
     return System(
         settings=settings,
         registry=registry,
@@ -154,4 +179,6 @@ async def bootstrap(
         topology=topology_for(settings, registry),
         engine=engine,
         connection=connection,
+        breakers=caller.breakers if isinstance(caller, ResilientCaller) else None,
+        record_breaker_change=record_breaker_change,
     )

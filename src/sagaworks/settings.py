@@ -92,6 +92,12 @@ class Settings(BaseSettings):
         description="How long an event that arrived before its saga could take it is kept "
         "before it is dead-lettered (`no_saga`, `unexpected_event`).",
     )
+    parked_expiry_interval_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="How often events kept past their bound are looked for.",
+    )
     max_message_bytes: int = Field(
         default=256 * 1024, ge=1024, description="Larger bodies are dead-lettered as `oversized`."
     )

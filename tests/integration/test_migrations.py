@@ -90,7 +90,7 @@ async def test_upgrade_downgrade_and_upgrade_again(
 
     await upgrade(url)
 
-    assert await current(url) == head() == "0001"
+    assert await current(url) == head()
     assert SAGAWORKS_TABLES | {ALEMBIC_VERSION_TABLE} <= await tables_in(url)
     assert await functions_in(url) >= SAGAWORKS_FUNCTIONS
 
@@ -266,6 +266,27 @@ async def test_outbox_insert_notifies_the_relay(
         )
         await asyncio.sleep(0.2)
         assert notifications.empty(), "an insert that adds no row must not wake the relay"
+
+        async with db.transaction():
+            await db.execute("SELECT set_config('sagaworks.publishes_own_outbox', 'on', true)")
+            await db.execute(
+                "INSERT INTO outbox (message_id, exchange, routing_key, body) "
+                "VALUES ($1, 'orders', 'order.fulfilled', $2)",
+                str(uuid.uuid4()),
+                b"{}",
+            )
+        await asyncio.sleep(0.2)
+        assert notifications.empty(), "a transaction that publishes its own rows wakes nobody"
+
+        await db.execute(
+            "INSERT INTO outbox (message_id, exchange, routing_key, body) "
+            "VALUES ($1, 'orders', 'order.fulfilled', $2)",
+            str(uuid.uuid4()),
+            b"{}",
+        )
+        assert await asyncio.wait_for(notifications.get(), timeout=5) == (OUTBOX_CHANNEL, ""), (
+            "the setting is local to its transaction"
+        )
     finally:
         await listener.close()
 

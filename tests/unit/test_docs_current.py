@@ -19,7 +19,9 @@ def _between(text: str, start: str, end: str) -> str:
 
 def test_settings_reference_is_current() -> None:
     text = (DOCS / "configuration.md").read_text()
-    committed = _between(text, "<!-- settings-reference:start -->", "<!-- settings-reference:end -->")
+    committed = _between(
+        text, "<!-- settings-reference:start -->", "<!-- settings-reference:end -->"
+    )
     assert committed == reference_markdown(), (
         "docs/configuration.md is stale: paste sagaworks.settings.reference_markdown() "
         "between the settings-reference markers"

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Sequence
 
 from sagaworks.application.ports import OutboxRow, Publisher, Store
+from sagaworks.application.published_marks import PublishedMarks
 
 __all__ = ["OutboxRelay"]
 
@@ -15,10 +16,19 @@ _log = logging.getLogger("sagaworks.outbox")
 class OutboxRelay:
     """At-least-once publication of the outbox; consumers dedupe on the message id."""
 
-    def __init__(self, store: Store, publisher: Publisher, *, sweep_grace_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        store: Store,
+        publisher: Publisher,
+        *,
+        sweep_grace_s: float = 2.0,
+        marks: PublishedMarks | None = None,
+    ) -> None:
         self._store = store
         self._publisher = publisher
         self._grace = sweep_grace_s
+        self._marks = marks
+        """Batches `mark_published` (see published_marks.py); None: one UPDATE per publish."""
 
     async def publish_now(self, rows: Sequence[OutboxRow]) -> bool:
         """Publish rows a transaction just committed; on failure the sweeper retries them."""
@@ -32,12 +42,17 @@ class OutboxRelay:
                 extra={"rows": len(rows), "error": f"{type(error).__name__}: {error}"},
             )
             return False
-        await self._store.mark_published([r.id for r in rows])
+        if self._marks is not None:
+            self._marks.add([r.id for r in rows])
+        else:
+            await self._store.mark_published([r.id for r in rows])
         return True
 
     async def sweep(self, batch: int = 500, *, older_than_s: float | None = None) -> int:
         """Publish rows nobody published (a crash between commit and publish). Returns a count."""
         grace = self._grace if older_than_s is None else older_than_s
+        if self._marks is not None:
+            await self._marks.flush()  # never republish what this worker already published
         async with self._store.claim_unpublished(batch, grace) as rows:
             if rows:
                 await self._publisher.publish(rows)

@@ -183,7 +183,9 @@ class Publisher(Protocol):
 class PortCaller(Protocol):
     """Calls a port through its resilience policy (timeout, retries, breaker)."""
 
-    async def call(self, port: str, attempt: Callable[[], Awaitable[T]]) -> T: ...
+    async def call(self, port: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Raises `circuit.CircuitOpen` when the port's breaker refused: not a step failure."""
+        ...
 
     def next_retry_at(self, port: str, attempt: int, now: datetime) -> datetime | None:
         """When a delayed retry of a failed attempt may run; None when the budget is spent."""

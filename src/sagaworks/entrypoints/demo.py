@@ -1,10 +1,11 @@
 """`sagaworks demo`: the order-fulfilment saga driven end to end, as a shop would run it.
 
 It migrates the configured database, declares the topology, starts a worker
-and the simulated participants in this process, then lets a simulated order
-service publish a realistic mix of orders over RabbitMQ and waits until every
-saga has ended. Outcomes are read from PostgreSQL; duplicate effects from the
-simulated participants' ledgers.
+and the participants in this process (simulated, or fake HTTP services on
+loopback with `--ports http`), then lets a simulated order service publish a
+realistic mix of orders over RabbitMQ and waits until every saga has ended.
+Outcomes are read from PostgreSQL; duplicate effects from what the
+participants recorded.
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ from sagas.order_fulfilment import order_fulfilment
 from sagas.order_fulfilment.messages import OrderPlaced
 from sagas.order_fulfilment.participants import OrderService, Warehouse
 from sagas.order_fulfilment.scenario import OrderPlan, plan_orders
-from sagas.order_fulfilment.simulated import Ledger, Simulation, simulated_ports
 from sagaworks.adapters.postgres.migrations_runner import upgrade
 from sagaworks.adapters.postgres.queries import dead_letter_reasons, saga_status_counts
 from sagaworks.adapters.rabbitmq.topology import exchange_name
 from sagaworks.bootstrap import bootstrap
 from sagaworks.domain.messages import Message
+from sagaworks.entrypoints.demo_ports import DemoPorts, demo_participants
 from sagaworks.entrypoints.worker import Worker, preflight
 from sagaworks.settings import Settings
 
@@ -86,6 +87,7 @@ async def run_demo(
     seed: int = 7,
     missed_deadline_s: float = 2.0,
     progress: Progress | None = None,
+    ports: DemoPorts = DemoPorts.SIMULATED,
 ) -> DemoReport:
     await upgrade(settings.effective_migration_url(), "head")
     await preflight(settings)
@@ -94,7 +96,6 @@ async def run_demo(
         orders, run_id, datetime.now(UTC), seed=seed, missed_deadline_s=missed_deadline_s
     )
     by_order = {p.order_id: p for p in plans}
-    ledger = Ledger()
     prefix = settings.exchange_prefix
     connection = await aio_pika.connect_robust(settings.amqp_url.get_secret_value())
     channel = await connection.channel(publisher_confirms=True)
@@ -103,8 +104,8 @@ async def run_demo(
         lambda domain: exchange_name(prefix, domain),
         lambda order_id, _shipment: _warehouse_sends(by_order, order_id),
     )
-    ports = simulated_ports(Simulation(seed=seed), ledger, warehouse.on_booked)
-    system = await bootstrap(settings, [order_fulfilment], ports)
+    participants = await demo_participants(ports, seed, warehouse.on_booked)
+    system = await bootstrap(settings, [order_fulfilment], participants.ports)
     worker = Worker(system)
     started = time.monotonic()
     order_service = OrderService(channel, exchange_name(prefix, OrderPlaced.domain))
@@ -121,6 +122,7 @@ async def run_demo(
         await warehouse.stop()
         await worker.stop()
         await system.aclose()
+        await participants.aclose()
         await connection.close()
     unexpected, by_kind = _compare(plans, order_service.outcomes)
     return DemoReport(
@@ -130,12 +132,12 @@ async def run_demo(
         needs_attention=counts.get("needs_attention", 0),
         dead_lettered=sum(letters.values()),
         not_terminal=orders - sum(counts.get(s, 0) for s in TERMINAL),
-        duplicate_effects=ledger.duplicate_effects(),
+        duplicate_effects=participants.duplicate_effects(),
         unexpected_outcomes=unexpected,
         elapsed_s=elapsed,
         by_kind=by_kind,
         dead_letter_reasons=letters,
-        effects=dict(Counter(op for (op, _) in ledger.effects.elements())),
+        effects=dict(participants.effects()),
     )
 
 

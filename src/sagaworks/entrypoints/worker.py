@@ -20,6 +20,7 @@ from faststream import AckPolicy, FastStream
 from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
 from faststream.rabbit.annotations import RabbitMessage
 from faststream.rabbit.message import RabbitMessage as RabbitMessageType
+from faststream.rabbit.subscriber import RabbitSubscriber
 from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
@@ -41,9 +42,12 @@ from sagaworks.adapters.rabbitmq.topology import (
     port_queue_name,
     saga_queue_name,
 )
+from sagaworks.application.dead_letters import LastErrors
 from sagaworks.application.ports import InboundMessage
 from sagaworks.application.results import Handled
 from sagaworks.bootstrap import System
+from sagaworks.entrypoints.dead_letter_ingest import dead_letter_ingestion
+from sagaworks.entrypoints.port_gate import PortGate
 from sagaworks.settings import Settings
 
 __all__ = ["TRANSIENT_INFRASTRUCTURE_ERRORS", "Worker", "preflight"]
@@ -71,9 +75,13 @@ async def preflight(settings: Settings) -> None:
     await check_schema_current(url)
 
 
-async def _decode(msg: RabbitMessageType) -> bytes:
-    """Hand the raw body to the use case: validation is ours, with a dead-letter reason."""
-    return msg.body
+async def _decode(msg: RabbitMessageType) -> RabbitMessageType:
+    """Hand the delivery itself to the subscriber: validation is ours, with a dead-letter reason.
+
+    With `apply_types=False` FastStream calls the subscriber with what this returns and
+    skips FastDepends, whose per-message context injection runs in a thread pool.
+    """
+    return msg
 
 
 class Worker:
@@ -86,14 +94,18 @@ class Worker:
             settings.amqp_url.get_secret_value(),
             graceful_timeout=settings.grace_period_s * 0.7,
             logger=None,
+            apply_types=False,
         )
+        self.gate = PortGate(system.breakers, system.record_breaker_change)
         self.app = FastStream(
             self.broker,
             logger=None,
-            after_startup=[self._start_background],
+            after_startup=[self._start_background, self.gate.start],
+            on_shutdown=[self.gate.close, self._stop_consuming],
             after_shutdown=[self._stop_background],
         )
         self._background: list[asyncio.Task[None]] = []
+        self.last_errors = LastErrors()
         self._subscribe()
 
     def _subscribe(self) -> None:
@@ -107,8 +119,12 @@ class Worker:
                 return await self.system.handle_event(d, inbound)
 
             self._consume(queue, channel, on_event)
-        for port in self.system.registry.ports():
-            self._consume(port_queue_name(prefix, port), channel, self.system.run_step)
+        port_queues = {port: port_queue_name(prefix, port) for port in self.system.registry.ports()}
+        for port, port_queue in port_queues.items():
+            self._consume(port_queue, channel, self.gate.guard(port, self.system.run_step))
+        self.gate.bind(self.broker, port_queues)
+        dead_letters, ingest = dead_letter_ingestion(self.system, self.last_errors)
+        self._consume(dead_letters, channel, ingest)
 
     def _consume(
         self,
@@ -130,7 +146,8 @@ class Worker:
             )
             try:
                 handled = await _patiently(use_case, inbound)
-            except Exception:  # noqa: BLE001 - any other failure: requeue, never leave unsettled
+            except Exception as error:  # noqa: BLE001 - any other failure: requeue, never leave unsettled
+                self.last_errors.remember(queue, inbound.message_id, error)
                 _log.exception(
                     "handler failed; message requeued (the delivery limit dead-letters it)",
                     queue=queue,
@@ -145,6 +162,26 @@ class Worker:
                 _log.info(
                     handled.outcome, queue=queue, reason=handled.reason, saga_id=handled.saga_id
                 )
+
+    async def _stop_consuming(self) -> None:
+        """Cancel every consumer (`basic.cancel`) before in-flight deliveries are awaited.
+
+        FastStream's `stop()` first waits for the handlers in progress and only then
+        cancels its consumers; whatever the broker delivers meanwhile is dropped unsettled
+        and comes back when the channel closes, counted against the quorum queue's
+        delivery limit. Cancelled first, the broker sends nothing more; deliveries already
+        sent before the cancel took effect are still handled.
+        """
+        for subscriber in self.broker.subscribers:
+            if not isinstance(subscriber, RabbitSubscriber):
+                continue
+            queue, tag = subscriber._queue_obj, subscriber._consumer_tag
+            if queue is not None and tag is not None and not queue.channel.is_closed:
+                try:
+                    await queue.cancel(tag)
+                except Exception as error:  # noqa: BLE001 - closing the channel cancels it too
+                    _log.warning("could not cancel a consumer", queue=queue.name, error=repr(error))
+                subscriber._consumer_tag = None
 
     async def _start_background(self) -> None:
         self._background = [
@@ -193,7 +230,7 @@ class Worker:
     async def _expire_parked(self) -> None:
         while True:
             await self._guard("parked expiry", self.system.expire_parked())
-            await asyncio.sleep(5.0)
+            await asyncio.sleep(self.system.settings.parked_expiry_interval_s)
 
     async def _guard(self, what: str, work: Awaitable[int]) -> int:
         try:
@@ -219,9 +256,12 @@ class Worker:
         await self.declare_topology()
         await self.broker.start()
         await self._start_background()
+        await self.gate.start()
 
     async def stop(self) -> None:
         """Stop consuming, settle in-flight deliveries, flush the outbox."""
+        await self.gate.close()
+        await self._stop_consuming()
         await self.broker.stop()
         await self._stop_background()
 
@@ -230,10 +270,14 @@ async def _patiently(
     use_case: Callable[[InboundMessage], Awaitable[Handled]], inbound: InboundMessage
 ) -> Handled:
     """Run the use case, waiting out a database outage rather than burning deliveries."""
+    try:  # the common case pays for no retry machinery
+        return await use_case(inbound)
+    except TRANSIENT_INFRASTRUCTURE_ERRORS:
+        await asyncio.sleep(0.1)
     retrying = AsyncRetrying(
         retry=retry_if_exception_type(TRANSIENT_INFRASTRUCTURE_ERRORS),
         stop=stop_after_delay(_OUTAGE_PATIENCE_S),
-        wait=wait_exponential_jitter(initial=0.1, max=5.0),
+        wait=wait_exponential_jitter(multiplier=0.1, max=5.0),
         reraise=True,
     )
     async for attempt in retrying:

@@ -20,7 +20,9 @@ __all__ = ["bind_message_context", "clear_message_context", "configure_logging",
 
 LogFormat = Literal["auto", "json", "console"]
 
-_NOISY_LIBRARIES = ("aio_pika", "aiormq", "asyncio", "sqlalchemy.engine", "alembic")
+_NOISY_LIBRARIES = ("aio_pika", "aiormq", "asyncio", "sqlalchemy", "alembic")
+_LIBRARIES = ("faststream", "aio_pika", "aiormq", "asyncio", "sqlalchemy", "alembic", "asyncpg")
+"""Libraries whose stdlib loggers must reach our renderer (FastStream installs its own)."""
 
 
 def _renderer(fmt: LogFormat, stream: TextIO) -> Processor:
@@ -74,6 +76,11 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    for name in _LIBRARIES:
+        library = logging.getLogger(name)
+        library.handlers.clear()
+        library.propagate = True
+        library.setLevel(logging.NOTSET)
     for name in _NOISY_LIBRARIES:
         logging.getLogger(name).setLevel(max(logging.getLevelName(level), logging.WARNING))
 

@@ -4,7 +4,7 @@ Each handled message costs one transaction of four statements: take the
 saga's advisory lock and record the inbox row; read the saga; write the
 transition (instance, history, outbox, timers) as one statement of
 data-modifying CTEs; commit. Statements go straight to asyncpg (prepared and
-cached per connection) on connections from the SQLAlchemy pool: the ORM's unit
+cached per connection) on connections of a plain asyncpg pool (`pool.py`): the ORM's unit
 of work would triple the CPU per step for nothing we need here.
 
 Every writer of a saga takes `pg_advisory_xact_lock(saga key)` first. That
@@ -26,6 +26,8 @@ from uuid import UUID
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from sagaworks.adapters.postgres.pool import ConnectionPool
+from sagaworks.application.dead_letters import envelope_headers
 from sagaworks.application.ports import (
     DeadLetter,
     DueTimer,
@@ -57,14 +59,18 @@ def fingerprint(
 
 
 _LOCK_AND_CLAIM = """
-WITH lock AS (SELECT pg_advisory_xact_lock($1))
+WITH lock AS (
+  SELECT pg_advisory_xact_lock($1), set_config('sagaworks.publishes_own_outbox', 'on', true)
+)
 INSERT INTO inbox (consumer, message_id, saga_id)
 SELECT $2, $3, $4 FROM lock
 ON CONFLICT DO NOTHING
 RETURNING 1
 """
 
-_LOCK = "SELECT pg_advisory_xact_lock($1)"
+_LOCK = """
+SELECT pg_advisory_xact_lock($1), set_config('sagaworks.publishes_own_outbox', 'on', true)
+"""
 
 _LOAD = """
 SELECT s.correlation_key, s.status, s.state, s.version, s.progress,
@@ -138,11 +144,19 @@ SELECT id, saga_type, headers, body, reason, expires_at, message_id, message_typ
 FROM parked_messages WHERE saga_id = $1 ORDER BY id FOR UPDATE
 """
 
+# An expired message was never applied: its inbox row goes too, so a replay is not a duplicate.
 _EXPIRE_PARKED = """
-DELETE FROM parked_messages WHERE id IN (
-  SELECT id FROM parked_messages WHERE expires_at <= $1
-  ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED)
-RETURNING id, saga_type, headers, body, reason, expires_at, message_id, message_type
+WITH expired AS (
+  DELETE FROM parked_messages WHERE id IN (
+    SELECT id FROM parked_messages WHERE expires_at <= $1
+    ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+  RETURNING id, consumer, saga_type, headers, body, reason, expires_at, message_id, message_type
+),
+forgotten AS (
+  DELETE FROM inbox USING expired
+  WHERE inbox.consumer = expired.consumer AND inbox.message_id = expired.message_id
+)
+SELECT id, saga_type, headers, body, reason, expires_at, message_id, message_type FROM expired
 """
 
 _DUE_TIMERS = """
@@ -162,7 +176,8 @@ ON CONFLICT (queue, message_id) DO UPDATE
 SET times_failed = dead_letters.times_failed + 1, last_failed_at = EXCLUDED.last_failed_at,
     reason = EXCLUDED.reason, exception_type = EXCLUDED.exception_type,
     exception_message = EXCLUDED.exception_message, fingerprint = EXCLUDED.fingerprint,
-    handler = EXCLUDED.handler, status = 'active'
+    handler = EXCLUDED.handler, headers = EXCLUDED.headers, status = 'active'
+WHERE dead_letters.headers IS DISTINCT FROM EXCLUDED.headers
 """
 
 _CLAIM_UNPUBLISHED = """
@@ -363,7 +378,7 @@ class _Transaction:
             inbound.routing_key,
             inbound.message_type or None,
             letter.saga_type,
-            json.dumps(dict(inbound.headers), default=str),
+            json.dumps(envelope_headers(inbound), default=str),
             inbound.body,
             letter.reason,
             letter.exception_type,
@@ -380,15 +395,25 @@ class _Transaction:
 
 
 class PostgresStore:
-    def __init__(self, engine: AsyncEngine, wire: Wire) -> None:
+    def __init__(self, engine: AsyncEngine, wire: Wire, pool: ConnectionPool | None = None) -> None:
         self._engine = engine
         self._wire = wire
+        self._pool = pool
+        """The hot path's own asyncpg pool (see `pool.py`); without it, the engine's."""
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        if self._pool is not None:
+            async with self._pool.acquire() as pooled:
+                yield pooled
+            return
         async with self._engine.connect() as conn:
             raw = await conn.get_raw_connection()
             yield cast(asyncpg.Connection, raw.driver_connection)
+
+    async def aclose(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[_Transaction]:

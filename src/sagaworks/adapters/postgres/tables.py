@@ -30,6 +30,7 @@ from sqlalchemy.dialects.postgresql import JSONB, UUID
 
 __all__ = [
     "ALEMBIC_VERSION_TABLE",
+    "BREAKER_STATES",
     "DEAD_LETTER_STATUSES",
     "OUTBOX_CHANNEL",
     "SAGA_STATUSES",
@@ -39,6 +40,7 @@ __all__ = [
     "metadata",
     "outbox",
     "parked_messages",
+    "port_breakers",
     "saga_history",
     "saga_instances",
     "timers",
@@ -50,6 +52,7 @@ ALEMBIC_VERSION_TABLE = "sagaworks_alembic_version"
 OUTBOX_CHANNEL = "sagaworks_outbox"
 """`LISTEN` channel notified (empty payload) after every statement that inserts into `outbox`."""
 
+BREAKER_STATES = ("closed", "open", "half_open")
 SAGA_STATUSES = ("running", "compensating", "completed", "compensated", "needs_attention")
 DEAD_LETTER_STATUSES = ("active", "replayed", "archived")
 
@@ -249,3 +252,18 @@ dead_letter_audit = Table(
     Index("ix_dead_letter_audit_at", "at"),
 )
 """Who did what to which dead letter, and how it went; rows survive a purge of the letter."""
+
+port_breakers = Table(
+    "port_breakers",
+    metadata,
+    Column("port", Text, nullable=False),
+    Column("worker", Text, nullable=False),
+    Column("state", Text, nullable=False),
+    Column("failures", Integer, nullable=False),
+    Column("times_opened", Integer, nullable=False, server_default=text("0")),
+    _timestamp("changed_at"),
+    PrimaryKeyConstraint("port", "worker"),
+    CheckConstraint(_one_of("state", BREAKER_STATES), name="state"),
+    CheckConstraint("failures >= 0", name="failures"),
+)
+"""Circuit-breaker state of each port in each worker process (upserted on every change)."""

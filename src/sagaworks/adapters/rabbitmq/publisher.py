@@ -26,7 +26,8 @@ def to_amqp_message(row: OutboxRow) -> aio_pika.Message:
     timestamp = props.get("timestamp")
     return aio_pika.Message(
         row.body,
-        message_id=row.message_id,
+        # A replay's outbox key differs from the message id it must keep (see dead_letters).
+        message_id=props.get("message_id") or row.message_id,
         type=props.get("type"),
         app_id=props.get("app_id"),
         correlation_id=props.get("correlation_id"),

@@ -1,12 +1,15 @@
-"""Calls ports under their policy: a deadline per call and jittered immediate retries.
+"""Calls ports under their policy: a deadline per call, jittered immediate retries, a breaker.
 
-Only transient failures (`PortUnavailable`, timeouts) are retried; a
-`BusinessFailure` or any other exception goes straight to the caller.
+Only transient failures (`PortUnavailable`, timeouts) are retried, and each
+try goes through the port's circuit breaker: a `BusinessFailure`, any other
+exception, and `CircuitOpen` (the breaker refused or just opened) go
+straight to the caller, so an open breaker is never retried.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import TypeVar
@@ -18,41 +21,55 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from sagaworks.adapters.resilience.policy import PortPolicy
-from sagaworks.domain.errors import PortUnavailable
+from sagaworks.adapters.resilience.breaker import TRANSIENT, PortBreakers
+from sagaworks.application.policy import PortPolicy
 
 __all__ = ["ResilientCaller"]
 
 T = TypeVar("T")
 
-_TRANSIENT = (PortUnavailable, TimeoutError)
-
 
 class ResilientCaller:
-    """Implements the `PortCaller` port."""
+    """Implements the `PortCaller` port; owns this process's breakers (`breakers`)."""
 
     def __init__(
-        self, policies: Mapping[str, PortPolicy], default: PortPolicy | None = None
+        self,
+        policies: Mapping[str, PortPolicy],
+        default: PortPolicy | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
+        """`clock` (monotonic seconds) and `sleep` drive backoff and breakers; tests fake them."""
         self._policies = dict(policies)
         self._default = default or PortPolicy()
+        self._sleep = sleep
+        self.breakers = PortBreakers(self.policy, clock=clock, sleep=sleep)
 
     def policy(self, port: str) -> PortPolicy:
         return self._policies.get(port, self._default)
 
     async def call(self, port: str, attempt: Callable[[], Awaitable[T]]) -> T:
         policy = self.policy(port)
+        breaker = self.breakers[port]
         retrying = AsyncRetrying(
-            retry=retry_if_exception_type(_TRANSIENT),
+            retry=retry_if_exception_type(TRANSIENT),
             stop=stop_after_attempt(policy.immediate_attempts),
             wait=wait_exponential_jitter(
-                initial=policy.immediate_wait_s, max=policy.immediate_wait_max_s
+                multiplier=policy.immediate_wait_s,
+                jitter=policy.immediate_wait_s,  # tenacity's default jitter is a whole second
+                max=policy.immediate_wait_max_s,
             ),
+            sleep=self._sleep,
             reraise=True,
         )
+
+        async def timed() -> T:
+            return await asyncio.wait_for(attempt(), policy.call_timeout_s)
+
         async for trial in retrying:
             with trial:
-                return await asyncio.wait_for(attempt(), policy.call_timeout_s)
+                return await breaker.call(timed)
         raise AssertionError("tenacity re-raises the last error")  # pragma: no cover
 
     def next_retry_at(self, port: str, attempt: int, now: datetime) -> datetime | None:

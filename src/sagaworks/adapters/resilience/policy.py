@@ -1,42 +1,22 @@
-"""Per-port call policy: timeout, immediate retries, delayed retries.
+"""Finding each port's policy where it is declared: on the port adapter.
 
-Declared with the port adapter (never in a saga definition): how patient to
-be with a participant is a property of that participant.
+`PortPolicy` itself lives in the application layer (sagas declare it through
+the public API); an adapter declares its policy as a `policy` attribute.
 """
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from collections.abc import Mapping
 
-__all__ = ["PortPolicy"]
+from sagaworks.application.policy import PortPolicy
+
+__all__ = ["PortPolicy", "declared_policies"]
 
 
-@dataclass(frozen=True, slots=True)
-class PortPolicy:
-    call_timeout_s: float = 5.0
-    """Deadline of one call; a slower answer counts as a transient failure."""
-    immediate_attempts: int = 3
-    """Tries within one delivery (tenacity), for transient errors only."""
-    immediate_wait_s: float = 0.05
-    immediate_wait_max_s: float = 0.5
-    delayed_retries: int = 5
-    """Further attempts through PostgreSQL timers before the step fails."""
-    delayed_base_s: float = 1.0
-    delayed_max_s: float = 60.0
-
-    def __post_init__(self) -> None:
-        if self.call_timeout_s <= 0 or self.immediate_attempts < 1 or self.delayed_retries < 0:
-            raise ValueError(
-                "a port policy needs call_timeout_s > 0, immediate_attempts >= 1 and "
-                "delayed_retries >= 0"
-            )
-
-    def next_retry_at(self, attempt: int, now: datetime) -> datetime | None:
-        """Capped exponential backoff with full jitter; None once `delayed_retries` are spent."""
-        if attempt > self.delayed_retries:
-            return None
-        ceiling = min(self.delayed_max_s, self.delayed_base_s * 2 ** (attempt - 1))
-        delay = random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not security
-        return now + timedelta(seconds=delay)
+def declared_policies(ports: Mapping[str, object]) -> dict[str, PortPolicy]:
+    """The `policy` each port adapter declares, by port name; adapters without one are left out."""
+    return {
+        name: policy
+        for name, port in ports.items()
+        if isinstance(policy := getattr(port, "policy", None), PortPolicy)
+    }

@@ -11,7 +11,14 @@ import typer
 from pydantic import ValidationError
 
 from sagaworks.adapters.observability.logging import configure_logging
-from sagaworks.entrypoints.cli.errors import fail, run_async, settings_error_lines
+from sagaworks.entrypoints.cli.dlq import dlq_app
+from sagaworks.entrypoints.cli.errors import (
+    fail,
+    quiet_first_connect,
+    run_async,
+    settings_error_lines,
+)
+from sagaworks.entrypoints.demo_ports import DemoPorts
 from sagaworks.settings import DEFAULT_SECRETS_DIR, Settings
 
 __all__ = ["app", "main"]
@@ -29,6 +36,7 @@ topology_app = typer.Typer(help="Declare the RabbitMQ topology.", no_args_is_hel
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 app.add_typer(topology_app, name="topology")
+app.add_typer(dlq_app, name="dlq")
 
 
 def load_settings() -> Settings:
@@ -119,9 +127,10 @@ def topology_apply() -> None:
     async def go() -> str:
         loaded = load_sagas(settings, with_ports=False)
         spec = topology_for(settings, SagaRegistry(loaded.definitions))
-        connection = await connect(
-            settings.amqp_url.get_secret_value(), timeout_s=settings.amqp_connect_timeout_s
-        )
+        with quiet_first_connect():
+            connection = await connect(
+                settings.amqp_url.get_secret_value(), timeout_s=settings.amqp_connect_timeout_s
+            )
         try:
             return (await apply_topology(connection, spec)).summary()
         finally:
@@ -143,7 +152,8 @@ def worker() -> None:
     async def go() -> None:
         loaded = load_sagas(settings)
         await preflight(settings)
-        system = await bootstrap(settings, loaded.definitions, loaded.ports)
+        with quiet_first_connect():
+            system = await bootstrap(settings, loaded.definitions, loaded.ports)
         try:
             await Worker(system).run()
         finally:
@@ -160,6 +170,10 @@ def demo(
         float, typer.Option("--timeout", min=1.0, help="Seconds to wait for every saga to end.")
     ] = 180.0,
     seed: Annotated[int, typer.Option(help="Seed of the order mix.")] = 7,
+    ports: Annotated[
+        DemoPorts,
+        typer.Option(help="Participants: in process, or fake HTTP services on loopback."),
+    ] = DemoPorts.SIMULATED,
 ) -> None:
     """Drive ORDERS orders through the order-fulfilment saga over RabbitMQ and PostgreSQL.
 
@@ -173,16 +187,91 @@ def demo(
         settings.log_format, "WARNING" if settings.log_level == "INFO" else settings.log_level
     )
     if as_json:
-        report = run_async(run_demo(settings, orders, timeout_s=timeout_s, seed=seed))
+        report = run_async(run_demo(settings, orders, timeout_s=timeout_s, seed=seed, ports=ports))
         _echo(json.dumps(report.as_dict()))
     else:
         with DemoProgress(orders) as progress:
             report = run_async(
-                run_demo(settings, orders, timeout_s=timeout_s, seed=seed, progress=progress.update)
+                run_demo(
+                    settings,
+                    orders,
+                    timeout_s=timeout_s,
+                    seed=seed,
+                    progress=progress.update,
+                    ports=ports,
+                )
             )
         print_demo_report(report)
     if not report.ok:
         raise typer.Exit(1)
+
+
+@app.command("bench")
+def bench(
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Worker processes.")] = 1,
+    latency_ms: Annotated[
+        float, typer.Option(min=0.0, max=10_000.0, help="Latency of every simulated port call.")
+    ] = 0.0,
+    sagas: Annotated[
+        int, typer.Option(min=1, max=1_000_000, help="Sagas to start at most.")
+    ] = 2000,
+    duration_s: Annotated[
+        float, typer.Option("--duration", min=0.1, help="Seconds to keep starting sagas at most.")
+    ] = 20.0,
+    rate: Annotated[
+        float | None,
+        typer.Option(min=0.1, help="Sagas started per second (open loop); default: full speed."),
+    ] = None,
+    in_flight: Annotated[
+        int, typer.Option(min=1, max=1_000_000, help="Sagas running at once at most.")
+    ] = 100,
+    reference: Annotated[
+        bool, typer.Option(help="Also run the hand-written reference pipeline.")
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+) -> None:
+    """Benchmark the engine against a hand-written pipeline on this machine.
+
+    See docs/performance.md for what is measured and how to read it.
+
+    Exits 1 when a run did not verify: a saga did not end or something happened twice.
+    """
+    from sagaworks.entrypoints.bench import BenchConfig, format_report, run_bench
+
+    settings = load_settings()
+    configure_logging(settings.log_format, "WARNING")
+    config = BenchConfig(
+        workers=workers,
+        latency_s=latency_ms / 1000,
+        sagas=sagas,
+        duration_s=duration_s,
+        rate=rate,
+        in_flight=in_flight,
+        reference=reference,
+    )
+    say = None if as_json else (lambda text: typer.echo(text, err=True))
+    report = run_async(run_bench(settings, config, progress=say))
+    _echo(json.dumps(report.as_dict()) if as_json else format_report(report))
+    if not report.verified:
+        raise typer.Exit(1)
+
+
+@app.command("graph")
+def graph(
+    saga: Annotated[str, typer.Argument(help="Name of a saga in SAGAWORKS_SAGAS.")],
+) -> None:
+    """Print SAGA as a Mermaid flowchart: steps, ports, compensations, deadlines, outcomes."""
+    from sagaworks.application.registry import SagaRegistry, UnknownSaga
+    from sagaworks.domain.diagram import mermaid
+    from sagaworks.domain.errors import DefinitionError
+    from sagaworks.entrypoints.cli.loading import SagaModuleError, load_sagas
+
+    settings = load_settings()
+    try:
+        definition = SagaRegistry(load_sagas(settings, with_ports=False).definitions).get(saga)
+    except (UnknownSaga, SagaModuleError, DefinitionError) as error:
+        fail(str(error), 2)
+    _echo(mermaid(definition).rstrip("\n"))
 
 
 def main(argv: list[str] | None = None) -> Any:

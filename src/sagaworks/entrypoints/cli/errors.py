@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import sys
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from typing import Any, NoReturn, TypeVar
 
 from pydantic import ValidationError
@@ -15,7 +17,7 @@ from sagaworks.application.registry import UnknownSaga
 from sagaworks.domain.errors import DefinitionError
 from sagaworks.entrypoints.cli.loading import SagaModuleError
 
-__all__ = ["EXIT_CODES", "fail", "run_async", "settings_error_lines"]
+__all__ = ["EXIT_CODES", "fail", "quiet_first_connect", "run_async", "settings_error_lines"]
 
 T = TypeVar("T")
 
@@ -38,6 +40,22 @@ def settings_error_lines(error: ValidationError) -> list[str]:
         field = ".".join(str(p) for p in e["loc"])
         lines.append(f"SAGAWORKS_{field.upper()}: {e['msg']}")
     return lines
+
+
+@contextlib.contextmanager
+def quiet_first_connect() -> Iterator[None]:
+    """Silence aiormq's own log of a failed first broker connection.
+
+    `connect` turns that failure into one clear error line; aiormq's ERROR record of the
+    same failure would be a second, rawer line. Later reconnections still log.
+    """
+    logger = logging.getLogger("aiormq.connection")
+    disabled = logger.disabled
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
 
 
 def fail(message: str, code: int) -> NoReturn:

@@ -1,0 +1,67 @@
+"""Breaker changes in PostgreSQL: the port's row for dashboards and the event, in one commit."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import cast
+
+import asyncpg
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from sagaworks.application.circuit import BreakerChange
+from sagaworks.application.ports import OutboxRow
+from sagaworks.application.wire import Wire
+from sagaworks.domain.decide import Outgoing
+
+__all__ = ["PostgresBreakerLog"]
+
+_UPSERT = """
+INSERT INTO port_breakers (port, worker, state, failures, times_opened, changed_at)
+VALUES ($1, $2, $3, $4, CASE WHEN $3 = 'open' THEN 1 ELSE 0 END, $5)
+ON CONFLICT (port, worker) DO UPDATE
+SET state = EXCLUDED.state, failures = EXCLUDED.failures, changed_at = EXCLUDED.changed_at,
+    times_opened = port_breakers.times_opened + EXCLUDED.times_opened
+"""
+
+_OUTBOX = """
+INSERT INTO outbox (message_id, exchange, routing_key, headers, body)
+VALUES ($1, $2, $3, $4, $5)
+RETURNING id
+"""
+
+
+class PostgresBreakerLog:
+    """Implements `BreakerLog`."""
+
+    def __init__(self, engine: AsyncEngine, wire: Wire) -> None:
+        self._engine = engine
+        self._wire = wire
+
+    async def record(self, change: BreakerChange, event: Outgoing) -> Sequence[OutboxRow]:
+        pending = self._wire.encode(event)
+        async with self._engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            driver = cast(asyncpg.Connection, raw.driver_connection)
+            async with driver.transaction():
+                await driver.execute(
+                    _UPSERT, change.port, change.worker, change.state, change.failures, change.at
+                )
+                row_id = await driver.fetchval(
+                    _OUTBOX,
+                    pending.message_id,
+                    pending.exchange,
+                    pending.routing_key,
+                    json.dumps(pending.headers),
+                    pending.body,
+                )
+        return [
+            OutboxRow(
+                row_id,
+                pending.message_id,
+                pending.exchange,
+                pending.routing_key,
+                pending.headers,
+                pending.body,
+            )
+        ]

@@ -1,0 +1,54 @@
+"""Per-port call policy: timeout, immediate retries, delayed retries, circuit breaker.
+
+Declared with the port adapter (never in a saga definition): how patient to
+be with a participant is a property of that participant. It lives in the
+application layer so that sagas can declare it through the public API
+without importing an adapter.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+__all__ = ["PortPolicy"]
+
+
+@dataclass(frozen=True, slots=True)
+class PortPolicy:
+    call_timeout_s: float = 5.0
+    """Deadline of one call; a slower answer counts as a transient failure."""
+    immediate_attempts: int = 3
+    """Tries within one delivery (tenacity), for transient errors only."""
+    immediate_wait_s: float = 0.05
+    immediate_wait_max_s: float = 0.5
+    delayed_retries: int = 5
+    """Further attempts through PostgreSQL timers before the step fails."""
+    delayed_base_s: float = 1.0
+    delayed_max_s: float = 60.0
+    breaker_failures: int = 5
+    """Consecutive transient failures that open the port's circuit breaker."""
+    breaker_reset_s: float = 30.0
+    """How long an open breaker refuses calls before one trial call may decide."""
+
+    def __post_init__(self) -> None:
+        if (
+            self.call_timeout_s <= 0
+            or self.immediate_attempts < 1
+            or self.delayed_retries < 0
+            or self.breaker_failures < 1
+            or self.breaker_reset_s <= 0
+        ):
+            raise ValueError(
+                "a port policy needs call_timeout_s > 0, immediate_attempts >= 1, "
+                "delayed_retries >= 0, breaker_failures >= 1 and breaker_reset_s > 0"
+            )
+
+    def next_retry_at(self, attempt: int, now: datetime) -> datetime | None:
+        """Capped exponential backoff, jittered within [half, all] of it; None once spent."""
+        if attempt > self.delayed_retries:
+            return None
+        ceiling = min(self.delayed_max_s, self.delayed_base_s * 2 ** (attempt - 1))
+        delay = random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not security
+        return now + timedelta(seconds=delay)

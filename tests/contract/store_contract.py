@@ -1,0 +1,718 @@
+"""What every `Store` must do, written once and run against each implementation.
+
+`StoreContract` holds the cases; `test_store_contract.py` runs them with a
+`backend` fixture per store (in memory, PostgreSQL). Decisions come from the
+real `decide()` on the order-fulfilment saga, fed real inputs, so the store is
+tested with what the use cases actually hand it. Whatever the `Store`
+protocol does not expose (history rows, timers, dead-letter counters) is read
+through a `Probe`, one per backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, Protocol
+from uuid import UUID
+
+import asyncpg
+import pytest
+
+from sagas.order_fulfilment.messages import (
+    OrderCancellationRequested,
+    OrderLine,
+    OrderPlaced,
+    ShipmentDispatched,
+)
+from sagas.order_fulfilment.ports import (
+    Authorisation,
+    PaymentCapture,
+    ShipmentBooking,
+    StockReservation,
+)
+from sagas.order_fulfilment.saga import order_fulfilment
+from sagas.order_fulfilment.state import OrderState
+from sagaworks.adapters.memory.store import DeadlockDetected
+from sagaworks.adapters.postgres.store import fingerprint
+from sagaworks.application.dead_letters import envelope_headers
+from sagaworks.application.ports import (
+    DeadLetter,
+    InboundMessage,
+    LockedSaga,
+    OutboxRow,
+    Store,
+)
+from sagaworks.application.wire import Wire
+from sagaworks.domain.decide import (
+    Decision,
+    EventReceived,
+    Failure,
+    Input,
+    RunStep,
+    StepFinished,
+    TimerFired,
+    TimerSpec,
+    deadline_timer,
+    decide,
+    retry_timer,
+)
+from sagaworks.domain.instance import SagaInstance, Status, saga_id_for
+from sagaworks.domain.messages import Envelope, Message
+
+__all__ = ["Backend", "DeadLetterRow", "HistoryRow", "Probe", "StoreContract", "TimerRow"]
+
+SAGA = order_fulfilment
+T0 = datetime(2030, 5, 1, 12, 0, tzinfo=UTC)
+DISPATCH_BY = T0 + timedelta(days=2)
+DEADLINE = deadline_timer("await_dispatch")
+
+RESULTS: dict[str, Any] = {
+    "reserve_stock": StockReservation(reservation_id="res-1"),
+    "authorise_payment": Authorisation(authorisation_id="auth-1"),
+    "book_shipment": ShipmentBooking(shipment_id="shp-1"),
+    "capture_payment": PaymentCapture(capture_id="cap-1"),
+}
+
+
+# --- what a backend gives the cases ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HistoryRow:
+    seq: int
+    kind: str
+    step: str | None
+    message_id: str | None
+
+
+@dataclass(frozen=True)
+class TimerRow:
+    id: int
+    fire_at: datetime
+
+
+@dataclass(frozen=True)
+class DeadLetterRow:
+    id: int
+    message_id: str
+    queue: str
+    exchange: str
+    routing_key: str
+    message_type: str | None
+    saga_type: str | None
+    headers: dict[str, Any]
+    body: bytes
+    reason: str
+    exception_type: str | None
+    exception_message: str | None
+    handler: str | None
+    fingerprint: str
+    first_failed_at: datetime
+    last_failed_at: datetime
+    times_failed: int
+    status: str
+
+
+class Probe(Protocol):
+    """Reads committed rows the `Store` protocol has no reason to expose."""
+
+    async def history(self, saga_id: UUID) -> list[HistoryRow]: ...
+    async def timers(self, saga_id: UUID) -> dict[str, TimerRow]: ...
+    async def published_at(self, outbox_id: int) -> datetime | None: ...
+    async def dead_letters(self) -> list[DeadLetterRow]: ...
+    async def parked_ids(self) -> list[int]: ...
+    async def inbox(self) -> set[tuple[str, str]]: ...
+    async def saga_version(self, saga_id: UUID) -> int | None: ...
+
+
+@dataclass
+class Backend:
+    name: str
+    store: Store
+    probe: Probe
+    wire: Wire
+
+
+# --- real inputs for decide() ----------------------------------------------------------------
+
+
+def _received(message: Message, message_id: str, at: datetime = T0) -> EventReceived:
+    envelope = Envelope(id=message_id, type=message.message_type, source="tests", time=at)
+    return EventReceived(envelope, message)
+
+
+def placed(order_id: str) -> EventReceived:
+    order = OrderPlaced(
+        order_id=order_id,
+        customer_id="c-1",
+        lines=(OrderLine(sku="sku-1", quantity=2),),
+        amount_cents=4_200,
+        currency="EUR",
+        dispatch_by=DISPATCH_BY,
+    )
+    return _received(order, f"placed-{order_id}")
+
+
+def dispatched(order_id: str) -> EventReceived:
+    return _received(
+        ShipmentDispatched(order_id=order_id, shipment_id="wh-1"), f"dispatched-{order_id}"
+    )
+
+
+def cancellation(order_id: str) -> EventReceived:
+    return _received(OrderCancellationRequested(order_id=order_id), f"cancel-{order_id}")
+
+
+Kind = Literal["action", "compensation"]
+
+
+def succeeded(step: str, *, kind: Kind = "action", attempt: int = 1) -> StepFinished:
+    result = RESULTS.get(step) if kind == "action" else None
+    return StepFinished(step, kind, attempt, result, message_id=f"cmd-{step}-{kind}-{attempt}")
+
+
+def failed(
+    step: str,
+    reason: str,
+    *,
+    business: bool,
+    retry_at: datetime | None = None,
+    kind: Kind = "action",
+    attempt: int = 1,
+) -> StepFinished:
+    return StepFinished(
+        step,
+        kind,
+        attempt,
+        failure=Failure(reason, business=business, retry_at=retry_at),
+        message_id=f"cmd-{step}-{kind}-{attempt}",
+    )
+
+
+def inbound(message_id: str, **overrides: Any) -> InboundMessage:
+    """A delivery with every attribute set, so a round trip that drops one shows."""
+    values: dict[str, Any] = {
+        "message_id": message_id,
+        "message_type": ShipmentDispatched.message_type,
+        "body": b'{"order_id": "o-1", "shipment_id": "wh-1"}',
+        "headers": {"cloudEvents_specversion": "1.0", "x-trace": ["a", "b"]},
+        "queue": "sagaworks.order_fulfilment",
+        "exchange": "warehouse",
+        "routing_key": "shipment.dispatched",
+        "source": "warehouse-service",
+        "time": T0 - timedelta(minutes=5),
+        "correlation_id": "corr-1",
+        "causation_id": "cause-1",
+        "user_id": "warehouse",
+    }
+    values.update(overrides)
+    return InboundMessage(**values)
+
+
+class _Boom(Exception):
+    pass
+
+
+# --- the cases -------------------------------------------------------------------------------
+
+
+class StoreContract:
+    """Subclass it where a `backend` fixture yields a `Backend`; pytest collects the subclass."""
+
+    # helpers
+
+    @staticmethod
+    async def apply(
+        backend: Backend,
+        given: Input,
+        at: datetime = T0,
+        *,
+        order_id: str = "o-1",
+        message_id: str | None = None,
+    ) -> tuple[Decision, list[OutboxRow]]:
+        """What a use case does: lock, decide on what was loaded, save, commit."""
+        saga_id = saga_id_for(SAGA.name, order_id)
+        async with backend.store.transaction() as tx:
+            locked = await tx.lock_saga(SAGA, saga_id, message_id=message_id)
+            decision = decide(SAGA, locked.instance, given, at)
+            assert decision.outcome == "applied", decision.reason
+            await tx.save(SAGA, decision)
+            return decision, tx.written_outbox()
+
+    async def to_wait(self, backend: Backend, order_id: str = "o-1") -> list[Decision]:
+        """Drive one order to `await_dispatch`: started, three steps done, deadline set."""
+        decisions = []
+        for given in (
+            placed(order_id),
+            succeeded("reserve_stock"),
+            succeeded("authorise_payment"),
+            succeeded("book_shipment"),
+        ):
+            decision, _ = await self.apply(backend, given, order_id=order_id)
+            decisions.append(decision)
+        return decisions
+
+    @staticmethod
+    async def locked(backend: Backend, order_id: str = "o-1") -> LockedSaga:
+        async with backend.store.transaction() as tx:
+            return await tx.lock_saga(SAGA, saga_id_for(SAGA.name, order_id))
+
+    @staticmethod
+    async def claimable(backend: Backend, limit: int = 100) -> list[OutboxRow]:
+        """Unpublished rows, left unpublished (the claim is rolled back)."""
+        seen: list[OutboxRow] = []
+
+        async def peek() -> None:
+            async with backend.store.claim_unpublished(limit, 0.0) as rows:
+                seen.extend(rows)
+                raise _Boom
+
+        with pytest.raises(_Boom):
+            await peek()
+        return seen
+
+    # sagas: insert, load, round trip
+
+    async def test_a_saga_nobody_saved_loads_as_none(self, backend: Backend) -> None:
+        saga_id = saga_id_for(SAGA.name, "nobody")
+        assert await backend.store.load_saga(SAGA, saga_id) is None
+        assert await self.locked(backend, "nobody") == LockedSaga(None, False, False)
+
+    async def test_saved_sagas_round_trip_state_status_and_progress(self, backend: Backend) -> None:
+        retry_at = T0 + timedelta(minutes=1)
+        steps: list[Input] = [
+            placed("o-1"),
+            succeeded("reserve_stock"),
+            failed("authorise_payment", "PortUnavailable: 503", business=False, retry_at=retry_at),
+            TimerFired(retry_timer("authorise_payment", "action", 1)),
+            failed("authorise_payment", "payment_declined", business=True, attempt=2),
+            failed("reserve_stock", "ledger_closed", business=True, kind="compensation"),
+        ]
+        seen: list[SagaInstance] = []
+        for given in steps:
+            decision, _ = await self.apply(backend, given)
+            assert decision.instance is not None
+            expected = decision.instance
+            assert await backend.store.load_saga(SAGA, expected.id) == expected
+            assert (await self.locked(backend)).instance == expected
+            seen.append(expected)
+        # The sequence really exercised every progress field.
+        assert seen[0].status is Status.RUNNING
+        assert isinstance(seen[0].state, OrderState)
+        assert seen[0].state.dispatch_by == DISPATCH_BY
+        assert seen[1].done == ("reserve_stock",)
+        assert isinstance(seen[1].state, OrderState)
+        assert seen[1].state.reservation_id == "res-1"
+        assert seen[2].in_flight is not None
+        assert seen[2].in_flight.retry_at == retry_at
+        assert seen[3].in_flight is not None
+        assert seen[3].in_flight.attempt == 2
+        assert seen[4].status is Status.COMPENSATING
+        assert seen[4].reason == "payment_declined"
+        assert seen[4].in_flight is not None
+        assert seen[4].in_flight.kind == "compensation"
+        assert seen[5].status is Status.NEEDS_ATTENTION
+        assert seen[5].error == "ledger_closed"
+        assert seen[5].in_flight is None
+
+    # inbox
+
+    async def test_the_inbox_reports_a_message_seen_before(self, backend: Backend) -> None:
+        saga_id = saga_id_for(SAGA.name, "o-1")
+        async with backend.store.transaction() as tx:
+            assert (await tx.lock_saga(SAGA, saga_id, message_id="m-1")).duplicate is False
+            assert (await tx.lock_saga(SAGA, saga_id, message_id="m-1")).duplicate is True
+        async with backend.store.transaction() as tx:
+            assert (await tx.lock_saga(SAGA, saga_id, message_id="m-1")).duplicate is True
+            assert (await tx.lock_saga(SAGA, saga_id, message_id="m-2")).duplicate is False
+        # Dedupe is per (consumer, message id): the same id for another saga is a duplicate.
+        other = saga_id_for(SAGA.name, "o-2")
+        async with backend.store.transaction() as tx:
+            assert (await tx.lock_saga(SAGA, other, message_id="m-1")).duplicate is True
+        assert await backend.probe.inbox() == {(SAGA.name, "m-1"), (SAGA.name, "m-2")}
+
+    # versions
+
+    async def test_save_bumps_the_version_and_refuses_a_stale_one(self, backend: Backend) -> None:
+        started, _ = await self.apply(backend, placed("o-1"))
+        reserved, _ = await self.apply(backend, succeeded("reserve_stock"))
+        assert reserved.instance is not None
+        saga_id = reserved.instance.id
+        assert await backend.probe.saga_version(saga_id) == 2
+        history = await backend.probe.history(saga_id)
+
+        with pytest.raises(RuntimeError, match="changed under its lock"):
+            async with backend.store.transaction() as tx:
+                await tx.save(SAGA, reserved)  # expects version 1, finds 2
+        # A second insert of version 1: PostgreSQL reports the primary key clash.
+        with pytest.raises((RuntimeError, asyncpg.UniqueViolationError)):
+            async with backend.store.transaction() as tx:
+                await tx.save(SAGA, started)
+
+        assert await backend.probe.saga_version(saga_id) == 2
+        assert await backend.probe.history(saga_id) == history
+        assert await backend.store.load_saga(SAGA, saga_id) == reserved.instance
+
+    # history
+
+    async def test_history_is_appended_in_order_without_gaps(self, backend: Backend) -> None:
+        decisions = await self.to_wait(backend)
+        decision, _ = await self.apply(backend, dispatched("o-1"))
+        decisions.append(decision)
+        expected = [
+            (entry.kind, entry.step, entry.message_id) for d in decisions for entry in d.history
+        ]
+        rows = await backend.probe.history(saga_id_for(SAGA.name, "o-1"))
+        assert [r.seq for r in rows] == list(range(1, len(expected) + 1))
+        assert [(r.kind, r.step, r.message_id) for r in rows] == expected
+        assert rows[0].kind == "started"
+        assert rows[-1].kind == "step_started"
+        assert len(decisions) == 5
+        assert len(rows) > len(decisions)  # several entries per save, numbered across saves
+
+    # outbox
+
+    async def test_outbox_rows_are_returned_and_claimable_until_published(
+        self, backend: Backend
+    ) -> None:
+        started, first = await self.apply(backend, placed("o-1"))
+        reserved, second = await self.apply(backend, succeeded("reserve_stock"))
+        assert len(first) == len(second) == 1
+        for decision, rows in ((started, first), (reserved, second)):
+            (outgoing,) = decision.outgoing
+            encoded = backend.wire.encode(outgoing)
+            (row,) = rows
+            assert (row.message_id, row.exchange, row.routing_key, row.body) == (
+                encoded.message_id,
+                encoded.exchange,
+                encoded.routing_key,
+                encoded.body,
+            )
+            assert dict(row.headers) == encoded.headers
+            command = RunStep.model_validate_json(row.body)
+            assert command.saga_id == saga_id_for(SAGA.name, "o-1")
+        assert first[0].id < second[0].id
+
+        # Fresh rows are left to publish-after-commit during the sweeper's grace period.
+        async with backend.store.claim_unpublished(100, 3600.0) as rows:
+            assert rows == []
+        # A failed sweep leaves them unpublished; a successful one publishes them once.
+        assert await self.claimable(backend) == [*first, *second]
+        async with backend.store.claim_unpublished(1, 0.0) as rows:
+            assert rows == first
+        assert await backend.probe.published_at(first[0].id) is not None
+        assert await backend.probe.published_at(second[0].id) is None
+        await backend.store.mark_published([second[0].id])
+        assert await backend.probe.published_at(second[0].id) is not None
+        assert await self.claimable(backend) == []
+
+    async def test_a_transaction_that_wrote_nothing_returns_no_outbox_rows(
+        self, backend: Backend
+    ) -> None:
+        async with backend.store.transaction() as tx:
+            await tx.lock_saga(SAGA, saga_id_for(SAGA.name, "o-1"), message_id="m-1")
+            assert tx.written_outbox() == []
+
+    async def test_claiming_skips_rows_another_sweeper_holds(self, backend: Backend) -> None:
+        _, first = await self.apply(backend, placed("o-1"))
+        _, second = await self.apply(backend, placed("o-2"), order_id="o-2")
+        async with backend.store.claim_unpublished(1, 0.0) as mine:
+            assert mine == first
+            async with backend.store.claim_unpublished(10, 0.0) as theirs:
+                assert theirs == second
+        assert await self.claimable(backend) == []
+
+    # timers
+
+    async def test_timers_are_set_cancelled_and_upserted(self, backend: Backend) -> None:
+        await self.to_wait(backend, "o-1")
+        saga_id = saga_id_for(SAGA.name, "o-1")
+        timers = await backend.probe.timers(saga_id)
+        assert {name: t.fire_at for name, t in timers.items()} == {DEADLINE: DISPATCH_BY}
+
+        # Cancelling while waiting drops the deadline; a failed compensation sets a retry.
+        await self.apply(backend, cancellation("o-1"))
+        assert await backend.probe.timers(saga_id) == {}
+        retry_at = T0 + timedelta(seconds=30)
+        await self.apply(
+            backend,
+            failed(
+                "book_shipment",
+                "PortUnavailable",
+                business=False,
+                retry_at=retry_at,
+                kind="compensation",
+            ),
+        )
+        retry = retry_timer("book_shipment", "compensation", 1)
+        assert {n: t.fire_at for n, t in (await backend.probe.timers(saga_id)).items()} == {
+            retry: retry_at
+        }
+
+        # Setting a timer that exists moves it and keeps its row.
+        await self.to_wait(backend, "o-2")
+        other = saga_id_for(SAGA.name, "o-2")
+        before = (await backend.probe.timers(other))[DEADLINE]
+        later = DISPATCH_BY + timedelta(hours=1)
+        async with backend.store.transaction() as tx:
+            locked = await tx.lock_saga(SAGA, other)
+            decision = decide(SAGA, locked.instance, dispatched("o-2"), T0)
+            assert decision.cancel_timers == (DEADLINE,)
+            await tx.save(SAGA, replace(decision, set_timers=(TimerSpec(DEADLINE, later),)))
+        assert before.fire_at == DISPATCH_BY
+        assert await backend.probe.timers(other) == {DEADLINE: TimerRow(before.id, later)}
+
+    async def test_claim_due_timer_returns_each_due_timer_once(self, backend: Backend) -> None:
+        await self.to_wait(backend, "o-1")
+        saga_id = saga_id_for(SAGA.name, "o-1")
+        (timer,) = (await backend.probe.timers(saga_id)).values()
+
+        async with backend.store.transaction() as tx:
+            assert await tx.claim_due_timer(DISPATCH_BY - timedelta(seconds=1)) is None
+
+        # A claim that rolls back leaves the timer due.
+        async def claim_then_fail() -> None:
+            async with backend.store.transaction() as tx:
+                assert await tx.claim_due_timer(DISPATCH_BY) is not None
+                raise _Boom
+
+        with pytest.raises(_Boom):
+            await claim_then_fail()
+        async with backend.store.transaction() as tx:
+            due = await tx.claim_due_timer(DISPATCH_BY)
+            assert due is not None
+            assert (due.id, due.saga_type, due.saga_id, due.name) == (
+                timer.id,
+                SAGA.name,
+                saga_id,
+                DEADLINE,
+            )
+            # The claim holds the saga: locking it again in the same transaction is fine.
+            assert (await tx.lock_saga(SAGA, saga_id)).instance is not None
+        async with backend.store.transaction() as tx:
+            assert await tx.claim_due_timer(DISPATCH_BY + timedelta(days=1)) is None
+        assert await backend.probe.timers(saga_id) == {}
+
+    async def test_claim_due_timer_skips_sagas_another_transaction_holds(
+        self, backend: Backend
+    ) -> None:
+        await self.to_wait(backend, "o-1")
+        await self.to_wait(backend, "o-2")
+        held = saga_id_for(SAGA.name, "o-1")
+        async with backend.store.transaction() as holder:
+            await holder.lock_saga(SAGA, held)
+            async with backend.store.transaction() as tx:
+                due = await tx.claim_due_timer(DISPATCH_BY)
+                assert due is not None
+                assert due.saga_id == saga_id_for(SAGA.name, "o-2")
+            async with backend.store.transaction() as tx:
+                assert await tx.claim_due_timer(DISPATCH_BY) is None
+        async with backend.store.transaction() as tx:
+            due = await tx.claim_due_timer(DISPATCH_BY)
+            assert due is not None
+            assert due.saga_id == held
+
+    # locking
+
+    async def test_lock_saga_serialises_transactions_on_one_saga(self, backend: Backend) -> None:
+        saga_id = saga_id_for(SAGA.name, "o-1")
+
+        async def second() -> LockedSaga:
+            async with backend.store.transaction() as tx:
+                return await tx.lock_saga(SAGA, saga_id, message_id="m-2")
+
+        async with backend.store.transaction() as tx:
+            locked = await tx.lock_saga(SAGA, saga_id, message_id="m-1")
+            waiting = asyncio.create_task(second())
+            await asyncio.sleep(0.2)
+            assert not waiting.done(), "a second transaction got the lock of a held saga"
+            # Other sagas are not held up.
+            other = await asyncio.wait_for(self.locked(backend, "o-2"), 5)
+            assert other.instance is None
+            decision = decide(SAGA, locked.instance, placed("o-1"), T0)
+            await tx.save(SAGA, decision)
+            # Uncommitted work is invisible outside the transaction.
+            assert await backend.store.load_saga(SAGA, saga_id) is None
+            assert await self.claimable(backend) == []
+        after = await asyncio.wait_for(waiting, 5)
+        assert after.instance == decision.instance
+
+    async def test_a_deadlock_fails_one_transaction_instead_of_hanging(
+        self, backend: Backend
+    ) -> None:
+        one, two = saga_id_for(SAGA.name, "o-1"), saga_id_for(SAGA.name, "o-2")
+        both_hold_one = asyncio.Barrier(2)
+
+        async def lock_both(first: UUID, second: UUID) -> None:
+            async with backend.store.transaction() as tx:
+                await tx.lock_saga(SAGA, first)
+                await both_hold_one.wait()
+                await tx.lock_saga(SAGA, second)
+
+        results = await asyncio.wait_for(
+            asyncio.gather(lock_both(one, two), lock_both(two, one), return_exceptions=True), 10
+        )
+        failed = [r for r in results if isinstance(r, BaseException)]
+        assert len(failed) == 1, results
+        assert isinstance(failed[0], DeadlockDetected | asyncpg.DeadlockDetectedError)
+
+    # parked messages
+
+    async def test_parked_messages_round_trip_unpark_and_expire(self, backend: Backend) -> None:
+        saga_id = saga_id_for(SAGA.name, "o-1")
+        late = inbound("m-late")
+        soon = inbound("m-soon", message_type=OrderCancellationRequested.message_type)
+        async with backend.store.transaction() as tx:
+            await tx.park(SAGA.name, saga_id, "o-1", late, "no_saga", T0 + timedelta(minutes=10))
+            await tx.park(SAGA.name, saga_id, "o-1", soon, "no_saga", T0 + timedelta(minutes=5))
+            # Parking the same message again keeps the first.
+            await tx.park(
+                SAGA.name, saga_id, "o-1", late, "unexpected_event", T0 + timedelta(hours=1)
+            )
+        async with backend.store.transaction() as tx:
+            locked = await tx.lock_saga(SAGA, saga_id)
+            assert locked == LockedSaga(None, False, True)
+            parked = await tx.parked_for(saga_id)
+        assert [p.inbound for p in parked] == [late, soon]
+        assert [p.inbound.delivery_count for p in parked] == [0, 0]
+        assert [(p.saga_type, p.reason, p.expires_at) for p in parked] == [
+            (SAGA.name, "no_saga", T0 + timedelta(minutes=10)),
+            (SAGA.name, "no_saga", T0 + timedelta(minutes=5)),
+        ]
+        assert parked[0].id < parked[1].id
+        assert (await self.locked(backend, "o-2")).has_parked is False
+
+        async with backend.store.transaction() as tx:
+            assert await tx.expire_parked(T0 + timedelta(minutes=1), 10) == []
+            first = await tx.expire_parked(T0 + timedelta(hours=1), 1)
+        assert [p.inbound.message_id for p in first] == ["m-soon"]  # soonest expiry first
+        assert first[0].inbound == soon
+
+        async with backend.store.transaction() as tx:
+            await tx.unpark([parked[0].id])
+            assert await tx.parked_for(saga_id) == []
+        assert await backend.probe.parked_ids() == []
+        assert (await self.locked(backend)).has_parked is False
+
+    async def test_expiry_skips_parked_messages_another_transaction_holds(
+        self, backend: Backend
+    ) -> None:
+        saga_id = saga_id_for(SAGA.name, "o-1")
+        async with backend.store.transaction() as tx:
+            await tx.park(SAGA.name, saga_id, "o-1", inbound("m-1"), "no_saga", T0)
+        async with backend.store.transaction() as holder:
+            assert len(await holder.parked_for(saga_id)) == 1
+            async with backend.store.transaction() as tx:
+                assert await tx.expire_parked(T0 + timedelta(hours=1), 10) == []
+        async with backend.store.transaction() as tx:
+            assert len(await tx.expire_parked(T0 + timedelta(hours=1), 10)) == 1
+
+    async def test_expiry_forgets_the_inbox_row_so_a_replay_is_applied(
+        self, backend: Backend
+    ) -> None:
+        saga_id = saga_id_for(SAGA.name, "o-1")
+        async with backend.store.transaction() as tx:
+            claimed = await tx.lock_saga(SAGA, saga_id, message_id="m-early")
+            await tx.park(SAGA.name, saga_id, "o-1", inbound("m-early"), "no_saga", T0)
+        assert claimed.duplicate is False
+        async with backend.store.transaction() as tx:
+            assert (await tx.lock_saga(SAGA, saga_id, message_id="m-early")).duplicate is True
+        async with backend.store.transaction() as tx:
+            assert len(await tx.expire_parked(T0 + timedelta(hours=1), 10)) == 1
+        async with backend.store.transaction() as tx:
+            again = await tx.lock_saga(SAGA, saga_id, message_id="m-early")
+        assert again.duplicate is False
+
+    # dead letters
+
+    async def test_dead_letters_upsert_per_queue_and_message(self, backend: Backend) -> None:
+        message = inbound("m-bad", body=b"{not json")
+        first = DeadLetter(
+            message,
+            "malformed_json",
+            "ValidationError",
+            "line 1 col 2",
+            "order_fulfilment",
+            "order_fulfilment",
+        )
+        # The same message failing again after a replay: new headers, new cause.
+        replayed = inbound("m-bad", body=b"changed", headers={"x-sagaworks-replay": 1})
+        again = DeadLetter(
+            replayed, "schema_invalid", "ValidationError", "field 12 missing", "run_step"
+        )
+        t1, t2, t3 = T0, T0 + timedelta(minutes=3), T0 + timedelta(minutes=9)
+        async with backend.store.transaction() as tx:
+            await tx.dead_letter(first, t1)
+        async with backend.store.transaction() as tx:
+            await tx.dead_letter(again, t2)
+            await tx.dead_letter(replace(first, inbound=replace(message, queue="elsewhere")), t2)
+        # The dead letter delivered once more, headers unchanged: not a new failure.
+        async with backend.store.transaction() as tx:
+            await tx.dead_letter(replace(again, reason="oversized"), t3)
+
+        rows = {r.queue: r for r in await backend.probe.dead_letters()}
+        assert set(rows) == {"sagaworks.order_fulfilment", "elsewhere"}
+        row = rows["sagaworks.order_fulfilment"]
+        assert row.times_failed == 2
+        assert (row.reason, row.exception_type, row.exception_message, row.handler) == (
+            "schema_invalid",
+            "ValidationError",
+            "field 12 missing",
+            "run_step",
+        )
+        assert row.fingerprint == fingerprint(
+            "schema_invalid", "ValidationError", "field 12 missing", "run_step"
+        )
+        assert (row.first_failed_at, row.last_failed_at, row.status) == (t1, t2, "active")
+        # Headers follow the latest failure (CloudEvents attributes folded in); the rest of
+        # the message is kept from the first.
+        assert row.headers == json.loads(json.dumps(envelope_headers(replayed), default=str))
+        assert row.headers["cloudEvents_id"] == "m-bad"
+        assert row.headers["x-sagaworks-replay"] == 1
+        assert (row.body, row.saga_type) == (b"{not json", "order_fulfilment")
+        assert (row.message_id, row.exchange, row.routing_key, row.message_type) == (
+            "m-bad",
+            "warehouse",
+            "shipment.dispatched",
+            "shipment.dispatched",
+        )
+        assert rows["elsewhere"].times_failed == 1
+        assert rows["elsewhere"].fingerprint == fingerprint(
+            "malformed_json", "ValidationError", "line 1 col 2", "order_fulfilment"
+        )
+
+    # atomicity
+
+    async def test_a_transaction_that_raises_leaves_nothing_behind(self, backend: Backend) -> None:
+        await self.to_wait(backend, "o-2")  # something to claim and lock, committed before
+        other = saga_id_for(SAGA.name, "o-2")
+        saga_id = saga_id_for(SAGA.name, "o-1")
+        inbox_before = await backend.probe.inbox()
+
+        async def everything_then_fail() -> None:
+            async with backend.store.transaction() as tx:
+                locked = await tx.lock_saga(SAGA, saga_id, message_id="m-1")
+                await tx.save(SAGA, decide(SAGA, locked.instance, placed("o-1"), T0))
+                assert len(tx.written_outbox()) == 1
+                await tx.park(SAGA.name, saga_id, "o-1", inbound("m-p"), "no_saga", T0)
+                await tx.dead_letter(DeadLetter(inbound("m-d"), "oversized"), T0)
+                assert await tx.claim_due_timer(DISPATCH_BY) is not None
+                raise _Boom
+
+        with pytest.raises(_Boom):
+            await everything_then_fail()
+        assert await backend.store.load_saga(SAGA, saga_id) is None
+        assert await backend.probe.history(saga_id) == []
+        assert await backend.probe.parked_ids() == []
+        assert await backend.probe.dead_letters() == []
+        assert await backend.probe.inbox() == inbox_before
+        assert DEADLINE in await backend.probe.timers(other)
+        assert {
+            RunStep.model_validate_json(r.body).saga_id for r in await self.claimable(backend)
+        } == {other}
+        # Its locks went with it: the saga can be locked, and the message is not a duplicate.
+        async with asyncio.timeout(5), backend.store.transaction() as tx:
+            assert (await tx.lock_saga(SAGA, saga_id, message_id="m-1")).duplicate is False
+            assert await tx.claim_due_timer(DISPATCH_BY) is not None

@@ -1,0 +1,136 @@
+"""The pure parts of dead-letter handling: replay headers, body edits, remembered errors."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from sagaworks.application.dead_letter_ports import StoredDeadLetter
+from sagaworks.application.dead_letters import (
+    REPLAY_HEADER,
+    DeadLetterError,
+    LastErrors,
+    envelope_headers,
+    replay_properties,
+    set_path,
+)
+from sagaworks.application.ports import InboundMessage
+
+pytestmark = pytest.mark.unit
+
+NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+
+
+def letter(headers: dict[str, object]) -> StoredDeadLetter:
+    return StoredDeadLetter(
+        id=7,
+        message_id="m-1",
+        queue="sagaworks.order_fulfilment",
+        exchange="orders",
+        routing_key="order.placed",
+        message_type="order.placed",
+        saga_type="order_fulfilment",
+        headers=headers,
+        body=b"{}",
+        original_body=None,
+        reason="rejected",
+        exception_type="Rejected",
+        exception_message="no",
+        handler=None,
+        fingerprint="f",
+        first_failed_at=NOW,
+        last_failed_at=NOW,
+        times_failed=1,
+        times_replayed=0,
+        status="active",
+    )
+
+
+def test_replay_strips_the_broker_death_records_and_numbers_the_replay() -> None:
+    properties = replay_properties(
+        letter(
+            {
+                "x-death": [{"queue": "q"}],
+                "x-first-death-queue": "q",
+                "x-first-death-reason": "rejected",
+                "x-last-death-exchange": "orders",
+                "x-delivery-count": 3,
+                "x-trace": "kept",
+                "cloudEvents_source": "shop",
+                "cloudEvents_correlationid": "c-1",
+                "cloudEvents_time": "2024-05-01T11:00:00+00:00",
+            }
+        ),
+        2,
+    )
+    assert properties["headers"] == {
+        "x-trace": "kept",
+        "cloudEvents_source": "shop",
+        "cloudEvents_correlationid": "c-1",
+        "cloudEvents_time": "2024-05-01T11:00:00+00:00",
+        REPLAY_HEADER: 2,
+    }
+    assert (properties["message_id"], properties["type"], properties["app_id"]) == (
+        "m-1",
+        "order.placed",
+        "shop",
+    )
+    assert properties["correlation_id"] == "c-1"
+    assert properties["timestamp"] == "2024-05-01T11:00:00+00:00"
+
+
+def test_envelope_headers_add_attributes_that_came_only_as_properties() -> None:
+    inbound = InboundMessage(
+        message_id="m-1",
+        message_type="order.placed",
+        body=b"{}",
+        headers={"cloudEvents_source": "from-header"},
+        queue="q",
+        exchange="orders",
+        routing_key="order.placed",
+        source="from-property",
+        time=NOW,
+        correlation_id="c-1",
+    )
+    assert envelope_headers(inbound) == {
+        "cloudEvents_source": "from-header",
+        "cloudEvents_id": "m-1",
+        "cloudEvents_type": "order.placed",
+        "cloudEvents_time": NOW.isoformat(),
+        "cloudEvents_correlationid": "c-1",
+    }
+
+
+def test_set_path_replaces_nested_values_without_touching_the_original() -> None:
+    document = {"lines": [{"sku": "a", "quantity": 0}], "currency": "EUR"}
+    changed = set_path(document, "lines.0.quantity", 2)
+    assert changed == {"lines": [{"sku": "a", "quantity": 2}], "currency": "EUR"}
+    assert document["lines"][0]["quantity"] == 0  # type: ignore[index]
+    assert set_path(document, "note", "new")["note"] == "new"
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("lines.5.quantity", "not an index"),
+        ("missing.field", 'no field "missing"'),
+        ("currency.code", "not an object or a list"),
+        ("", "not a field path"),
+    ],
+)
+def test_set_path_refuses_paths_that_lead_nowhere(path: str, message: str) -> None:
+    with pytest.raises(DeadLetterError, match=message):
+        set_path({"lines": [{}], "currency": "EUR"}, path, 1)
+
+
+def test_last_errors_keep_the_newest_per_message_and_forget_the_oldest() -> None:
+    errors = LastErrors(size=2)
+    errors.remember("q", "m-1", RuntimeError("first"))
+    errors.remember("q", "m-1", ValueError("second"))
+    errors.remember("q", "m-2", KeyError("k"))
+    assert errors.get("q", "m-1") == ("ValueError", "second")
+    errors.remember("q", "m-3", RuntimeError("third"))
+    assert errors.get("q", "m-1") is None
+    assert errors.get("q", "m-3") == ("RuntimeError", "third")
+    assert errors.get("other", "m-3") is None
