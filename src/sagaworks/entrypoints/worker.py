@@ -189,6 +189,12 @@ class Worker:
             asyncio.create_task(self._fire_timers(), name="timers"),
             asyncio.create_task(self._expire_parked(), name="parked-expiry"),
         ]
+        _log.info(
+            "worker consuming",
+            sagas=[d.name for d in self.system.registry],
+            ports=list(self.system.registry.ports()),
+            prefetch=self.system.settings.prefetch,
+        )
 
     async def _stop_background(self) -> None:
         """After consumers stopped and in-flight work settled: stop loops, flush the outbox."""
@@ -202,6 +208,8 @@ class Worker:
                     pass
         except Exception as error:  # noqa: BLE001 - left for the next worker's sweeper
             _log.warning("outbox not fully flushed at shutdown", error=repr(error))
+            return
+        _log.info("worker stopped: consumers cancelled, in-flight work settled, outbox flushed")
 
     async def _sweep_outbox(self) -> None:
         interval = self.system.settings.outbox_sweep_interval_s
