@@ -35,7 +35,6 @@ from sagas.order_fulfilment.ports import (
 from sagas.order_fulfilment.saga import order_fulfilment
 from sagas.order_fulfilment.state import OrderState
 from sagaworks.adapters.memory.store import DeadlockDetected
-from sagaworks.adapters.postgres.store import fingerprint
 from sagaworks.application.dead_letters import envelope_headers
 from sagaworks.application.ports import (
     DeadLetter,
@@ -44,6 +43,7 @@ from sagaworks.application.ports import (
     OutboxRow,
     Store,
 )
+from sagaworks.application.stored import fingerprint
 from sagaworks.application.wire import Wire
 from sagaworks.domain.decide import (
     Decision,

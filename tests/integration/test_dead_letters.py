@@ -32,7 +32,6 @@ from sagas.order_fulfilment.ports import ReserveStock, StockReservation
 from sagas.order_fulfilment.simulated import Ledger, SimulatedInventory, Simulation, simulated_ports
 from sagaworks.adapters.postgres.dead_letters import PostgresDeadLetters
 from sagaworks.adapters.postgres.engine import create_engine
-from sagaworks.adapters.postgres.store import fingerprint
 from sagaworks.adapters.rabbitmq.connection import connect
 from sagaworks.adapters.rabbitmq.inbound import to_inbound
 from sagaworks.adapters.rabbitmq.topology import (
@@ -45,6 +44,7 @@ from sagaworks.adapters.rabbitmq.topology import (
 )
 from sagaworks.application.dead_letter_ports import DeadLetterFilter
 from sagaworks.application.dead_letters import REPLAY_HEADER, LastErrors
+from sagaworks.application.stored import fingerprint
 from sagaworks.bootstrap import System, bootstrap
 from sagaworks.domain.instance import saga_id_for
 from sagaworks.entrypoints.cli.app import app

@@ -21,9 +21,7 @@ show committed rows only; tests and the harness use them to look inside.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
-import re
 from collections.abc import AsyncIterator, Hashable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -42,6 +40,7 @@ from sagaworks.application.ports import (
     OutboxRow,
     ParkedMessage,
 )
+from sagaworks.application.stored import fingerprint, inbound_meta
 from sagaworks.application.wire import Wire
 from sagaworks.domain.decide import Decision
 from sagaworks.domain.definition import SagaDefinition
@@ -207,28 +206,8 @@ def _json(value: Any, *, lenient: bool = False) -> Any:
     return json.loads(json.dumps(value, default=str if lenient else None))
 
 
-def _fingerprint(
-    reason: str, exception_type: str | None, message: str | None, handler: str | None
-) -> str:
-    """Same as the PostgreSQL store's: digits and hex ids are blanked out of the message."""
-    normalised = re.sub(r"[0-9a-f]{8,}|\d+", "#", (message or "").lower())[:300]
-    raw = "\x1f".join((reason, exception_type or "", normalised, handler or ""))
-    return hashlib.sha1(raw.encode(), usedforsecurity=False).hexdigest()[:16]
-
-
 def _inbound_meta(inbound: InboundMessage) -> dict[str, Any]:
-    meta = {
-        "headers": dict(inbound.headers),
-        "queue": inbound.queue,
-        "exchange": inbound.exchange,
-        "routing_key": inbound.routing_key,
-        "source": inbound.source,
-        "time": inbound.time.isoformat() if inbound.time else None,
-        "correlation_id": inbound.correlation_id,
-        "causation_id": inbound.causation_id,
-        "user_id": inbound.user_id,
-    }
-    result: dict[str, Any] = _json(meta, lenient=True)
+    result: dict[str, Any] = _json(inbound_meta(inbound), lenient=True)
     return result
 
 
@@ -693,7 +672,7 @@ class _Transaction(_Owner):
             key = (inbound.queue, inbound.message_id)
             await self._locks.acquire(("dead_letters", *key), self)
             moment = _utc(now)
-            fingerprint = _fingerprint(
+            group = fingerprint(
                 letter.reason, letter.exception_type, letter.exception_message, letter.handler
             )
             headers = _json(envelope_headers(inbound), lenient=True)
@@ -715,7 +694,7 @@ class _Transaction(_Owner):
                     exception_type=letter.exception_type,
                     exception_message=letter.exception_message,
                     handler=letter.handler,
-                    fingerprint=fingerprint,
+                    fingerprint=group,
                     first_failed_at=moment,
                     last_failed_at=moment,
                 )
@@ -727,7 +706,7 @@ class _Transaction(_Owner):
                     reason=letter.reason,
                     exception_type=letter.exception_type,
                     exception_message=letter.exception_message,
-                    fingerprint=fingerprint,
+                    fingerprint=group,
                     handler=letter.handler,
                     headers=headers,
                     status="active",

@@ -14,9 +14,7 @@ racing the order that starts it), which a row lock cannot.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -36,26 +34,18 @@ from sagaworks.application.ports import (
     OutboxRow,
     ParkedMessage,
 )
+from sagaworks.application.stored import fingerprint, inbound_from_meta, inbound_meta
 from sagaworks.application.wire import Wire
 from sagaworks.domain.decide import Decision
 from sagaworks.domain.definition import SagaDefinition
 from sagaworks.domain.instance import InFlight, SagaInstance, Status
 
-__all__ = ["PostgresStore", "advisory_key", "fingerprint"]
+__all__ = ["PostgresStore", "advisory_key"]
 
 
 def advisory_key(saga_id: UUID) -> int:
     """A signed 64-bit lock key from the saga id."""
     return int.from_bytes(saga_id.bytes[:8], "big", signed=True)
-
-
-def fingerprint(
-    reason: str, exception_type: str | None, message: str | None, handler: str | None
-) -> str:
-    """Groups failures that share a cause: digits and hex ids are blanked out of the message."""
-    normalised = re.sub(r"[0-9a-f]{8,}|\d+", "#", (message or "").lower())[:300]
-    raw = "\x1f".join((reason, exception_type or "", normalised, handler or ""))
-    return hashlib.sha1(raw.encode(), usedforsecurity=False).hexdigest()[:16]
 
 
 _LOCK_AND_CLAIM = """
@@ -189,39 +179,9 @@ ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
 _MARK_PUBLISHED = "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])"
 
 
-def _inbound_json(inbound: InboundMessage) -> str:
-    return json.dumps(
-        {
-            "headers": dict(inbound.headers),
-            "queue": inbound.queue,
-            "exchange": inbound.exchange,
-            "routing_key": inbound.routing_key,
-            "source": inbound.source,
-            "time": inbound.time.isoformat() if inbound.time else None,
-            "correlation_id": inbound.correlation_id,
-            "causation_id": inbound.causation_id,
-            "user_id": inbound.user_id,
-        },
-        default=str,
-    )
-
-
 def _parked(row: asyncpg.Record) -> ParkedMessage:
-    meta = row["headers"]
-    time = meta.get("time")
-    inbound = InboundMessage(
-        message_id=row["message_id"],
-        message_type=row["message_type"],
-        body=bytes(row["body"]),
-        headers=meta.get("headers", {}),
-        queue=meta.get("queue", ""),
-        exchange=meta.get("exchange", ""),
-        routing_key=meta.get("routing_key", ""),
-        source=meta.get("source", ""),
-        time=datetime.fromisoformat(time) if time else None,
-        correlation_id=meta.get("correlation_id"),
-        causation_id=meta.get("causation_id"),
-        user_id=meta.get("user_id"),
+    inbound = inbound_from_meta(
+        row["message_id"], row["message_type"], bytes(row["body"]), row["headers"]
     )
     return ParkedMessage(row["id"], row["saga_type"], inbound, row["reason"], row["expires_at"])
 
@@ -340,7 +300,7 @@ class _Transaction:
             correlation_key,
             message.message_id,
             message.message_type,
-            _inbound_json(message),
+            json.dumps(inbound_meta(message), default=str),
             message.body,
             reason,
             expires_at,

@@ -14,7 +14,7 @@ import re
 import shlex
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
@@ -620,6 +620,27 @@ def _confirmed_ids(selection: DeadLetterFilter, verb: str, yes: bool) -> list[in
     return chosen
 
 
+def _act_on(
+    selection: DeadLetterFilter,
+    verb: str,
+    action: Callable[[Any, list[int], str], Awaitable[int]],
+    *,
+    every: bool,
+    yes: bool,
+    operator: str | None,
+) -> None:
+    """Archive or purge a confirmed selection; the action writes the audit rows."""
+    _require_selection(selection, every, verb)
+    chosen = _confirmed_ids(selection, verb, yes)
+    who = _operator(operator)
+
+    async def go() -> int:
+        async with _context() as ctx:
+            return await action(ctx.repo, chosen, who)
+
+    typer.echo(f"{verb}d {_run(go())} dead letter(s)")
+
+
 @dlq_app.command("archive")
 def archive(
     ids: Ids = None,
@@ -640,15 +661,7 @@ def archive(
     selection = _selection(
         ids, status, reason, group, saga_type, routing_key, queue, since, until, grep
     )
-    _require_selection(selection, every, "archive")
-    chosen = _confirmed_ids(selection, "archive", yes)
-    who = _operator(operator)
-
-    async def go() -> int:
-        async with _context() as ctx:
-            return await archive_dead_letters(ctx.repo, chosen, who)
-
-    typer.echo(f"archived {_run(go())} dead letter(s)")
+    _act_on(selection, "archive", archive_dead_letters, every=every, yes=yes, operator=operator)
 
 
 @dlq_app.command("purge")
@@ -673,12 +686,4 @@ def purge(
     selection = _selection(
         ids, status, reason, group, saga_type, routing_key, queue, since, until, grep
     )
-    _require_selection(selection, every, "purge")
-    chosen = _confirmed_ids(selection, "purge", yes)
-    who = _operator(operator)
-
-    async def go() -> int:
-        async with _context() as ctx:
-            return await purge_dead_letters(ctx.repo, chosen, who)
-
-    typer.echo(f"purged {_run(go())} dead letter(s)")
+    _act_on(selection, "purge", purge_dead_letters, every=every, yes=yes, operator=operator)
