@@ -553,6 +553,7 @@ async def test_stop_with_steps_in_flight_loses_nothing_and_exits_0(
     queued: list[tuple[str, uuid.UUID, str]] = []
     seen: dict[tuple[str, uuid.UUID, str], list[str]] = {}
     returned = 0
+    most_deliveries = 0
     for port, queue in port_queues.items():
         for message in await drain_and_return(broker, queue):
             command = json.loads(message.body)
@@ -562,12 +563,15 @@ async def test_stop_with_steps_in_flight_loses_nothing_and_exits_0(
             queued.append(entry)
             deliveries = (message.headers or {}).get("x-delivery-count")
             returned += bool(deliveries)
+            most_deliveries = max(most_deliveries, int(deliveries or 0))
             seen.setdefault(entry, []).append(
                 f"message_id={message.message_id} x-delivery-count={deliveries}"
             )
-    # Consumption stops first: nothing is delivered to a stopping worker only to go back
-    # unprocessed, which would count against the quorum queue's delivery limit.
-    assert returned == 0, (
+    # Consumption stops first, so a stop costs a queued command at most one delivery attempt,
+    # and only for deliveries already on their way when the consumers were cancelled (at most
+    # the prefetch window of each port consumer); most stops return none.
+    assert most_deliveries <= 1, seen
+    assert returned <= PREFETCH * len(port_queues), (
         f"{returned} of {len(queued)} queued commands were delivered to the stopping worker "
         "and returned unprocessed"
     )
