@@ -75,6 +75,18 @@ def test_structlog_and_stdlib_lines_are_both_json() -> None:
         assert stamp.utcoffset().total_seconds() == 0
 
 
+def test_stdlib_extra_fields_reach_the_line() -> None:
+    stream = io.StringIO()
+    configure_logging("json", "INFO", stream)
+
+    logging.getLogger("sagaworks.outbox").warning(
+        "outbox publish failed", extra={"rows": 3, "error": "DeliveryError: nack"}
+    )
+
+    (line,) = json_lines(stream)
+    assert (line["rows"], line["error"]) == (3, "DeliveryError: nack")
+
+
 def test_level_threshold_applies_to_both_kinds_of_logger() -> None:
     stream = io.StringIO()
     configure_logging("json", "WARNING", stream)

@@ -187,13 +187,12 @@ def _compare(
         outcome = outcomes.get(plan.order_id)
         if outcome is None:
             label = "no outcome event"
+            unexpected += 1
         else:
             kind, detail = outcome
             label = kind if kind.endswith("fulfilled") else f"{kind} ({detail})"
-            expected_detail = plan.expected[1]
-            if kind != plan.expected[0] or (expected_detail and detail != expected_detail):
+            expected_kind, expected_detail = plan.expected
+            if kind != expected_kind or (expected_detail and detail != expected_detail):
                 unexpected += 1
-        if outcome is None:
-            unexpected += 1
         by_kind.setdefault(plan.kind, Counter())[label] += 1
     return unexpected, {k: dict(v) for k, v in sorted(by_kind.items())}

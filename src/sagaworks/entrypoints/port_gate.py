@@ -36,6 +36,7 @@ from sagaworks.adapters.resilience.breaker import PortBreakers
 from sagaworks.application.circuit import BreakerChange, CircuitOpen, RecordBreakerChange
 from sagaworks.application.ports import InboundMessage
 from sagaworks.application.results import Handled
+from sagaworks.entrypoints.consumers import cancel_consumer, resume_consumer
 
 __all__ = ["PortGate", "WorkerStopping"]
 
@@ -129,23 +130,16 @@ class PortGate:
         breaker = self._breakers[port]
         subscriber = self._subscribers[port]
         async with self._locks[port]:
-            queue, tag = subscriber._queue_obj, subscriber._consumer_tag
-            if queue is not None and tag is not None and not queue.channel.is_closed:
-                await queue.cancel(tag)
-                subscriber._consumer_tag = None
+            if await cancel_consumer(subscriber):
                 _log.info("consumer paused", port=port, queue=subscriber.queue.name)
         await breaker.until_trial()
         async with self._locks[port]:
-            queue = subscriber._queue_obj
-            if breaker.retry_in() > 0 or queue is None or subscriber._consumer_tag is not None:
-                return  # re-opened meanwhile (its own task resumes), or stopped, or running
-            subscriber._consumer_tag = await queue.consume(
-                # The same callback FastStream registers in `RabbitSubscriber.start()`.
-                subscriber.consume,  # type: ignore[arg-type]
-                no_ack=False,
-                arguments=subscriber.consume_args,
-            )
-            _log.info("consumer resumed for a trial call", port=port, queue=subscriber.queue.name)
+            if breaker.retry_in() > 0:
+                return  # re-opened meanwhile: its own task resumes
+            if await resume_consumer(subscriber):
+                _log.info(
+                    "consumer resumed for a trial call", port=port, queue=subscriber.queue.name
+                )
 
     async def _record_changes(self) -> None:
         while True:

@@ -46,6 +46,7 @@ from sagaworks.application.dead_letters import LastErrors
 from sagaworks.application.ports import InboundMessage
 from sagaworks.application.results import Handled
 from sagaworks.bootstrap import System
+from sagaworks.entrypoints.consumers import cancel_consumer
 from sagaworks.entrypoints.dead_letter_ingest import dead_letter_ingestion
 from sagaworks.entrypoints.port_gate import PortGate
 from sagaworks.settings import Settings
@@ -175,13 +176,12 @@ class Worker:
         for subscriber in self.broker.subscribers:
             if not isinstance(subscriber, RabbitSubscriber):
                 continue
-            queue, tag = subscriber._queue_obj, subscriber._consumer_tag
-            if queue is not None and tag is not None and not queue.channel.is_closed:
-                try:
-                    await queue.cancel(tag)
-                except Exception as error:  # noqa: BLE001 - closing the channel cancels it too
-                    _log.warning("could not cancel a consumer", queue=queue.name, error=repr(error))
-                subscriber._consumer_tag = None
+            try:
+                await cancel_consumer(subscriber)
+            except Exception as error:  # noqa: BLE001 - closing the channel cancels it too
+                _log.warning(
+                    "could not cancel a consumer", queue=subscriber.queue.name, error=repr(error)
+                )
 
     async def _start_background(self) -> None:
         self._background = [
