@@ -11,18 +11,17 @@ import asyncio
 import json
 import os
 import secrets
-import shutil
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import asyncpg
 import pytest
+from broker_tools import AMQP_URL, rabbitmqctl
 
 from sagas.order_fulfilment.messages import OrderLine, OrderPlaced
 from sagas.order_fulfilment.participants import publish
@@ -39,7 +38,6 @@ pytestmark = pytest.mark.integration
 
 SAGAWORKS = str(Path(sys.executable).parent / "sagaworks")
 BASE = Settings.load(secrets_dir=None)
-AMQP_URL = BASE.amqp_url.get_secret_value()
 PORTS = ("inventory", "payments", "shipping")
 
 
@@ -95,36 +93,6 @@ def with_password(url: str, password: str) -> str:
 
 def dsn(url: str) -> str:
     return url.replace("postgresql+asyncpg://", "postgresql://", 1)
-
-
-def vhost_of(url: str) -> str:
-    return unquote(urlsplit(url).path[1:]) or "/"
-
-
-async def rabbitmqctl(*args: str) -> list[dict[str, Any]]:
-    executable = shutil.which("rabbitmqctl")
-    if executable is None:
-        pytest.fail("these tests inspect the broker with rabbitmqctl, which is not on PATH")
-    process = await asyncio.create_subprocess_exec(
-        executable,
-        "-q",
-        *args,
-        "-p",
-        vhost_of(AMQP_URL),
-        "--formatter",
-        "json",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode == 0, stderr.decode()
-    rows: list[dict[str, Any]] = json.loads(stdout)
-    return rows
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import secrets
-import shutil
 import signal
 import sys
 import time
@@ -24,13 +23,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any, TypeVar
-from urllib.parse import unquote, urlsplit, urlunsplit
+from typing import IO, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import asyncpg
 import pytest
 from aio_pika.abc import AbstractRobustConnection
+from broker_tools import AMQP_URL, rabbitmqctl
 from pydantic import ValidationError
 
 from sagas.order_fulfilment.messages import OrderLine, OrderPlaced
@@ -57,7 +57,6 @@ T = TypeVar("T")
 
 SAGAWORKS = str(Path(sys.executable).parent / "sagaworks")
 BASE = Settings.load(secrets_dir=None)
-AMQP_URL = BASE.amqp_url.get_secret_value()
 
 SAGA = "order_fulfilment"
 PORT_OF_STEP = {
@@ -203,10 +202,6 @@ async def eventually(
 # --- broker and database -----------------------------------------------------------------------
 
 
-def vhost_of(url: str) -> str:
-    return unquote(urlsplit(url).path[1:]) or "/"
-
-
 def dsn(url: str) -> str:
     return url.replace("postgresql+asyncpg://", "postgresql://", 1)
 
@@ -217,32 +212,6 @@ def with_port(url: str, port: int, password: str | None = None) -> str:
     credentials = user if password is None else f"{user}:{password}"
     netloc = f"{credentials}@{parts.hostname or 'localhost'}:{port}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-
-async def rabbitmqctl(*args: str) -> list[dict[str, Any]]:
-    executable = shutil.which("rabbitmqctl")
-    if executable is None:
-        pytest.fail("these tests inspect the broker with rabbitmqctl, which is not on PATH")
-    process = await asyncio.create_subprocess_exec(
-        executable,
-        "-q",
-        *args,
-        "-p",
-        vhost_of(AMQP_URL),
-        "--formatter",
-        "json",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode == 0, stderr.decode()
-    rows: list[dict[str, Any]] = json.loads(stdout)
-    return rows
 
 
 @pytest.fixture
