@@ -36,6 +36,7 @@ from sagaworks.adapters.rabbitmq.topology import (
 from sagaworks.adapters.resilience.breaker import PortBreakers
 from sagaworks.adapters.resilience.caller import ResilientCaller
 from sagaworks.adapters.resilience.policy import PortPolicy, declared_policies
+from sagaworks.application.apply_inputs import ApplyInputs
 from sagaworks.application.circuit import RecordBreakerChange
 from sagaworks.application.handle_event import HandleEvent
 from sagaworks.application.options import EngineOptions
@@ -158,8 +159,11 @@ async def bootstrap(
     options = EngineOptions(
         park_for=timedelta(seconds=settings.park_for_s),
         max_message_bytes=settings.max_message_bytes,
+        batch_size=settings.batch_size,
+        batch_concurrency=settings.batch_concurrency,
     )
     relay = OutboxRelay(store, publisher, marks=PublishedMarks(store))
+    apply = ApplyInputs(store, relay, clock, options)
     if caller is None:
         caller = ResilientCaller({**declared_policies(ports), **(policies or {})})
     record_breaker_change = None
@@ -172,8 +176,8 @@ async def bootstrap(
         store=store,
         publisher=publisher,
         relay=relay,
-        handle_event=HandleEvent(store, relay, clock, options),
-        run_step=RunStepCommand(store, relay, clock, registry, ports, caller, options),
+        handle_event=HandleEvent(store, apply, clock, options),
+        run_step=RunStepCommand(store, apply, clock, registry, ports, caller, options),
         fire_timers=FireDueTimers(store, relay, clock, registry),
         expire_parked=ExpireParked(store, clock),
         topology=topology_for(settings, registry),

@@ -75,6 +75,18 @@ class Settings(BaseSettings):
     prefetch: int = Field(
         default=32, ge=1, le=10_000, description="Unacknowledged deliveries per consumer."
     )
+    batch_size: int = Field(
+        default=64,
+        ge=1,
+        le=1_000,
+        description="Messages applied in one database transaction at most; 1 turns batching off.",
+    )
+    batch_concurrency: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="Batched transactions in flight at once per worker (each holds a connection).",
+    )
     delivery_limit: int = Field(
         default=5,
         ge=1,

@@ -41,6 +41,7 @@ from sagaworks.application.ports import (
     InboundMessage,
     LockedSaga,
     OutboxRow,
+    SagaClaim,
     Store,
 )
 from sagaworks.application.stored import fingerprint
@@ -557,6 +558,202 @@ class StoreContract:
         failed = [r for r in results if isinstance(r, BaseException)]
         assert len(failed) == 1, results
         assert isinstance(failed[0], DeadlockDetected | asyncpg.DeadlockDetectedError)
+
+    # batches
+
+    async def test_lock_sagas_locks_claims_and_loads_each_saga_in_claim_order(
+        self, backend: Backend
+    ) -> None:
+        one, two, three = (saga_id_for(SAGA.name, f"o-{n}") for n in (1, 2, 3))
+        started, _ = await self.apply(backend, placed("o-1"), message_id="m-1")
+        async with backend.store.transaction() as tx:
+            await tx.park(SAGA.name, two, "o-2", inbound("m-p"), "no_saga", T0)
+        inbox_before = await backend.probe.inbox()
+
+        async with backend.store.transaction() as tx:
+            locked = await tx.lock_sagas(
+                [
+                    SagaClaim(SAGA, two, "m-2"),
+                    SagaClaim(SAGA, one, "m-1"),
+                    SagaClaim(SAGA, three),
+                ]
+            )
+            assert locked == [
+                LockedSaga(None, False, True),
+                LockedSaga(started.instance, True, False),
+                LockedSaga(None, False, False),
+            ]
+            # Every saga of the batch is held, the one nobody created yet too.
+            waiting = asyncio.create_task(self.locked(backend, "o-3"))
+            await asyncio.sleep(0.2)
+            assert not waiting.done(), "another transaction got the lock of a batch's saga"
+            again = await tx.lock_sagas([SagaClaim(SAGA, three, "m-2")])
+            assert again == [LockedSaga(None, True, False)]
+        assert (await asyncio.wait_for(waiting, 5)).instance is None
+        assert await backend.probe.inbox() == inbox_before | {(SAGA.name, "m-2")}
+
+    async def test_save_all_writes_every_saga_of_a_batch(self, backend: Backend) -> None:
+        order_ids = ("o-1", "o-2", "o-3")
+        ids = {o: saga_id_for(SAGA.name, o) for o in order_ids}
+        before: dict[str, list[Decision]] = {"o-1": [], "o-2": [], "o-3": []}
+        for given in (placed("o-1"), succeeded("reserve_stock"), succeeded("authorise_payment")):
+            decision, _ = await self.apply(backend, given, order_id="o-1")
+            before["o-1"].append(decision)
+        decision, _ = await self.apply(backend, placed("o-2"), order_id="o-2")
+        before["o-2"].append(decision)
+        earlier = await self.claimable(backend)
+
+        inputs: dict[str, Input] = {
+            "o-3": placed("o-3"),
+            "o-1": succeeded("book_shipment"),
+            "o-2": succeeded("reserve_stock"),
+        }
+        async with backend.store.transaction() as tx:
+            locked = await tx.lock_sagas([SagaClaim(SAGA, ids[o]) for o in inputs])
+            batch = {
+                o: decide(SAGA, lock.instance, given, T0)
+                for (o, given), lock in zip(inputs.items(), locked, strict=True)
+            }
+            await tx.save_all([(SAGA, d) for d in batch.values()])
+            written = tx.written_outbox()
+
+        nobody = saga_id_for(SAGA.name, "nobody")
+        loaded = await backend.store.load_sagas(
+            [(SAGA, ids["o-2"]), (SAGA, nobody), (SAGA, ids["o-3"]), (SAGA, ids["o-1"])]
+        )
+        assert loaded == [batch["o-2"].instance, None, batch["o-3"].instance, batch["o-1"].instance]
+        assert [await backend.probe.saga_version(ids[o]) for o in order_ids] == [4, 2, 1]
+        for o in order_ids:
+            expected = [
+                (entry.kind, entry.step, entry.message_id)
+                for d in (*before[o], batch[o])
+                for entry in d.history
+            ]
+            rows = await backend.probe.history(ids[o])
+            assert [r.seq for r in rows] == list(range(1, len(expected) + 1)), o
+            assert [(r.kind, r.step, r.message_id) for r in rows] == expected, o
+        outgoing = [backend.wire.encode(out) for d in batch.values() for out in d.outgoing]
+        assert len(outgoing) == 2
+        assert sorted(r.message_id for r in written) == sorted(e.message_id for e in outgoing)
+        assert {RunStep.model_validate_json(r.body).saga_id for r in written} == {
+            ids["o-2"],
+            ids["o-3"],
+        }
+        claimable = await self.claimable(backend)
+        assert sorted(claimable, key=lambda r: r.id) == sorted(
+            [*earlier, *written], key=lambda r: r.id
+        )
+        assert {n: t.fire_at for n, t in (await backend.probe.timers(ids["o-1"])).items()} == {
+            DEADLINE: DISPATCH_BY
+        }
+        assert await backend.probe.timers(ids["o-2"]) == {}
+
+    async def test_save_all_with_one_stale_version_writes_nothing_of_the_batch(
+        self, backend: Backend
+    ) -> None:
+        one, two, three = (saga_id_for(SAGA.name, f"o-{n}") for n in (1, 2, 3))
+        started, _ = await self.apply(backend, placed("o-1"))
+        await self.apply(backend, placed("o-2"), order_id="o-2")
+        reserved, _ = await self.apply(backend, succeeded("reserve_stock"), order_id="o-2")
+        history = {s: await backend.probe.history(s) for s in (one, two)}
+        inbox = await backend.probe.inbox()
+        outbox = await self.claimable(backend)
+
+        async def save_with_stale_last() -> None:
+            async with backend.store.transaction() as tx:
+                locked = await tx.lock_sagas(
+                    [
+                        SagaClaim(SAGA, three, "m-3"),
+                        SagaClaim(SAGA, one, "m-1"),
+                        SagaClaim(SAGA, two, "m-2"),
+                    ]
+                )
+                fresh = [
+                    decide(SAGA, locked[0].instance, placed("o-3"), T0),
+                    decide(SAGA, locked[1].instance, succeeded("reserve_stock"), T0),
+                ]
+                # `reserved` was decided on version 1; the saga is at version 2 now.
+                await tx.save_all([*((SAGA, d) for d in fresh), (SAGA, reserved)])
+
+        with pytest.raises(RuntimeError, match="changed under its lock"):
+            await save_with_stale_last()
+
+        assert await backend.store.load_sagas([(SAGA, three), (SAGA, one), (SAGA, two)]) == [
+            None,
+            started.instance,
+            reserved.instance,
+        ]
+        assert await backend.probe.history(three) == []
+        assert {s: await backend.probe.history(s) for s in (one, two)} == history
+        assert await backend.probe.inbox() == inbox
+        assert await self.claimable(backend) == outbox
+        async with asyncio.timeout(5), backend.store.transaction() as tx:
+            assert (await tx.lock_saga(SAGA, three, message_id="m-3")).duplicate is False
+
+    async def test_batches_sharing_sagas_in_opposite_orders_take_turns(
+        self, backend: Backend
+    ) -> None:
+        both_ready = asyncio.Barrier(2)
+        events: list[str] = []
+
+        async def batch(name: str, order_ids: list[str]) -> None:
+            async with backend.store.transaction() as tx:
+                await both_ready.wait()
+                locked = await tx.lock_sagas(
+                    [SagaClaim(SAGA, saga_id_for(SAGA.name, o)) for o in order_ids]
+                )
+                events.append(f"{name} locked")
+                await asyncio.sleep(0.1)
+                changes = [
+                    (
+                        SAGA,
+                        decide(
+                            SAGA,
+                            lock.instance,
+                            placed(o) if lock.instance is None else succeeded("reserve_stock"),
+                            T0,
+                        ),
+                    )
+                    for o, lock in zip(order_ids, locked, strict=True)
+                ]
+                await tx.save_all(changes)
+                events.append(f"{name} saved")
+
+        # Both claim the sagas they share first, in opposite orders: one of them is not lock
+        # order, so taking locks in claim order would deadlock.
+        await asyncio.wait_for(
+            asyncio.gather(batch("a", ["o-2", "o-3", "o-1"]), batch("b", ["o-3", "o-2", "o-4"])),
+            10,
+        )
+        assert events in (
+            ["a locked", "a saved", "b locked", "b saved"],
+            ["b locked", "b saved", "a locked", "a saved"],
+        )
+        # The second batch saw what the first committed.
+        versions = [
+            await backend.probe.saga_version(saga_id_for(SAGA.name, f"o-{n}")) for n in (1, 2, 3, 4)
+        ]
+        assert versions == [1, 2, 2, 1]
+
+    async def test_a_saga_twice_in_one_batch_is_refused(self, backend: Backend) -> None:
+        one, two = saga_id_for(SAGA.name, "o-1"), saga_id_for(SAGA.name, "o-2")
+        with pytest.raises(ValueError, match=str(one)):
+            async with backend.store.transaction() as tx:
+                await tx.lock_sagas(
+                    [SagaClaim(SAGA, one), SagaClaim(SAGA, two), SagaClaim(SAGA, one, "m-1")]
+                )
+        assert await backend.probe.inbox() == set()
+
+        async def save_twice() -> None:
+            async with backend.store.transaction() as tx:
+                locked = await tx.lock_sagas([SagaClaim(SAGA, one)])
+                started = decide(SAGA, locked[0].instance, placed("o-1"), T0)
+                await tx.save_all([(SAGA, started), (SAGA, started)])
+
+        with pytest.raises(ValueError, match=str(one)):
+            await save_twice()
+        assert await backend.store.load_saga(SAGA, one) is None
+        assert await backend.probe.history(one) == []
 
     # parked messages
 

@@ -235,9 +235,11 @@ class _Gated:
 class FlakyPublisher:
     """A real publisher that 'crashes' on the first attempt to publish chosen rows.
 
-    The first `publish()` call that contains a row matching `fail_first` raises
-    before anything reaches the broker, as if the worker died between commit
-    and publish; any later attempt for those rows (the sweeper) goes through.
+    The first `publish()` call that contains a row matching `fail_first` sends
+    the call's other rows and raises for the chosen ones, as if the worker died
+    between commit and publish; any later attempt for those rows (the sweeper)
+    goes through. The other rows stay unmarked too, so the sweeper republishes
+    them, as after a real crash, and their consumers' inboxes drop the copies.
     """
 
     def __init__(self, inner: Publisher, fail_first: Callable[[OutboxRow], bool]) -> None:
@@ -250,11 +252,13 @@ class FlakyPublisher:
     async def publish(self, rows: Sequence[OutboxRow]) -> None:
         doomed = [r for r in rows if r.id not in self._seen and self._fail_first(r)]
         self._seen.update(r.id for r in doomed)
+        spared = [r for r in rows if r not in doomed]
+        if spared:
+            await self.inner.publish(spared)
+            self.published.extend(spared)
         if doomed:
             self.failed.extend(doomed)
             raise ConnectionError(f"simulated crash before publishing outbox rows {doomed}")
-        await self.inner.publish(rows)
-        self.published.extend(rows)
 
 
 class RepeatingPublisher:

@@ -16,6 +16,7 @@ from sagaworks import BusinessFailure, PortPolicy, PortUnavailable
 from sagaworks.adapters.resilience.breaker import PortBreaker
 from sagaworks.adapters.resilience.caller import ResilientCaller
 from sagaworks.adapters.resilience.policy import declared_policies
+from sagaworks.application.apply_inputs import ApplyInputs
 from sagaworks.application.circuit import BreakerChange, CircuitOpen, breaker_event
 from sagaworks.application.options import EngineOptions
 from sagaworks.application.outbox import OutboxRelay
@@ -408,8 +409,8 @@ async def test_run_step_lets_circuit_open_through_without_recording_a_failure() 
     )
 
     class Store:
-        async def load_saga(self, definition: Any, wanted: Any) -> SagaInstance:
-            return instance
+        async def load_sagas(self, wanted: Any) -> list[SagaInstance]:
+            return [instance for _ in wanted]
 
         def transaction(self) -> Any:
             raise AssertionError("a refused call must not be recorded")
@@ -429,14 +430,15 @@ async def test_run_step_lets_circuit_open_through_without_recording_a_failure() 
         attempt=1,
         port="payments",
     )
+    options = EngineOptions(park_for=timedelta(seconds=1), max_message_bytes=1024)
     run_step = RunStepCommand(
         Store(),  # type: ignore[arg-type]
-        OutboxRelay(Store(), None),  # type: ignore[arg-type]
+        ApplyInputs(Store(), OutboxRelay(Store(), None), FakeWallClock(), options),  # type: ignore[arg-type]
         FakeWallClock(),
         SagaRegistry([order_fulfilment]),
         {"payments": object()},
         RefusingCaller(),
-        EngineOptions(park_for=timedelta(seconds=1), max_message_bytes=1024),
+        options,
     )
     inbound = InboundMessage(
         message_id="m-1",

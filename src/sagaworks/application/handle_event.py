@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from sagaworks.application.apply_inputs import ApplyInputs, Arrival
 from sagaworks.application.inbound import Rejected, envelope_of, parse_event
 from sagaworks.application.options import EngineOptions
-from sagaworks.application.outbox import OutboxRelay
 from sagaworks.application.ports import Clock, DeadLetter, InboundMessage, Store
 from sagaworks.application.results import Handled
-from sagaworks.application.transition import apply_input
 from sagaworks.domain.decide import EventReceived
 from sagaworks.domain.definition import SagaDefinition
 from sagaworks.domain.instance import saga_id_for
@@ -18,13 +17,13 @@ __all__ = ["HandleEvent"]
 
 
 class HandleEvent:
-    """One transaction per event: lock, dedupe, decide, persist; publish after commit."""
+    """Parse and route an event to its saga; `ApplyInputs` decides, persists and publishes."""
 
     def __init__(
-        self, store: Store, relay: OutboxRelay, clock: Clock, options: EngineOptions
+        self, store: Store, apply: ApplyInputs, clock: Clock, options: EngineOptions
     ) -> None:
         self._store = store
-        self._relay = relay
+        self._apply = apply
         self._clock = clock
         self._options = options
 
@@ -34,20 +33,11 @@ class HandleEvent:
             return await self._reject(definition, inbound, message)
         key = definition.correlation_key(message)
         saga_id = saga_id_for(definition.name, key)
-        async with self._store.transaction() as tx:
-            locked = await tx.lock_saga(definition, saga_id, message_id=inbound.message_id)
-            if locked.duplicate:
-                return Handled("duplicate", saga_id=str(saga_id))
-            now = self._clock.now()
-            given = EventReceived(envelope_of(inbound, now), message)
-            decision = await apply_input(tx, definition, locked, given, now)
-            if decision.outcome == "park":
-                expires_at = now + self._options.park_for
-                await tx.park(definition.name, saga_id, key, inbound, decision.reason, expires_at)
-            rows = tx.written_outbox()
-        await self._relay.publish_now(rows)
-        outcome = "parked" if decision.outcome == "park" else decision.outcome
-        return Handled(outcome, decision.reason, str(saga_id))
+        given = EventReceived(envelope_of(inbound, self._clock.now()), message)
+        settled = await self._apply(
+            Arrival(definition, saga_id, key, given, inbound.message_id, parkable=inbound)
+        )
+        return Handled(settled.outcome, settled.reason, str(saga_id))
 
     async def _reject(
         self, definition: SagaDefinition[Any], inbound: InboundMessage, why: Rejected

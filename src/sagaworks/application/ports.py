@@ -27,6 +27,7 @@ __all__ = [
     "ParkedMessage",
     "PortCaller",
     "Publisher",
+    "SagaClaim",
     "SagaTransaction",
     "Store",
 ]
@@ -86,6 +87,15 @@ class LockedSaga:
 
 
 @dataclass(frozen=True, slots=True)
+class SagaClaim:
+    """One saga a batch locks, and the message (if any) to record in that saga's inbox."""
+
+    definition: SagaDefinition[Any]
+    saga_id: UUID
+    message_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class DueTimer:
     id: int
     saga_type: str
@@ -119,8 +129,19 @@ class SagaTransaction(Protocol):
         """
         ...
 
+    async def lock_sagas(self, claims: Sequence[SagaClaim]) -> list[LockedSaga]:
+        """`lock_saga` for several sagas at once, each at most once; results in `claims` order.
+
+        Locks are taken in one global order, so two batches sharing sagas cannot deadlock.
+        """
+        ...
+
     async def save(self, definition: SagaDefinition[Any], decision: Decision) -> None:
         """Persist an applied decision: instance, history, outbox, timers."""
+        ...
+
+    async def save_all(self, changes: Sequence[tuple[SagaDefinition[Any], Decision]]) -> None:
+        """`save` for the applied decisions of several sagas, each at most once."""
         ...
 
     async def park(
@@ -163,6 +184,12 @@ class Store(Protocol):
         self, definition: SagaDefinition[Any], saga_id: UUID
     ) -> SagaInstance | None:
         """Read a saga without locking it (to check a command is still current)."""
+        ...
+
+    async def load_sagas(
+        self, wanted: Sequence[tuple[SagaDefinition[Any], UUID]]
+    ) -> list[SagaInstance | None]:
+        """`load_saga` for several sagas at once; results in `wanted` order."""
         ...
 
     def claim_unpublished(

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+from uuid import UUID
 
 from pydantic import ValidationError
 
+from sagaworks.application.apply_inputs import ApplyInputs, Arrival
+from sagaworks.application.batching import Batcher
 from sagaworks.application.options import EngineOptions
-from sagaworks.application.outbox import OutboxRelay
 from sagaworks.application.ports import Clock, DeadLetter, InboundMessage, PortCaller, Store
 from sagaworks.application.registry import SagaRegistry, UnknownSaga
 from sagaworks.application.results import Handled
-from sagaworks.application.transition import apply_input
 from sagaworks.domain.decide import Failure, RunStep, StepFinished, idempotency_key
 from sagaworks.domain.definition import SagaDefinition, StepInput
 from sagaworks.domain.errors import BusinessFailure, PortUnavailable
@@ -30,7 +31,7 @@ class RunStepCommand:
     def __init__(
         self,
         store: Store,
-        relay: OutboxRelay,
+        apply: ApplyInputs,
         clock: Clock,
         registry: SagaRegistry,
         ports: Mapping[str, object],
@@ -38,12 +39,14 @@ class RunStepCommand:
         options: EngineOptions,
     ) -> None:
         self._store = store
-        self._relay = relay
+        self._apply = apply
         self._clock = clock
         self._registry = registry
         self._ports = ports
         self._caller = caller
-        self._options = options
+        self._reads: Batcher[tuple[SagaDefinition[Any], UUID], SagaInstance | None] = Batcher(
+            store.load_sagas, size=options.batch_size, concurrency=options.batch_concurrency
+        )
 
     async def __call__(self, inbound: InboundMessage) -> Handled:
         try:
@@ -51,22 +54,17 @@ class RunStepCommand:
             definition = self._registry.get(command.saga_type)
         except (ValidationError, UnknownSaga) as error:
             return await self._reject(inbound, error)
-        instance = await self._store.load_saga(definition, command.saga_id)
+        instance = await self._reads.submit((definition, command.saga_id))
         if instance is None or not _is_current(instance, command):
             return Handled("stale", saga_id=str(command.saga_id))
         finished = await self._call_port(definition, instance, command, inbound.message_id)
-        async with self._store.transaction() as tx:
-            locked = await tx.lock_saga(definition, command.saga_id, message_id=inbound.message_id)
-            if locked.duplicate:
-                return Handled("duplicate", saga_id=str(command.saga_id))
-            decision = await apply_input(tx, definition, locked, finished, self._clock.now())
-            rows = tx.written_outbox()
-        await self._relay.publish_now(rows)
-        return Handled(
-            "applied" if decision.outcome == "applied" else "ignored",
-            decision.reason,
-            str(command.saga_id),
+        settled = await self._apply(
+            Arrival(
+                definition, command.saga_id, instance.correlation_key, finished, inbound.message_id
+            )
         )
+        outcome = settled.outcome if settled.outcome in {"applied", "duplicate"} else "ignored"
+        return Handled(outcome, settled.reason, str(command.saga_id))
 
     async def _call_port(
         self,

@@ -39,6 +39,7 @@ from sagaworks.application.ports import (
     LockedSaga,
     OutboxRow,
     ParkedMessage,
+    SagaClaim,
 )
 from sagaworks.application.stored import fingerprint, inbound_meta
 from sagaworks.application.wire import Wire
@@ -228,6 +229,20 @@ def _instance(definition: SagaDefinition[Any], record: SagaRecord) -> SagaInstan
         reason=progress.get("reason"),
         error=progress.get("error"),
     )
+
+
+def _lock_order(saga_id: UUID) -> int:
+    """The PostgreSQL adapter's advisory lock key, so both stores lock a batch in one order."""
+    return int.from_bytes(saga_id.bytes[:8], "big", signed=True)
+
+
+def _once(saga_ids: Iterable[UUID]) -> None:
+    """A batch names each saga once; a second entry would be a second, conflicting write."""
+    seen: set[UUID] = set()
+    for saga_id in saga_ids:
+        if saga_id in seen:
+            raise ValueError(f"saga {saga_id} appears more than once in one batch")
+        seen.add(saga_id)
 
 
 async def _round_trip() -> None:
@@ -444,12 +459,59 @@ class _Transaction(_Owner):
         finally:
             self._leave()
 
+    async def lock_sagas(self, claims: Sequence[SagaClaim]) -> list[LockedSaga]:
+        _once(c.saga_id for c in claims)
+        locked: dict[UUID, LockedSaga] = {}
+        for claim in sorted(claims, key=lambda c: (_lock_order(c.saga_id), c.saga_id)):
+            locked[claim.saga_id] = await self.lock_saga(
+                claim.definition, claim.saga_id, message_id=claim.message_id
+            )
+        return [locked[c.saga_id] for c in claims]
+
     async def save(self, definition: SagaDefinition[Any], decision: Decision) -> None:
         await self._enter()
         try:
             await self._save(definition, decision)
         finally:
             self._leave()
+
+    async def save_all(self, changes: Sequence[tuple[SagaDefinition[Any], Decision]]) -> None:
+        """Every version is checked before anything is written: a stale one leaves no trace."""
+        _once(d.instance.id for _, d in changes if d.instance is not None)
+        await self._enter()
+        try:
+            for definition, decision in changes:
+                await self._previous(definition, decision)
+            for definition, decision in changes:
+                await self._save(definition, decision)
+        finally:
+            self._leave()
+
+    async def _previous(
+        self, definition: SagaDefinition[Any], decision: Decision
+    ) -> SagaRecord | None:
+        """Lock the saga's row and check it is the version `decision` was made on; return it."""
+        instance = decision.instance
+        assert instance is not None
+        await self._locks.acquire(("saga_instances", instance.id), self)
+        existing = self._saga(instance.id)
+        if instance.version == 1:
+            if existing is not None:
+                raise RuntimeError(
+                    f"saga {instance.id} already exists (version {existing.version}); "
+                    "a new saga is saved at version 1 only once"
+                )
+        elif (
+            existing is None
+            or existing.saga_type != definition.name
+            or existing.correlation_key != instance.correlation_key
+            or existing.version != instance.version - 1
+        ):
+            raise RuntimeError(
+                f"saga {instance.id} changed under its lock (expected version "
+                f"{instance.version - 1}); another writer bypassed the advisory lock"
+            )
+        return existing
 
     async def _save(self, definition: SagaDefinition[Any], decision: Decision) -> None:
         instance = decision.instance
@@ -471,27 +533,8 @@ class _Transaction(_Owner):
         progress = _json(instance.progress_json())
         details = [_json(h.detail, lenient=True) for h in decision.history]
         headers = [_json(p.headers) for p in pending]
-        await self._locks.acquire(("saga_instances", instance.id), self)
-        existing = self._saga(instance.id)
-        if instance.version == 1:
-            if existing is not None:
-                raise RuntimeError(
-                    f"saga {instance.id} already exists (version {existing.version}); "
-                    "a new saga is saved at version 1 only once"
-                )
-            created_at = at
-        elif (
-            existing is None
-            or existing.saga_type != definition.name
-            or existing.correlation_key != instance.correlation_key
-            or existing.version != instance.version - 1
-        ):
-            raise RuntimeError(
-                f"saga {instance.id} changed under its lock (expected version "
-                f"{instance.version - 1}); another writer bypassed the advisory lock"
-            )
-        else:
-            created_at = existing.created_at
+        existing = await self._previous(definition, decision)
+        created_at = at if existing is None else existing.created_at
         for p in pending:
             await self._locks.acquire(("outbox.message_id", p.message_id), self)
         ids = [p.message_id for p in pending]
@@ -781,6 +824,12 @@ class InMemoryStore:
         await _round_trip()
         record = self._tables.sagas.get(saga_id)
         return None if record is None else _instance(definition, record)
+
+    async def load_sagas(
+        self, wanted: Sequence[tuple[SagaDefinition[Any], UUID]]
+    ) -> list[SagaInstance | None]:
+        await _round_trip()
+        return [self.saga(definition, saga_id) for definition, saga_id in wanted]
 
     @asynccontextmanager
     async def claim_unpublished(

@@ -33,6 +33,7 @@ from sagaworks.application.ports import (
     LockedSaga,
     OutboxRow,
     ParkedMessage,
+    SagaClaim,
 )
 from sagaworks.application.stored import fingerprint, inbound_from_meta, inbound_meta
 from sagaworks.application.wire import Wire
@@ -48,79 +49,100 @@ def advisory_key(saga_id: UUID) -> int:
     return int.from_bytes(saga_id.bytes[:8], "big", signed=True)
 
 
-_LOCK_AND_CLAIM = """
-WITH lock AS (
-  SELECT pg_advisory_xact_lock($1), set_config('sagaworks.publishes_own_outbox', 'on', true)
-)
-INSERT INTO inbox (consumer, message_id, saga_id)
-SELECT $2, $3, $4 FROM lock
-ON CONFLICT DO NOTHING
-RETURNING 1
-"""
-
+# Locks are taken in the order of the array, which the caller sorts: one global order.
 _LOCK = """
-SELECT pg_advisory_xact_lock($1), set_config('sagaworks.publishes_own_outbox', 'on', true)
+SELECT count(pg_advisory_xact_lock(k)), set_config('sagaworks.publishes_own_outbox', 'on', true)
+FROM unnest($1::bigint[]) AS k
 """
 
-_LOAD = """
+# A statement of its own after the locks: its snapshot then sees every write they waited for.
+_CLAIM_AND_LOAD = """
+WITH claimed AS (
+  INSERT INTO inbox (consumer, message_id, saga_id)
+  SELECT c.consumer, c.message_id, c.saga_id
+  FROM unnest($1::uuid[], $2::text[], $3::text[]) AS c(saga_id, consumer, message_id)
+  WHERE c.message_id IS NOT NULL
+  ON CONFLICT DO NOTHING
+  RETURNING saga_id
+)
 SELECT s.correlation_key, s.status, s.state, s.version, s.progress,
-       EXISTS (SELECT 1 FROM parked_messages p WHERE p.saga_id = $1) AS has_parked
-FROM (SELECT 1) AS one LEFT JOIN saga_instances s ON s.id = $1
+       EXISTS (SELECT 1 FROM parked_messages p WHERE p.saga_id = w.id) AS has_parked,
+       EXISTS (SELECT 1 FROM claimed WHERE claimed.saga_id = w.id) AS claimed
+FROM unnest($1::uuid[]) WITH ORDINALITY AS w(id, ord)
+LEFT JOIN saga_instances s ON s.id = w.id
+ORDER BY w.ord
 """
 
 _LOAD_UNLOCKED = """
-SELECT correlation_key, status, state, version, progress FROM saga_instances WHERE id = $1
+SELECT s.correlation_key, s.status, s.state, s.version, s.progress
+FROM unnest($1::uuid[]) WITH ORDINALITY AS w(id, ord)
+LEFT JOIN saga_instances s ON s.id = w.id
+ORDER BY w.ord
 """
 
-_WRITE_TAIL = """
+# Every saga of the batch at once: each array holds one entry per saga (instances) or per
+# row (history, outbox, timers). History continues each saga's own sequence. Only sagas whose
+# instance row was written get the rest, so a stale version writes nothing and is reported.
+_SAVE_ALL = """
+WITH u AS (
+  SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+                       $6::timestamptz[], $7::jsonb[], $8::int[], $9::jsonb[], $10::int[])
+    AS u(id, saga_type, correlation_key, status, current_step, at, state,
+         state_schema_version, progress, version)
+),
+created AS (
+  INSERT INTO saga_instances (id, saga_type, correlation_key, status, current_step, state,
+                              state_schema_version, version, created_at, updated_at, progress)
+  SELECT id, saga_type, correlation_key, status, current_step, state, state_schema_version,
+         1, at, at, progress
+  FROM u WHERE version = 1
+  RETURNING id
+),
+updated AS (
+  UPDATE saga_instances s
+  SET status = u.status, current_step = u.current_step, state = u.state, updated_at = u.at,
+      progress = u.progress, version = s.version + 1,
+      state_schema_version = u.state_schema_version
+  FROM u
+  WHERE u.version > 1 AND s.id = u.id AND s.saga_type = u.saga_type
+    AND s.correlation_key = u.correlation_key AND s.version = u.version - 1
+  RETURNING s.id
+),
+written AS (SELECT id FROM created UNION ALL SELECT id FROM updated),
 h AS (
   INSERT INTO saga_history (saga_id, seq, at, kind, step, message_id, detail)
-  SELECT $1, base.m + e.ord, $6, e.kind, e.step, e.message_id, e.detail
-  FROM s,
-       (SELECT COALESCE(max(seq), 0) AS m FROM saga_history WHERE saga_id = $1) AS base,
-       unnest($8::text[], $9::text[], $10::text[], $11::jsonb[])
-         WITH ORDINALITY AS e(kind, step, message_id, detail, ord)
+  SELECT e.saga_id,
+         COALESCE((SELECT max(x.seq) FROM saga_history x WHERE x.saga_id = e.saga_id), 0) + e.ord,
+         e.at, e.kind, e.step, e.message_id, e.detail
+  FROM unnest($11::uuid[], $12::int[], $13::timestamptz[], $14::text[], $15::text[],
+              $16::text[], $17::jsonb[])
+    AS e(saga_id, ord, at, kind, step, message_id, detail)
+  WHERE e.saga_id IN (SELECT id FROM written)
 ),
 o AS (
   INSERT INTO outbox (message_id, saga_id, exchange, routing_key, headers, body)
-  SELECT m.message_id, $1, m.exchange, m.routing_key, m.headers, m.body
-  FROM s, unnest($12::text[], $13::text[], $14::text[], $15::jsonb[], $16::bytea[])
-         AS m(message_id, exchange, routing_key, headers, body)
+  SELECT m.message_id, m.saga_id, m.exchange, m.routing_key, m.headers, m.body
+  FROM unnest($18::uuid[], $19::text[], $20::text[], $21::text[], $22::jsonb[], $23::bytea[])
+    AS m(saga_id, message_id, exchange, routing_key, headers, body)
+  WHERE m.saga_id IN (SELECT id FROM written)
   ORDER BY m.message_id
   RETURNING id, message_id, exchange, routing_key, headers, body
 ),
 tc AS (
-  DELETE FROM timers WHERE saga_id = $1 AND name = ANY($17::text[]) AND EXISTS (SELECT 1 FROM s)
+  DELETE FROM timers t USING unnest($24::uuid[], $25::text[]) AS c(saga_id, name)
+  WHERE t.saga_id = c.saga_id AND t.name = c.name AND c.saga_id IN (SELECT id FROM written)
 ),
 ts AS (
   INSERT INTO timers (saga_id, name, fire_at)
-  SELECT $1, t.name, t.fire_at FROM s, unnest($18::text[], $19::timestamptz[]) AS t(name, fire_at)
+  SELECT t.saga_id, t.name, t.fire_at
+  FROM unnest($26::uuid[], $27::text[], $28::timestamptz[]) AS t(saga_id, name, fire_at)
+  WHERE t.saga_id IN (SELECT id FROM written)
   ON CONFLICT (saga_id, name) DO UPDATE SET fire_at = EXCLUDED.fire_at
 )
-SELECT (SELECT count(*) FROM s) AS written, o.id, o.message_id, o.exchange, o.routing_key,
-       o.headers, o.body
+SELECT (SELECT count(*) FROM written) AS written,
+       o.id, o.message_id, o.exchange, o.routing_key, o.headers, o.body
 FROM (SELECT 1) AS one LEFT JOIN o ON true
 """
-
-_INSERT_HEAD = """
-WITH s AS (
-  INSERT INTO saga_instances (id, saga_type, correlation_key, status, current_step, state,
-                              state_schema_version, version, created_at, updated_at, progress)
-  VALUES ($1, $2, $3, $4, $5, $7, $20, 1, $6, $6, $21)
-  RETURNING id
-),"""
-
-_UPDATE_HEAD = """
-WITH s AS (
-  UPDATE saga_instances
-  SET status = $4, current_step = $5, state = $7, updated_at = $6, progress = $21,
-      version = version + 1, state_schema_version = $20
-  WHERE id = $1 AND saga_type = $2 AND correlation_key = $3 AND version = $22 - 1
-  RETURNING id
-),"""
-
-_INSERT_SAGA = "".join((_INSERT_HEAD, _WRITE_TAIL))
-_UPDATE_SAGA = "".join((_UPDATE_HEAD, _WRITE_TAIL))
 
 _PARK = """
 INSERT INTO parked_messages (consumer, saga_type, saga_id, correlation_key, message_id,
@@ -216,6 +238,76 @@ def _instance(definition: SagaDefinition[Any], saga_id: UUID, row: asyncpg.Recor
     )
 
 
+def _refuse_repeats(ids: Sequence[UUID]) -> None:
+    if len(set(ids)) != len(ids):
+        repeated = sorted({str(i) for i in ids if ids.count(i) > 1})
+        raise ValueError(f"saga(s) {', '.join(repeated)} appear twice in one batch; at most once")
+
+
+class _SaveColumns:
+    """The `_SAVE_ALL` arrays: one entry per saga, or per history, outbox or timer row."""
+
+    def __init__(self, wire: Wire) -> None:
+        self._wire = wire
+        self.ids: list[UUID] = []
+        self._sagas: list[tuple[Any, ...]] = []
+        self._history: list[tuple[Any, ...]] = []
+        self._outbox: list[tuple[Any, ...]] = []
+        self._cancelled: list[tuple[Any, ...]] = []
+        self._timers: list[tuple[Any, ...]] = []
+
+    def add(self, definition: SagaDefinition[Any], decision: Decision) -> None:
+        instance = decision.instance
+        assert instance is not None
+        assert decision.outcome == "applied"
+        saga_id, at = instance.id, decision.at
+        current = (
+            definition.steps[instance.position].name
+            if instance.position < len(definition.steps)
+            else None
+        )
+        self.ids.append(saga_id)
+        self._sagas.append(
+            (
+                definition.name,
+                instance.correlation_key,
+                instance.status.value,
+                current,
+                at,
+                instance.state.model_dump_json(),
+                definition.state_version,
+                json.dumps(instance.progress_json()),
+                instance.version,
+            )
+        )
+        self._history.extend(
+            (saga_id, n, at, h.kind, h.step, h.message_id, json.dumps(h.detail, default=str))
+            for n, h in enumerate(decision.history, start=1)
+        )
+        for outgoing in decision.outgoing:
+            p = self._wire.encode(outgoing)
+            self._outbox.append(
+                (saga_id, p.message_id, p.exchange, p.routing_key, json.dumps(p.headers), p.body)
+            )
+        cancelled = set(decision.cancel_timers) - {t.name for t in decision.set_timers}
+        self._cancelled.extend((saga_id, name) for name in sorted(cancelled))
+        self._timers.extend((saga_id, t.name, t.fire_at) for t in decision.set_timers)
+
+    def args(self) -> list[list[Any]]:
+        return [
+            self.ids,
+            *_columns(self._sagas, 9),
+            *_columns(self._history, 7),
+            *_columns(self._outbox, 6),
+            *_columns(self._cancelled, 2),
+            *_columns(self._timers, 3),
+        ]
+
+
+def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    return [list(column) for column in zip(*rows, strict=True)] if rows else [[]] * width
+
+
 class _Transaction:
     def __init__(self, conn: asyncpg.Connection, wire: Wire) -> None:
         self._conn = conn
@@ -225,62 +317,40 @@ class _Transaction:
     async def lock_saga(
         self, definition: SagaDefinition[Any], saga_id: UUID, *, message_id: str | None = None
     ) -> LockedSaga:
-        key = advisory_key(saga_id)
-        duplicate = False
-        if message_id is None:
-            await self._conn.execute(_LOCK, key)
-        else:
-            claimed = await self._conn.fetchval(
-                _LOCK_AND_CLAIM, key, definition.name, message_id, saga_id
+        return (await self.lock_sagas([SagaClaim(definition, saga_id, message_id)]))[0]
+
+    async def lock_sagas(self, claims: Sequence[SagaClaim]) -> list[LockedSaga]:
+        ids = [c.saga_id for c in claims]
+        _refuse_repeats(ids)
+        await self._conn.fetchval(_LOCK, sorted(advisory_key(i) for i in ids))
+        rows = await self._conn.fetch(
+            _CLAIM_AND_LOAD,
+            ids,
+            [c.definition.name for c in claims],
+            [c.message_id for c in claims],
+        )
+        return [
+            LockedSaga(
+                None if row["status"] is None else _instance(c.definition, c.saga_id, row),
+                c.message_id is not None and not row["claimed"],
+                bool(row["has_parked"]),
             )
-            duplicate = claimed is None
-        row = await self._conn.fetchrow(_LOAD, saga_id)
-        assert row is not None
-        instance = None if row["status"] is None else _instance(definition, saga_id, row)
-        return LockedSaga(instance, duplicate, bool(row["has_parked"]))
+            for c, row in zip(claims, rows, strict=True)
+        ]
 
     async def save(self, definition: SagaDefinition[Any], decision: Decision) -> None:
-        instance = decision.instance
-        assert instance is not None
-        assert decision.outcome == "applied"
-        cancelled = set(decision.cancel_timers) - {t.name for t in decision.set_timers}
-        pending = [self._wire.encode(o) for o in decision.outgoing]
-        current = (
-            definition.steps[instance.position].name
-            if instance.position < len(definition.steps)
-            else None
-        )
-        args = (
-            instance.id,
-            definition.name,
-            instance.correlation_key,
-            instance.status.value,
-            current,
-            decision.at,
-            instance.state.model_dump_json(),
-            [h.kind for h in decision.history],
-            [h.step for h in decision.history],
-            [h.message_id for h in decision.history],
-            [json.dumps(h.detail, default=str) for h in decision.history],
-            [p.message_id for p in pending],
-            [p.exchange for p in pending],
-            [p.routing_key for p in pending],
-            [json.dumps(p.headers) for p in pending],
-            [p.body for p in pending],
-            sorted(cancelled),
-            [t.name for t in decision.set_timers],
-            [t.fire_at for t in decision.set_timers],
-            definition.state_version,
-            json.dumps(instance.progress_json()),
-        )
-        if instance.version == 1:
-            rows = await self._conn.fetch(_INSERT_SAGA, *args)
-        else:
-            rows = await self._conn.fetch(_UPDATE_SAGA, *args, instance.version)
-        if not rows or rows[0]["written"] != 1:
+        await self.save_all([(definition, decision)])
+
+    async def save_all(self, changes: Sequence[tuple[SagaDefinition[Any], Decision]]) -> None:
+        columns = _SaveColumns(self._wire)
+        for definition, decision in changes:
+            columns.add(definition, decision)
+        _refuse_repeats(columns.ids)
+        rows = await self._conn.fetch(_SAVE_ALL, *columns.args())
+        if not rows or rows[0]["written"] != len(changes):
             raise RuntimeError(
-                f"saga {instance.id} changed under its lock (expected version "
-                f"{instance.version - 1}); another writer bypassed the advisory lock"
+                f"a saga of {', '.join(map(str, columns.ids))} changed under its lock "
+                "(stale version); another writer bypassed the advisory lock"
             )
         self._written.extend(_outbox_row(r) for r in rows if r["id"] is not None)
 
@@ -383,9 +453,17 @@ class PostgresStore:
     async def load_saga(
         self, definition: SagaDefinition[Any], saga_id: UUID
     ) -> SagaInstance | None:
+        return (await self.load_sagas([(definition, saga_id)]))[0]
+
+    async def load_sagas(
+        self, wanted: Sequence[tuple[SagaDefinition[Any], UUID]]
+    ) -> list[SagaInstance | None]:
         async with self._connection() as conn:
-            row = await conn.fetchrow(_LOAD_UNLOCKED, saga_id)
-        return None if row is None else _instance(definition, saga_id, row)
+            rows = await conn.fetch(_LOAD_UNLOCKED, [saga_id for _, saga_id in wanted])
+        return [
+            None if row["status"] is None else _instance(definition, saga_id, row)
+            for (definition, saga_id), row in zip(wanted, rows, strict=True)
+        ]
 
     @asynccontextmanager
     async def claim_unpublished(

@@ -1,0 +1,110 @@
+"""Use case: apply inputs to their sagas, many sagas per transaction.
+
+Every message that changes a saga comes through here: events from other
+services, and the results of port calls. Inputs that arrive together share
+one transaction (lock every saga in one order, record every inbox row, read
+every saga, write every transition as one statement, commit) and one
+pipelined publish of the outbox rows it wrote; only then is each input's
+result handed back, and only then is its delivery acknowledged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+from uuid import UUID
+
+from sagaworks.application.batching import Batcher
+from sagaworks.application.options import EngineOptions
+from sagaworks.application.outbox import OutboxRelay
+from sagaworks.application.ports import Clock, InboundMessage, SagaClaim, Store
+from sagaworks.application.transition import apply_input
+from sagaworks.domain.decide import Decision, Input, decide
+from sagaworks.domain.definition import SagaDefinition
+
+__all__ = ["ApplyInputs", "Arrival", "Settled"]
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """One input for one saga, and the message that carried it."""
+
+    definition: SagaDefinition[Any]
+    saga_id: UUID
+    correlation_key: str
+    given: Input
+    message_id: str
+    """Recorded in the saga's inbox: the same message id again is a duplicate."""
+    parkable: InboundMessage | None = None
+    """An event kept for later when its saga cannot take it yet; None for a port's result."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """What became of one arrival, after its transaction committed and its outbox was sent."""
+
+    outcome: Literal["applied", "ignored", "parked", "duplicate"]
+    reason: str = ""
+
+
+class ApplyInputs:
+    def __init__(
+        self, store: Store, relay: OutboxRelay, clock: Clock, options: EngineOptions
+    ) -> None:
+        self._store = store
+        self._relay = relay
+        self._clock = clock
+        self._options = options
+        self._batches: Batcher[Arrival, Settled] = Batcher(
+            self._apply,
+            size=options.batch_size,
+            concurrency=options.batch_concurrency,
+            key=lambda arrival: arrival.saga_id,
+        )
+
+    async def __call__(self, arrival: Arrival) -> Settled:
+        return await self._batches.submit(arrival)
+
+    async def _apply(self, arrivals: Sequence[Arrival]) -> list[Settled]:
+        async with self._store.transaction() as tx:
+            claims = [SagaClaim(a.definition, a.saga_id, a.message_id) for a in arrivals]
+            locked = await tx.lock_sagas(claims)
+            now = self._clock.now()
+            decisions: list[Decision | None] = [None] * len(arrivals)
+            applied = []
+            for i, (arrival, saga) in enumerate(zip(arrivals, locked, strict=True)):
+                if saga.duplicate or saga.has_parked:
+                    continue
+                decision = decide(arrival.definition, saga.instance, arrival.given, now)
+                decisions[i] = decision
+                if decision.outcome == "applied":
+                    applied.append((arrival.definition, decision))
+            if applied:
+                await tx.save_all(applied)
+            for i, (arrival, saga) in enumerate(zip(arrivals, locked, strict=True)):
+                if saga.has_parked and not saga.duplicate:  # rare: replays what it unblocks
+                    decisions[i] = await apply_input(
+                        tx, arrival.definition, saga, arrival.given, now
+                    )
+                parked = decisions[i]
+                if parked is not None and parked.outcome == "park" and arrival.parkable:
+                    await tx.park(
+                        arrival.definition.name,
+                        arrival.saga_id,
+                        arrival.correlation_key,
+                        arrival.parkable,
+                        parked.reason,
+                        now + self._options.park_for,
+                    )
+            rows = tx.written_outbox()
+        await self._relay.publish_now(rows)
+        return [_settled(d) for d in decisions]
+
+
+def _settled(decision: Decision | None) -> Settled:
+    if decision is None:
+        return Settled("duplicate")
+    if decision.outcome == "park":
+        return Settled("parked", decision.reason)
+    return Settled(decision.outcome, decision.reason)
