@@ -36,7 +36,7 @@ from sagaworks.application.ports import (
     SagaClaim,
 )
 from sagaworks.application.stored import fingerprint, inbound_from_meta, inbound_meta
-from sagaworks.application.wire import Wire
+from sagaworks.application.wire import PendingMessage, Wire
 from sagaworks.domain.decide import Decision
 from sagaworks.domain.definition import SagaDefinition
 from sagaworks.domain.instance import InFlight, SagaInstance, Status
@@ -65,7 +65,7 @@ WITH claimed AS (
   ON CONFLICT DO NOTHING
   RETURNING saga_id
 )
-SELECT s.correlation_key, s.status, s.state, s.version, s.progress,
+SELECT s.correlation_key, s.status, s.state::text AS state, s.version, s.progress,
        EXISTS (SELECT 1 FROM parked_messages p WHERE p.saga_id = w.id) AS has_parked,
        EXISTS (SELECT 1 FROM claimed WHERE claimed.saga_id = w.id) AS claimed
 FROM unnest($1::uuid[]) WITH ORDINALITY AS w(id, ord)
@@ -74,7 +74,7 @@ ORDER BY w.ord
 """
 
 _LOAD_UNLOCKED = """
-SELECT s.correlation_key, s.status, s.state, s.version, s.progress
+SELECT s.correlation_key, s.status, s.state::text AS state, s.version, s.progress
 FROM unnest($1::uuid[]) WITH ORDINALITY AS w(id, ord)
 LEFT JOIN saga_instances s ON s.id = w.id
 ORDER BY w.ord
@@ -126,7 +126,7 @@ o AS (
     AS m(saga_id, message_id, exchange, routing_key, headers, body)
   WHERE m.saga_id IN (SELECT id FROM written)
   ORDER BY m.message_id
-  RETURNING id, message_id, exchange, routing_key, headers, body
+  RETURNING id, message_id
 ),
 tc AS (
   DELETE FROM timers t USING unnest($24::uuid[], $25::text[]) AS c(saga_id, name)
@@ -140,7 +140,7 @@ ts AS (
   ON CONFLICT (saga_id, name) DO UPDATE SET fire_at = EXCLUDED.fire_at
 )
 SELECT (SELECT count(*) FROM written) AS written,
-       o.id, o.message_id, o.exchange, o.routing_key, o.headers, o.body
+       o.id, o.message_id
 FROM (SELECT 1) AS one LEFT JOIN o ON true
 """
 
@@ -229,7 +229,7 @@ def _instance(definition: SagaDefinition[Any], saga_id: UUID, row: asyncpg.Recor
         correlation_id=progress.get("correlation_id") or row["correlation_key"],
         status=Status(row["status"]),
         position=int(progress["position"]),
-        state=definition.state.model_validate(row["state"]),
+        state=definition.state.model_validate_json(row["state"]),
         version=row["version"],
         in_flight=InFlight.from_json(flight) if flight else None,
         done=tuple(progress.get("done", ())),
@@ -253,6 +253,7 @@ class _SaveColumns:
         self._sagas: list[tuple[Any, ...]] = []
         self._history: list[tuple[Any, ...]] = []
         self._outbox: list[tuple[Any, ...]] = []
+        self._pending: list[PendingMessage] = []
         self._cancelled: list[tuple[Any, ...]] = []
         self._timers: list[tuple[Any, ...]] = []
 
@@ -286,12 +287,22 @@ class _SaveColumns:
         )
         for outgoing in decision.outgoing:
             p = self._wire.encode(outgoing)
+            self._pending.append(p)
             self._outbox.append(
                 (saga_id, p.message_id, p.exchange, p.routing_key, json.dumps(p.headers), p.body)
             )
         cancelled = set(decision.cancel_timers) - {t.name for t in decision.set_timers}
         self._cancelled.extend((saga_id, name) for name in sorted(cancelled))
         self._timers.extend((saga_id, t.name, t.fire_at) for t in decision.set_timers)
+
+    def outbox_rows(self, ids: dict[str, int]) -> list[OutboxRow]:
+        """The rows written, in id order, from what was sent rather than read back."""
+        rows = [
+            OutboxRow(ids[p.message_id], p.message_id, p.exchange, p.routing_key, p.headers, p.body)
+            for p in self._pending
+            if p.message_id in ids
+        ]
+        return sorted(rows, key=lambda r: r.id)
 
     def args(self) -> list[list[Any]]:
         return [
@@ -352,7 +363,7 @@ class _Transaction:
                 f"a saga of {', '.join(map(str, columns.ids))} changed under its lock "
                 "(stale version); another writer bypassed the advisory lock"
             )
-        self._written.extend(_outbox_row(r) for r in rows if r["id"] is not None)
+        self._written.extend(columns.outbox_rows({r["message_id"]: r["id"] for r in rows}))
 
     async def park(
         self,

@@ -52,6 +52,15 @@ class ResilientCaller:
     async def call(self, port: str, attempt: Callable[[], Awaitable[T]]) -> T:
         policy = self.policy(port)
         breaker = self.breakers[port]
+
+        async def timed() -> T:
+            async with asyncio.timeout(policy.call_timeout_s):
+                return await attempt()
+
+        try:  # the common case builds no retry machinery
+            return await breaker.call(timed)
+        except TRANSIENT as error:
+            first: BaseException | None = error
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(TRANSIENT),
             stop=stop_after_attempt(policy.immediate_attempts),
@@ -63,12 +72,11 @@ class ResilientCaller:
             sleep=self._sleep,
             reraise=True,
         )
-
-        async def timed() -> T:
-            return await asyncio.wait_for(attempt(), policy.call_timeout_s)
-
         async for trial in retrying:
             with trial:
+                if first is not None:  # tenacity's first attempt is the one that just failed
+                    failed, first = first, None
+                    raise failed
                 return await breaker.call(timed)
         raise AssertionError("tenacity re-raises the last error")  # pragma: no cover
 
