@@ -82,10 +82,11 @@ class Settings(BaseSettings):
         description="Messages applied in one database transaction at most; 1 turns batching off.",
     )
     batch_concurrency: int = Field(
-        default=3,
+        default=1,
         ge=1,
         le=100,
-        description="Batched transactions in flight at once per worker (each holds a connection).",
+        description="Batched transactions in flight at once per worker; while one commits, "
+        "the next batch gathers. More helps only a database with cores to spare.",
     )
     delivery_limit: int = Field(
         default=5,

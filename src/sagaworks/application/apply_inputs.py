@@ -6,10 +6,15 @@ one transaction (lock every saga in one order, record every inbox row, read
 every saga, write every transition as one statement, commit) and one
 pipelined publish of the outbox rows it wrote; only then is each input's
 result handed back, and only then is its delivery acknowledged.
+
+The batch gives up its place (a connection, its sagas) at commit, not after
+the publish: waiting for the broker's confirms takes longer than the
+transaction, and the next batch need not wait for them.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -24,6 +29,9 @@ from sagaworks.domain.decide import Decision, Input, decide
 from sagaworks.domain.definition import SagaDefinition
 
 __all__ = ["ApplyInputs", "Arrival", "Settled"]
+
+Published = asyncio.Future[bool]
+"""The batch's publish after commit; `OutboxRelay.publish_now` never raises."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +64,7 @@ class ApplyInputs:
         self._relay = relay
         self._clock = clock
         self._options = options
-        self._batches: Batcher[Arrival, Settled] = Batcher(
+        self._batches: Batcher[Arrival, tuple[Settled, Published]] = Batcher(
             self._apply,
             size=options.batch_size,
             concurrency=options.batch_concurrency,
@@ -64,9 +72,11 @@ class ApplyInputs:
         )
 
     async def __call__(self, arrival: Arrival) -> Settled:
-        return await self._batches.submit(arrival)
+        settled, published = await self._batches.submit(arrival)
+        await asyncio.shield(published)
+        return settled
 
-    async def _apply(self, arrivals: Sequence[Arrival]) -> list[Settled]:
+    async def _apply(self, arrivals: Sequence[Arrival]) -> list[tuple[Settled, Published]]:
         async with self._store.transaction() as tx:
             claims = [SagaClaim(a.definition, a.saga_id, a.message_id) for a in arrivals]
             locked = await tx.lock_sagas(claims)
@@ -98,8 +108,8 @@ class ApplyInputs:
                         now + self._options.park_for,
                     )
             rows = tx.written_outbox()
-        await self._relay.publish_now(rows)
-        return [_settled(d) for d in decisions]
+        published = asyncio.ensure_future(self._relay.publish_now(rows))
+        return [(_settled(d), published) for d in decisions]
 
 
 def _settled(decision: Decision | None) -> Settled:

@@ -16,5 +16,5 @@ class EngineOptions:
     """Larger bodies are dead-lettered as `oversized` on first delivery."""
     batch_size: int = 64
     """At most this many messages share one transaction (1: one transaction per message)."""
-    batch_concurrency: int = 3
+    batch_concurrency: int = 1
     """Transactions of batched messages in flight at once, each on its own connection."""

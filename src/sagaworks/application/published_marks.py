@@ -1,10 +1,10 @@
-"""Marking published outbox rows in batches, a few milliseconds after publishing them.
+"""Marking published outbox rows in batches, a tenth of a second after publishing them.
 
 An `UPDATE outbox SET published_at` per message was one more connection
 checkout, round trip and commit on every step; batched, hundreds of rows
 share one. Nothing is lost meanwhile: a row not marked yet is only
 *republished* by a sweeper, and only once it is older than the sweep grace
-period (seconds, against a flush delay of milliseconds). A republished
+period (seconds, against a flush delay of a tenth of a second). A republished
 message is deduplicated by its consumer's inbox, as after any crash between
 publish and mark. This worker's own sweeps flush pending marks first.
 """
@@ -25,7 +25,7 @@ _log = logging.getLogger("sagaworks.outbox")
 class PublishedMarks:
     """Collects ids of published rows; one `mark_published` per `delay_s` (at most `batch` ids)."""
 
-    def __init__(self, store: Store, *, delay_s: float = 0.005, batch: int = 1000) -> None:
+    def __init__(self, store: Store, *, delay_s: float = 0.1, batch: int = 1000) -> None:
         self._store = store
         self._delay = delay_s
         self._batch = batch

@@ -44,8 +44,9 @@ class RunStepCommand:
         self._registry = registry
         self._ports = ports
         self._caller = caller
+        # One read in flight: each is one short statement; reads arriving meanwhile share the next.
         self._reads: Batcher[tuple[SagaDefinition[Any], UUID], SagaInstance | None] = Batcher(
-            store.load_sagas, size=options.batch_size, concurrency=options.batch_concurrency
+            store.load_sagas, size=options.batch_size, concurrency=1
         )
 
     async def __call__(self, inbound: InboundMessage) -> Handled:
