@@ -592,6 +592,22 @@ class StoreContract:
         assert (await asyncio.wait_for(waiting, 5)).instance is None
         assert await backend.probe.inbox() == inbox_before | {(SAGA.name, "m-2")}
 
+    async def test_lock_sagas_returns_a_known_saga_only_while_it_is_at_that_version(
+        self, backend: Backend
+    ) -> None:
+        saga_id = saga_id_for(SAGA.name, "o-1")
+        first, _ = await self.apply(backend, placed("o-1"), message_id="m-1")
+        assert first.instance is not None
+        async with backend.store.transaction() as tx:
+            locked = await tx.lock_sagas([SagaClaim(SAGA, saga_id, "m-2", known=first.instance)])
+        assert locked == [LockedSaga(first.instance, False, False)]
+
+        second, _ = await self.apply(backend, succeeded("reserve_stock"), message_id="m-3")
+        async with backend.store.transaction() as tx:
+            locked = await tx.lock_sagas([SagaClaim(SAGA, saga_id, "m-4", known=first.instance)])
+        assert locked == [LockedSaga(second.instance, False, False)]
+        assert second.instance is not None and second.instance.version == 2
+
     async def test_save_all_writes_every_saga_of_a_batch(self, backend: Backend) -> None:
         order_ids = ("o-1", "o-2", "o-3")
         ids = {o: saga_id_for(SAGA.name, o) for o in order_ids}

@@ -27,6 +27,7 @@ from sagaworks.application.ports import Clock, InboundMessage, SagaClaim, Store
 from sagaworks.application.transition import apply_input
 from sagaworks.domain.decide import Decision, Input, decide
 from sagaworks.domain.definition import SagaDefinition
+from sagaworks.domain.instance import SagaInstance
 
 __all__ = ["ApplyInputs", "Arrival", "Settled"]
 
@@ -46,6 +47,8 @@ class Arrival:
     """Recorded in the saga's inbox: the same message id again is a duplicate."""
     parkable: InboundMessage | None = None
     """An event kept for later when its saga cannot take it yet; None for a port's result."""
+    known: SagaInstance | None = None
+    """The saga as read before the port call; spares decoding it again if nothing changed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +81,7 @@ class ApplyInputs:
 
     async def _apply(self, arrivals: Sequence[Arrival]) -> list[tuple[Settled, Published]]:
         async with self._store.transaction() as tx:
-            claims = [SagaClaim(a.definition, a.saga_id, a.message_id) for a in arrivals]
+            claims = [SagaClaim(a.definition, a.saga_id, a.message_id, a.known) for a in arrivals]
             locked = await tx.lock_sagas(claims)
             now = self._clock.now()
             decisions: list[Decision | None] = [None] * len(arrivals)

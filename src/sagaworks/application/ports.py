@@ -93,6 +93,8 @@ class SagaClaim:
     definition: SagaDefinition[Any]
     saga_id: UUID
     message_id: str | None = None
+    known: SagaInstance | None = None
+    """The saga as read before (without its lock): returned as is while still at its version."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,7 +61,12 @@ class RunStepCommand:
         finished = await self._call_port(definition, instance, command, inbound.message_id)
         settled = await self._apply(
             Arrival(
-                definition, command.saga_id, instance.correlation_key, finished, inbound.message_id
+                definition,
+                command.saga_id,
+                instance.correlation_key,
+                finished,
+                inbound.message_id,
+                known=instance,
             )
         )
         outcome = settled.outcome if settled.outcome in {"applied", "duplicate"} else "ignored"

@@ -56,6 +56,7 @@ FROM unnest($1::bigint[]) AS k
 """
 
 # A statement of its own after the locks: its snapshot then sees every write they waited for.
+# A saga still at the version the caller already knows is not sent back (`SagaClaim.known`).
 _CLAIM_AND_LOAD = """
 WITH claimed AS (
   INSERT INTO inbox (consumer, message_id, saga_id)
@@ -65,10 +66,14 @@ WITH claimed AS (
   ON CONFLICT DO NOTHING
   RETURNING saga_id
 )
-SELECT s.correlation_key, s.status, s.state::text AS state, s.version, s.progress,
+SELECT s.version, s.version = w.known AS unchanged,
+       CASE WHEN s.version = w.known THEN NULL ELSE s.correlation_key END AS correlation_key,
+       CASE WHEN s.version = w.known THEN NULL ELSE s.status END AS status,
+       CASE WHEN s.version = w.known THEN NULL ELSE s.state::text END AS state,
+       CASE WHEN s.version = w.known THEN NULL ELSE s.progress END AS progress,
        EXISTS (SELECT 1 FROM parked_messages p WHERE p.saga_id = w.id) AS has_parked,
        EXISTS (SELECT 1 FROM claimed WHERE claimed.saga_id = w.id) AS claimed
-FROM unnest($1::uuid[]) WITH ORDINALITY AS w(id, ord)
+FROM unnest($1::uuid[], $4::int[]) WITH ORDINALITY AS w(id, known, ord)
 LEFT JOIN saga_instances s ON s.id = w.id
 ORDER BY w.ord
 """
@@ -319,6 +324,14 @@ def _columns(rows: list[tuple[Any, ...]], width: int) -> list[list[Any]]:
     return [list(column) for column in zip(*rows, strict=True)] if rows else [[]] * width
 
 
+def _locked_instance(claim: SagaClaim, row: asyncpg.Record) -> SagaInstance | None:
+    if row["unchanged"]:
+        return claim.known
+    if row["version"] is None:
+        return None
+    return _instance(claim.definition, claim.saga_id, row)
+
+
 class _Transaction:
     def __init__(self, conn: asyncpg.Connection, wire: Wire) -> None:
         self._conn = conn
@@ -339,10 +352,11 @@ class _Transaction:
             ids,
             [c.definition.name for c in claims],
             [c.message_id for c in claims],
+            [None if c.known is None else c.known.version for c in claims],
         )
         return [
             LockedSaga(
-                None if row["status"] is None else _instance(c.definition, c.saga_id, row),
+                _locked_instance(c, row),
                 c.message_id is not None and not row["claimed"],
                 bool(row["has_parked"]),
             )
