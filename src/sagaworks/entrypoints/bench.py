@@ -527,6 +527,9 @@ def _intervals(published: float, stamps: list[float]) -> list[float]:
     return [(b - a) * 1000 for a, b in itertools.pairwise(ordered)]
 
 
+_ENGINE_TABLES = ("inbox", "outbox", "saga_instances", "saga_history", "timers", "parked_messages")
+
+
 async def _cleanup_engine(settings: Settings, prefix: str, dsn: str, started: list[str]) -> None:
     ids = [saga_id_for(order_fulfilment.name, k) for k in started]
     conn = await asyncpg.connect(dsn)
@@ -535,6 +538,8 @@ async def _cleanup_engine(settings: Settings, prefix: str, dsn: str, started: li
             await conn.execute("DELETE FROM inbox WHERE saga_id = ANY($1::uuid[])", ids)
             await conn.execute("DELETE FROM outbox WHERE saga_id = ANY($1::uuid[])", ids)
             await conn.execute("DELETE FROM saga_instances WHERE id = ANY($1::uuid[])", ids)
+        # The next run must not wade through this one's dead rows, autovacuum or not.
+        await conn.execute(f"VACUUM (ANALYZE) {', '.join(_ENGINE_TABLES)}")
     finally:
         await conn.close()
     spec = topology_for(

@@ -26,6 +26,8 @@ import aio_pika
 import asyncpg
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
+from sagaworks.entrypoints.gc_tuning import tune_for_throughput
+
 __all__ = [
     "DONE_ROUTING_KEY",
     "STEP_ROUTING_KEY",
@@ -143,6 +145,7 @@ async def run_reference(
                 await message.nack(requeue=True)
 
         tag = await queue.consume(on_message)
+        tune_for_throughput()  # as the worker's process does: compare pipelines, not GC settings
         print("ready", flush=True)  # noqa: T201 - the bench waits for this line
         await stop.wait()
         await queue.cancel(tag)

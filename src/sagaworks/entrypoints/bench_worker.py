@@ -26,6 +26,7 @@ from sagaworks.adapters.observability.logging import configure_logging
 from sagaworks.adapters.rabbitmq.topology import exchange_name
 from sagaworks.bootstrap import bootstrap
 from sagaworks.domain.messages import Message
+from sagaworks.entrypoints.gc_tuning import tune_for_throughput
 from sagaworks.entrypoints.worker import Worker, preflight
 from sagaworks.settings import Settings
 
@@ -54,6 +55,7 @@ async def run_bench_worker(settings: Settings, latency_s: float) -> Ledger:
     worker = Worker(system)
     try:
         await worker.start()
+        tune_for_throughput()
         print("ready", flush=True)  # noqa: T201 - the bench waits for this line
         await stop.wait()
     finally:

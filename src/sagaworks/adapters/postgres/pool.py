@@ -72,7 +72,14 @@ class ConnectionPool:
                     timeout=self._timeout,
                     init=_codecs,
                     reset=_keep_session,
-                    server_settings={"application_name": "sagaworks"},
+                    server_settings={
+                        "application_name": "sagaworks",
+                        # A generic plan made while the tables were small (a new database,
+                        # or one autovacuum has not analysed yet) keeps scanning them whole
+                        # as they grow; planned per execution, statements track their size.
+                        # The hot path runs a few statements per batch, so this costs little.
+                        "plan_cache_mode": "force_custom_plan",
+                    },
                 )
             return self._pool
 

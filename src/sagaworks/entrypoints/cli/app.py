@@ -144,6 +144,7 @@ def worker() -> None:
     """Consume and drive sagas until SIGTERM/SIGINT, then stop gracefully (exit 0)."""
     from sagaworks.bootstrap import bootstrap
     from sagaworks.entrypoints.cli.loading import load_sagas
+    from sagaworks.entrypoints.gc_tuning import tune_for_throughput
     from sagaworks.entrypoints.worker import Worker, preflight
 
     settings = load_settings()
@@ -154,6 +155,7 @@ def worker() -> None:
         await preflight(settings)
         with quiet_first_connect():
             system = await bootstrap(settings, loaded.definitions, loaded.ports)
+        tune_for_throughput()
         try:
             await Worker(system).run()
         finally:
