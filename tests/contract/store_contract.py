@@ -606,7 +606,8 @@ class StoreContract:
         async with backend.store.transaction() as tx:
             locked = await tx.lock_sagas([SagaClaim(SAGA, saga_id, "m-4", known=first.instance)])
         assert locked == [LockedSaga(second.instance, False, False)]
-        assert second.instance is not None and second.instance.version == 2
+        assert second.instance is not None
+        assert second.instance.version == 2
 
     async def test_save_all_writes_every_saga_of_a_batch(self, backend: Backend) -> None:
         order_ids = ("o-1", "o-2", "o-3")

@@ -1,11 +1,12 @@
 """The saga store on PostgreSQL: the hot path of every message.
 
-Each handled message costs one transaction of four statements: take the
-saga's advisory lock and record the inbox row; read the saga; write the
-transition (instance, history, outbox, timers) as one statement of
-data-modifying CTEs; commit. Statements go straight to asyncpg (prepared and
-cached per connection) on connections of a plain asyncpg pool (`pool.py`): the ORM's unit
-of work would triple the CPU per step for nothing we need here.
+A batch of messages, one per saga, costs one transaction of four statements
+whatever its size: take every saga's advisory lock; record every inbox row
+and read every saga; write every transition (instances, history, outbox,
+timers) as one statement of data-modifying CTEs over arrays; commit.
+Statements go straight to asyncpg (prepared and cached per connection) on
+connections of a plain asyncpg pool (`pool.py`): the ORM's unit of work
+would triple the CPU per step for nothing we need here.
 
 Every writer of a saga takes `pg_advisory_xact_lock(saga key)` first. That
 lock serialises work on a saga that does not exist yet too (a cancellation
