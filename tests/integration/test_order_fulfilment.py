@@ -4,7 +4,7 @@ Every test gets a fresh database, its own exchange/queue prefix and its own
 workers (see `engine_harness`). Orders are published like the order service
 and the warehouse publish them; outcomes are read from PostgreSQL (status,
 reason, history), from the outcome events on the `orders` exchange, and from
-the participants' ledger (effects per operation, proving brief §6 I2/I3).
+the participants' ledger (effects per operation: each applied exactly once).
 """
 
 from __future__ import annotations

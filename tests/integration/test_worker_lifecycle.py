@@ -1,4 +1,4 @@
-"""The `sagaworks worker` process: clear start-up failures, and a graceful stop (brief I8).
+"""The `sagaworks worker` process: clear start-up failures, and a graceful stop.
 
 Each test runs the installed console script as a subprocess against the shared
 RabbitMQ and PostgreSQL, under an exchange/queue prefix and in databases of its

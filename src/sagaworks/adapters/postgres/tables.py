@@ -196,7 +196,7 @@ parked_messages = Table(
     Index("ix_parked_messages_saga_type_correlation_key", "saga_type", "correlation_key"),
     Index("ix_parked_messages_expires_at", "expires_at"),
 )
-"""Events that arrived before their saga could take them, replayed when it can (brief I6)."""
+"""Events that arrived before their saga could take them, replayed when it can."""
 
 dead_letters = Table(
     "dead_letters",

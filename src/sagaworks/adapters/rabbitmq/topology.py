@@ -1,6 +1,6 @@
 """The RabbitMQ topology sagaworks relies on, declared idempotently from code.
 
-Recoverability (brief §4–§5) depends on broker-side settings that are easy to
+Recoverability (docs/recoverability.md) depends on broker-side settings that are easy to
 get subtly wrong on RabbitMQ 3.10: a quorum queue has no delivery limit
 unless one is set, and `at-least-once` dead-lettering silently degrades to
 `at-most-once` without `x-overflow: reject-publish`. So the topology is not
