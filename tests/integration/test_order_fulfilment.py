@@ -636,6 +636,30 @@ async def test_two_workers_and_concurrent_events_lose_nothing(
     assert {o.message_type for o in harness.outcomes} == {"order.fulfilled"}
 
 
+async def test_a_burst_of_orders_is_applied_many_sagas_per_transaction(
+    harness: EngineHarness,
+) -> None:
+    await harness.start_worker()
+    orders = [f"o-burst-{i:03d}" for i in range(40)]
+    for oid in orders:
+        dispatch_after_booking(harness, oid, delay_s=0.0)
+    await asyncio.gather(*(place(harness, placed(oid)) for oid in orders))
+
+    for oid in orders:
+        saga = await harness.wait_for_status(oid, "completed", timeout_s=30)
+        history = await harness.history(oid)
+        assert kinds(history) == HAPPY_HISTORY, oid
+        assert_gapless(history)
+        await assert_settled(harness, saga)
+    assert harness.ledger.duplicate_effects() == 0
+    # A transaction stamps every transition it writes with one time: fewer distinct
+    # times than sagas means sagas shared transactions.
+    shared = await harness.db.fetchval(
+        "SELECT count(DISTINCT at) FROM saga_history WHERE message_id LIKE 'o-burst-%/placed'"
+    )
+    assert shared < len(orders), "every order.placed had a transaction of its own"
+
+
 # -- 8. parked past its bound ----------------------------------------------------------------
 
 
