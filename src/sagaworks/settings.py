@@ -73,10 +73,14 @@ class Settings(BaseSettings):
         default=5.0, gt=0, description="Deadline for opening the broker connection."
     )
     prefetch: int = Field(
-        default=32, ge=1, le=10_000, description="Unacknowledged deliveries per consumer."
+        default=128,
+        ge=1,
+        le=10_000,
+        description="Unacknowledged deliveries per consumer; a port call holds its delivery, "
+        "so this is also how many calls to one port a worker makes at once.",
     )
     batch_size: int = Field(
-        default=64,
+        default=256,
         ge=1,
         le=1_000,
         description="Messages applied in one database transaction at most; 1 turns batching off.",

@@ -14,7 +14,7 @@ class EngineOptions:
     """How long an event that arrived too early (or before its saga) is kept."""
     max_message_bytes: int = 256 * 1024
     """Larger bodies are dead-lettered as `oversized` on first delivery."""
-    batch_size: int = 64
+    batch_size: int = 256
     """At most this many messages share one transaction (1: one transaction per message)."""
     batch_concurrency: int = 1
     """Transactions of batched messages in flight at once, each on its own connection."""
