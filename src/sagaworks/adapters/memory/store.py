@@ -41,7 +41,7 @@ from sagaworks.application.ports import (
     ParkedMessage,
     SagaClaim,
 )
-from sagaworks.application.stored import fingerprint, inbound_meta
+from sagaworks.application.stored import fingerprint, inbound_from_meta, inbound_meta
 from sagaworks.application.wire import Wire
 from sagaworks.domain.decide import Decision
 from sagaworks.domain.definition import SagaDefinition
@@ -147,22 +147,7 @@ class ParkedRecord:
     expires_at: datetime
 
     def message(self) -> ParkedMessage:
-        meta = self.meta
-        time = meta.get("time")
-        inbound = InboundMessage(
-            message_id=self.message_id,
-            message_type=self.message_type,
-            body=self.body,
-            headers=meta.get("headers", {}),
-            queue=meta.get("queue", ""),
-            exchange=meta.get("exchange", ""),
-            routing_key=meta.get("routing_key", ""),
-            source=meta.get("source", ""),
-            time=datetime.fromisoformat(time) if time else None,
-            correlation_id=meta.get("correlation_id"),
-            causation_id=meta.get("causation_id"),
-            user_id=meta.get("user_id"),
-        )
+        inbound = inbound_from_meta(self.message_id, self.message_type, self.body, self.meta)
         return ParkedMessage(self.id, self.saga_type, inbound, self.reason, self.expires_at)
 
 
@@ -818,13 +803,6 @@ class InMemoryStore:
         tx._commit()
         tx._end()
 
-    async def load_saga(
-        self, definition: SagaDefinition[Any], saga_id: UUID
-    ) -> SagaInstance | None:
-        await _round_trip()
-        record = self._tables.sagas.get(saga_id)
-        return None if record is None else _instance(definition, record)
-
     async def load_sagas(
         self, wanted: Sequence[tuple[SagaDefinition[Any], UUID]]
     ) -> list[SagaInstance | None]:
@@ -875,7 +853,7 @@ class InMemoryStore:
         return self._tables.sagas.get(saga_id)
 
     def saga(self, definition: SagaDefinition[Any], saga_id: UUID) -> SagaInstance | None:
-        """`load_saga` without awaiting."""
+        """A committed saga, read without awaiting."""
         record = self._tables.sagas.get(saga_id)
         return None if record is None else _instance(definition, record)
 
