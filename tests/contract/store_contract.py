@@ -278,7 +278,7 @@ class StoreContract:
 
     async def test_a_saga_nobody_saved_loads_as_none(self, backend: Backend) -> None:
         saga_id = saga_id_for(SAGA.name, "nobody")
-        assert await backend.store.load_saga(SAGA, saga_id) is None
+        assert (await backend.store.load_sagas([(SAGA, saga_id)]))[0] is None
         assert await self.locked(backend, "nobody") == LockedSaga(None, False, False)
 
     async def test_saved_sagas_round_trip_state_status_and_progress(self, backend: Backend) -> None:
@@ -296,7 +296,7 @@ class StoreContract:
             decision, _ = await self.apply(backend, given)
             assert decision.instance is not None
             expected = decision.instance
-            assert await backend.store.load_saga(SAGA, expected.id) == expected
+            assert (await backend.store.load_sagas([(SAGA, expected.id)]))[0] == expected
             assert (await self.locked(backend)).instance == expected
             seen.append(expected)
         # The sequence really exercised every progress field.
@@ -354,7 +354,7 @@ class StoreContract:
 
         assert await backend.probe.saga_version(saga_id) == 2
         assert await backend.probe.history(saga_id) == history
-        assert await backend.store.load_saga(SAGA, saga_id) == reserved.instance
+        assert (await backend.store.load_sagas([(SAGA, saga_id)]))[0] == reserved.instance
 
     # history
 
@@ -535,7 +535,7 @@ class StoreContract:
             decision = decide(SAGA, locked.instance, placed("o-1"), T0)
             await tx.save(SAGA, decision)
             # Uncommitted work is invisible outside the transaction.
-            assert await backend.store.load_saga(SAGA, saga_id) is None
+            assert (await backend.store.load_sagas([(SAGA, saga_id)]))[0] is None
             assert await self.claimable(backend) == []
         after = await asyncio.wait_for(waiting, 5)
         assert after.instance == decision.instance
@@ -692,8 +692,10 @@ class StoreContract:
                 # `reserved` was decided on version 1; the saga is at version 2 now.
                 await tx.save_all([*((SAGA, d) for d in fresh), (SAGA, reserved)])
 
-        with pytest.raises(RuntimeError, match="changed under its lock"):
+        with pytest.raises(RuntimeError, match=f"{two} changed under its lock") as stale:
             await save_with_stale_last()
+        assert str(one) not in str(stale.value)
+        assert str(three) not in str(stale.value)
 
         assert await backend.store.load_sagas([(SAGA, three), (SAGA, one), (SAGA, two)]) == [
             None,
@@ -769,7 +771,7 @@ class StoreContract:
 
         with pytest.raises(ValueError, match=str(one)):
             await save_twice()
-        assert await backend.store.load_saga(SAGA, one) is None
+        assert (await backend.store.load_sagas([(SAGA, one)]))[0] is None
         assert await backend.probe.history(one) == []
 
     # parked messages
@@ -917,7 +919,7 @@ class StoreContract:
 
         with pytest.raises(_Boom):
             await everything_then_fail()
-        assert await backend.store.load_saga(SAGA, saga_id) is None
+        assert (await backend.store.load_sagas([(SAGA, saga_id)]))[0] is None
         assert await backend.probe.history(saga_id) == []
         assert await backend.probe.parked_ids() == []
         assert await backend.probe.dead_letters() == []

@@ -182,16 +182,10 @@ class SagaTransaction(Protocol):
 class Store(Protocol):
     def transaction(self) -> AbstractAsyncContextManager[SagaTransaction]: ...
 
-    async def load_saga(
-        self, definition: SagaDefinition[Any], saga_id: UUID
-    ) -> SagaInstance | None:
-        """Read a saga without locking it (to check a command is still current)."""
-        ...
-
     async def load_sagas(
         self, wanted: Sequence[tuple[SagaDefinition[Any], UUID]]
     ) -> list[SagaInstance | None]:
-        """`load_saga` for several sagas at once; results in `wanted` order."""
+        """Read sagas without locking them (to check a command is still current), in order."""
         ...
 
     def claim_unpublished(

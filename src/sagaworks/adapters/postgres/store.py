@@ -145,8 +145,7 @@ ts AS (
   WHERE t.saga_id IN (SELECT id FROM written)
   ON CONFLICT (saga_id, name) DO UPDATE SET fire_at = EXCLUDED.fire_at
 )
-SELECT (SELECT count(*) FROM written) AS written,
-       o.id, o.message_id
+SELECT ARRAY(SELECT id FROM written) AS written, o.id, o.message_id
 FROM (SELECT 1) AS one LEFT JOIN o ON true
 """
 
@@ -373,9 +372,10 @@ class _Transaction:
             columns.add(definition, decision)
         _refuse_repeats(columns.ids)
         rows = await self._conn.fetch(_SAVE_ALL, *columns.args())
-        if not rows or rows[0]["written"] != len(changes):
+        stale = set(columns.ids) - set(rows[0]["written"])
+        if stale:
             raise RuntimeError(
-                f"a saga of {', '.join(map(str, columns.ids))} changed under its lock "
+                f"saga(s) {', '.join(sorted(map(str, stale)))} changed under its lock "
                 "(stale version); another writer bypassed the advisory lock"
             )
         self._written.extend(columns.outbox_rows({r["message_id"]: r["id"] for r in rows}))
@@ -475,11 +475,6 @@ class PostgresStore:
     async def transaction(self) -> AsyncIterator[_Transaction]:
         async with self._connection() as conn, conn.transaction():
             yield _Transaction(conn, self._wire)
-
-    async def load_saga(
-        self, definition: SagaDefinition[Any], saga_id: UUID
-    ) -> SagaInstance | None:
-        return (await self.load_sagas([(definition, saga_id)]))[0]
 
     async def load_sagas(
         self, wanted: Sequence[tuple[SagaDefinition[Any], UUID]]
