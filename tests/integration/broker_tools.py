@@ -9,10 +9,11 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import pytest
+from aio_pika.abc import AbstractRobustConnection
 
 from sagaworks.settings import Settings
 
-__all__ = ["AMQP_URL", "rabbitmqctl", "vhost_of"]
+__all__ = ["AMQP_URL", "delete_prefixed", "rabbitmqctl", "vhost_of"]
 
 AMQP_URL = Settings.load(secrets_dir=None).amqp_url.get_secret_value()
 
@@ -45,3 +46,17 @@ async def rabbitmqctl(*args: str) -> list[dict[str, Any]]:
     assert process.returncode == 0, stderr.decode()
     rows: list[dict[str, Any]] = json.loads(stdout)
     return rows
+
+
+async def delete_prefixed(broker: AbstractRobustConnection, prefix: str) -> None:
+    """Delete every queue and exchange of the configured vhost whose name starts with `prefix`."""
+    queues, exchanges = await asyncio.gather(
+        rabbitmqctl("list_queues", "name"), rabbitmqctl("list_exchanges", "name")
+    )
+    async with broker.channel() as channel:
+        for row in queues:
+            if row["name"].startswith(prefix):
+                await channel.queue_delete(row["name"])
+        for row in exchanges:
+            if row["name"].startswith(prefix):
+                await channel.exchange_delete(row["name"])

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aio_pika
 import asyncpg
 import pytest
-from broker_tools import AMQP_URL, rabbitmqctl
+from broker_tools import AMQP_URL, delete_prefixed, rabbitmqctl
 
 from sagas.order_fulfilment.messages import OrderLine, OrderPlaced
 from sagas.order_fulfilment.participants import publish
@@ -107,16 +107,7 @@ async def prefix(run_id: str, broker: aio_pika.abc.AbstractRobustConnection) -> 
     """A name prefix for one test; its queues and exchanges are deleted afterwards."""
     test_prefix = f"{run_id}.cli{secrets.token_hex(3)}."
     yield test_prefix
-    queues, exchanges = await asyncio.gather(
-        rabbitmqctl("list_queues", "name"), rabbitmqctl("list_exchanges", "name")
-    )
-    async with broker.channel() as channel:
-        for row in queues:
-            if row["name"].startswith(test_prefix):
-                await channel.queue_delete(row["name"])
-        for row in exchanges:
-            if row["name"].startswith(test_prefix):
-                await channel.exchange_delete(row["name"])
+    await delete_prefixed(broker, test_prefix)
 
 
 @pytest.fixture

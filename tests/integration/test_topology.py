@@ -9,18 +9,17 @@ inspect it with `rabbitmqctl`, and delete it afterwards.
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
-import shutil
 import traceback
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from broker_tools import rabbitmqctl, vhost_of
 
 from sagaworks.adapters.rabbitmq.connection import connect
 from sagaworks.adapters.rabbitmq.errors import (
@@ -49,11 +48,6 @@ pytestmark = pytest.mark.integration
 SAGA = "order_fulfilment"
 
 
-def _vhost(url: str) -> str:
-    path = urlsplit(url).path
-    return unquote(path[1:]) or "/"
-
-
 def _with_credentials(url: str, *, password: str | None = None, vhost: str | None = None) -> str:
     parts = urlsplit(url)
     netloc = parts.netloc
@@ -62,29 +56,6 @@ def _with_credentials(url: str, *, password: str | None = None, vhost: str | Non
         netloc = f"{parts.username or 'guest'}:{password}@{host}"
     path = parts.path if vhost is None else f"/{vhost}"
     return urlunsplit((parts.scheme, netloc, path, parts.query, parts.fragment))
-
-
-async def rabbitmqctl(vhost: str, command: str, *columns: str) -> list[dict[str, Any]]:
-    """Rows of a `rabbitmqctl list_*` command, as the broker itself reports them."""
-    executable = shutil.which("rabbitmqctl")
-    if executable is None:
-        pytest.fail("these tests inspect the broker with rabbitmqctl, which is not on PATH")
-    process = await asyncio.create_subprocess_exec(
-        executable,
-        "-q",
-        command,
-        "-p",
-        vhost,
-        *columns,
-        "--formatter",
-        "json",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await process.communicate()
-    assert process.returncode == 0, stderr.decode()
-    rows: list[dict[str, Any]] = json.loads(stdout)
-    return rows
 
 
 def arguments_of(row: dict[str, Any]) -> dict[str, Any]:
@@ -132,9 +103,8 @@ async def prefix(settings: Settings, connection: AbstractRobustConnection) -> As
     """A name prefix for one test; every queue and exchange under it is deleted afterwards."""
     test_prefix = f"{settings.exchange_prefix}{secrets.token_hex(3)}."
     yield test_prefix
-    vhost = _vhost(settings.amqp_url.get_secret_value())
-    queues = [row["name"] for row in await rabbitmqctl(vhost, "list_queues", "name")]
-    exchanges = [row["name"] for row in await rabbitmqctl(vhost, "list_exchanges", "name")]
+    queues = [row["name"] for row in await rabbitmqctl("list_queues", "name")]
+    exchanges = [row["name"] for row in await rabbitmqctl("list_exchanges", "name")]
     async with connection.channel() as channel:
         for name in queues:
             if name.startswith(test_prefix):
@@ -183,10 +153,9 @@ async def test_applying_twice_changes_nothing_and_keeps_messages(
     assert set(first.queues) == {saga_queue, dead_letter_queue_name(prefix)}
     assert first.summary() == "5 exchanges, 2 queues, 4 bindings"
 
-    vhost = _vhost(settings.amqp_url.get_secret_value())
     queues = {
         row["name"]: row
-        for row in await rabbitmqctl(vhost, "list_queues", "name", "type", "durable", "arguments")
+        for row in await rabbitmqctl("list_queues", "name", "type", "durable", "arguments")
         if row["name"].startswith(prefix)
     }
     assert set(queues) == {saga_queue, dead_letter_queue_name(prefix)}
@@ -203,7 +172,7 @@ async def test_applying_twice_changes_nothing_and_keeps_messages(
 
     exchanges = {
         row["name"]: (row["type"], row["durable"])
-        for row in await rabbitmqctl(vhost, "list_exchanges", "name", "type", "durable")
+        for row in await rabbitmqctl("list_exchanges", "name", "type", "durable")
         if row["name"].startswith(prefix)
     }
     assert exchanges == {
@@ -217,7 +186,7 @@ async def test_applying_twice_changes_nothing_and_keeps_messages(
     bindings = {
         (row["source_name"], row["destination_name"], row["routing_key"])
         for row in await rabbitmqctl(
-            vhost, "list_bindings", "source_name", "destination_name", "routing_key"
+            "list_bindings", "source_name", "destination_name", "routing_key"
         )
         if row["source_name"].startswith(prefix)
     }
@@ -256,8 +225,7 @@ async def test_queue_with_another_delivery_limit_is_a_conflict(
     assert f"rabbitmqctl delete_queue {saga_queue} --if-empty" in text
     assert "SAGAWORKS_DELIVERY_LIMIT=3" in text
 
-    vhost = _vhost(settings.amqp_url.get_secret_value())
-    rows = await rabbitmqctl(vhost, "list_queues", "name", "arguments")
+    rows = await rabbitmqctl("list_queues", "name", "arguments")
     (existing,) = (row for row in rows if row["name"] == saga_queue)
     assert arguments_of(existing)["x-delivery-limit"] == 3, "the existing queue must be untouched"
 
@@ -431,7 +399,7 @@ async def test_wrong_password_is_an_authentication_failure_without_the_password(
 
     failure = caught.value
     text = str(failure)
-    assert (failure.user, failure.vhost) == (user, _vhost(url))
+    assert (failure.user, failure.vhost) == (user, vhost_of(url))
     assert f'refused user "{user}" on vhost "{failure.vhost}"' in text
     assert "Check the user name and password" in text
     rendered = "".join(traceback.format_exception(failure))

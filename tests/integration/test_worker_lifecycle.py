@@ -30,7 +30,7 @@ import aio_pika
 import asyncpg
 import pytest
 from aio_pika.abc import AbstractRobustConnection
-from broker_tools import AMQP_URL, rabbitmqctl
+from broker_tools import AMQP_URL, delete_prefixed, rabbitmqctl
 from pydantic import ValidationError
 
 from sagas.order_fulfilment.messages import OrderLine, OrderPlaced
@@ -226,16 +226,7 @@ async def prefix(run_id: str, broker: AbstractRobustConnection) -> AsyncIterator
     """A name prefix for one test; its queues and exchanges are deleted afterwards."""
     test_prefix = f"{run_id}.wl{secrets.token_hex(3)}."
     yield test_prefix
-    queues, exchanges = await asyncio.gather(
-        rabbitmqctl("list_queues", "name"), rabbitmqctl("list_exchanges", "name")
-    )
-    async with broker.channel() as channel:
-        for row in queues:
-            if row["name"].startswith(test_prefix):
-                await channel.queue_delete(row["name"])
-        for row in exchanges:
-            if row["name"].startswith(test_prefix):
-                await channel.exchange_delete(row["name"])
+    await delete_prefixed(broker, test_prefix)
 
 
 @pytest.fixture
