@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import pytest
 from engine_harness import (
     HAPPY_HISTORY,
@@ -658,6 +659,44 @@ async def test_a_burst_of_orders_is_applied_many_sagas_per_transaction(
         "SELECT count(DISTINCT at) FROM saga_history WHERE message_id LIKE 'o-burst-%/placed'"
     )
     assert shared < len(orders), "every order.placed had a transaction of its own"
+
+
+async def test_a_message_that_breaks_its_batch_fails_alone(
+    harness_factory: HarnessFactory,
+) -> None:
+    harness = await harness_factory(delivery_limit=2)
+    stuck = "o-batch-stuck"
+    # The command the stuck order's first transition writes already has an outbox row, so
+    # every transaction that tries to write that transition fails on the unique message id.
+    taken = f"{harness.saga_id(stuck)}/1/0"
+    await harness.db.execute(
+        "INSERT INTO outbox (message_id, exchange, routing_key, body, published_at) "
+        "VALUES ($1, 'elsewhere', 'nowhere', ''::bytea, now())",
+        taken,
+    )
+    try:
+        await harness.start_worker()
+        orders = [f"o-batch-{i:02d}" for i in range(20)]
+        for oid in orders:
+            dispatch_after_booking(harness, oid, delay_s=0.0)
+        await asyncio.gather(*(place(harness, placed(oid)) for oid in [*orders, stuck]))
+
+        for oid in orders:
+            saga = await harness.wait_for_status(oid, "completed", timeout_s=30)
+            assert kinds(await harness.history(oid)) == HAPPY_HISTORY, oid
+            await assert_settled(harness, saga)
+
+        async def dead_lettered() -> asyncpg.Record | None:
+            return await harness.dead_letter(f"{stuck}/placed")
+
+        letter = await harness.eventually(dead_lettered, what="the stuck order dead-lettered")
+        assert letter["queue"] == harness.saga_queue
+        assert await harness.saga(stuck) is None
+        failed = {h.message_id for h in harness.handled if h.error}
+        assert failed == {f"{stuck}/placed"}, "only the message that breaks its batch fails"
+        assert harness.ledger.duplicate_effects() == 0
+    finally:
+        await harness.db.execute("DELETE FROM outbox WHERE message_id = $1", taken)
 
 
 # -- 8. parked past its bound ----------------------------------------------------------------
