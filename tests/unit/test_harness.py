@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
+from itertools import pairwise
 
 import pytest
 
@@ -224,6 +225,37 @@ async def test_a_transient_failure_is_retried_when_the_clock_reaches_the_retry(
     assert kinds(harness)[-1] == "waiting"
     assert ("authorise_payment", "action") in steps(harness)
     assert [c.attempt for c in harness.commands if c.step == "authorise_payment"] == [1, 2]
+
+
+async def test_two_runs_of_a_scenario_schedule_the_same_jittered_retries() -> None:
+    policy = PortPolicy(delayed_retries=5, delayed_base_s=10.0, delayed_max_s=600.0)
+
+    async def retry_times() -> list[datetime]:
+        ledger = Ledger()
+        ports = simulated_ports(ledger=ledger)
+        ports["payments"] = FlakyPayments(ledger, failures=4)
+        harness = SagaHarness(
+            order_fulfilment, ports, clock=FakeClock(), policies={"payments": policy}
+        )
+        await harness.publish(placed(harness))
+        times = []
+        while (instance := harness.instance("o-1")) and instance.in_flight is not None:
+            retry_at = instance.in_flight.retry_at
+            if retry_at is None:
+                break
+            times.append(retry_at)
+            await harness.advance(retry_at - harness.clock.now())
+        attempts = [c.attempt for c in harness.commands if c.step == "authorise_payment"]
+        assert attempts == [1, 2, 3, 4, 5]
+        return times
+
+    first, second = await retry_times(), await retry_times()
+
+    assert len(first) == 4
+    assert first == second
+    # Jittered, not fixed: the delays are not the bare exponential ceilings.
+    delays = [(b - a).total_seconds() for a, b in pairwise([FakeClock().now(), *first])]
+    assert delays != [10.0, 20.0, 40.0, 80.0]
 
 
 async def test_a_failed_publish_is_swept_and_the_saga_goes_on(harness: Harness) -> None:

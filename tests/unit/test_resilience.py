@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from random import Random
 from typing import Any
 from uuid import uuid4
 
@@ -358,12 +359,29 @@ def test_delayed_retries_back_off_exponentially_up_to_the_cap_then_stop() -> Non
     policy = PortPolicy(delayed_retries=6, delayed_base_s=1.0, delayed_max_s=8.0)
     now = datetime(2030, 1, 1, tzinfo=UTC)
 
-    delays = [(policy.next_retry_at(n, now) or now) - now for n in range(1, 7)]
+    rng = Random()
+
+    delays = [(policy.next_retry_at(n, now, rng) or now) - now for n in range(1, 7)]
 
     ceilings = [1, 2, 4, 8, 8, 8]
     for delay, ceiling in zip(delays, ceilings, strict=True):
         assert timedelta(seconds=ceiling / 2) <= delay <= timedelta(seconds=ceiling)
-    assert policy.next_retry_at(7, now) is None
+    assert policy.next_retry_at(7, now, rng) is None
+
+
+def test_a_caller_jitters_delayed_retries_from_its_own_random_source() -> None:
+    policy = PortPolicy(delayed_retries=20, delayed_base_s=60.0, delayed_max_s=60.0)
+    now = datetime(2030, 1, 1, tzinfo=UTC)
+
+    def schedule(caller: ResilientCaller) -> list[datetime | None]:
+        return [caller.next_retry_at("payments", n, now) for n in range(1, 21)]
+
+    seeded = [ResilientCaller({"payments": policy}, rng=Random(7)) for _ in range(2)]
+    assert schedule(seeded[0]) == schedule(seeded[1])
+    # By default each worker draws its own jitter: two workers do not retry in lockstep.
+    assert schedule(ResilientCaller({"payments": policy})) != schedule(
+        ResilientCaller({"payments": policy})
+    )
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,9 @@ without importing an adapter.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from random import Random
 
 __all__ = ["PortPolicy"]
 
@@ -45,10 +45,13 @@ class PortPolicy:
                 "delayed_retries >= 0, breaker_failures >= 1 and breaker_reset_s > 0"
             )
 
-    def next_retry_at(self, attempt: int, now: datetime) -> datetime | None:
-        """Capped exponential backoff, jittered within [half, all] of it; None once spent."""
+    def next_retry_at(self, attempt: int, now: datetime, rng: Random) -> datetime | None:
+        """Capped exponential backoff, jittered within [half, all] of it; None once spent.
+
+        The jitter comes from `rng`, owned by the caller that schedules the
+        retry: a seeded one makes the schedule reproducible.
+        """
         if attempt > self.delayed_retries:
             return None
         ceiling = min(self.delayed_max_s, self.delayed_base_s * 2 ** (attempt - 1))
-        delay = random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not security
-        return now + timedelta(seconds=delay)
+        return now + timedelta(seconds=rng.uniform(ceiling / 2, ceiling))

@@ -12,6 +12,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
+from random import Random
 from typing import TypeVar
 
 from tenacity import (
@@ -39,11 +40,16 @@ class ResilientCaller:
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rng: Random | None = None,
     ) -> None:
-        """`clock` (monotonic seconds) and `sleep` drive backoff and breakers; tests fake them."""
+        """`clock` (monotonic seconds) and `sleep` drive backoff and breakers; tests fake them.
+
+        `rng` jitters delayed retries; by default one seeded from the system's entropy.
+        """
         self._policies = dict(policies)
         self._default = default or PortPolicy()
         self._sleep = sleep
+        self._rng = rng or Random()  # noqa: S311 - jitter, not security
         self.breakers = PortBreakers(self.policy, clock=clock, sleep=sleep)
 
     def policy(self, port: str) -> PortPolicy:
@@ -81,4 +87,4 @@ class ResilientCaller:
         raise AssertionError("tenacity re-raises the last error")  # pragma: no cover
 
     def next_retry_at(self, port: str, attempt: int, now: datetime) -> datetime | None:
-        return self.policy(port).next_retry_at(attempt, now)
+        return self.policy(port).next_retry_at(attempt, now, self._rng)
