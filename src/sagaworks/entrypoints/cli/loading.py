@@ -1,7 +1,9 @@
 """Finding the sagas a worker runs: modules named in `SAGAWORKS_SAGAS`.
 
 Each module exposes `SAGA` (a `SagaDefinition`) and `build_ports()`, which
-returns the port adapters by port name.
+returns the port adapters by port name. Port names are shared by the whole
+worker: two modules may name the same port only with the very same adapter,
+never silently replace each other's.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class LoadedSagas:
 def load_sagas(settings: Settings, *, with_ports: bool = True) -> LoadedSagas:
     definitions = []
     ports: dict[str, object] = {}
+    port_owners: dict[str, str] = {}
     for name in settings.sagas:
         try:
             module = importlib.import_module(name)
@@ -49,5 +52,13 @@ def load_sagas(settings: Settings, *, with_ports: bool = True) -> LoadedSagas:
                 raise SagaModuleError(
                     f'saga module "{name}" has no build_ports() returning its port adapters'
                 )
-            ports.update(build_ports())
+            for port, adapter in build_ports().items():
+                if port in ports and ports[port] is not adapter:
+                    raise SagaModuleError(
+                        f'saga modules "{port_owners[port]}" and "{name}" both give an adapter '
+                        f'for port "{port}"; give one of them another port name or share the '
+                        "same adapter"
+                    )
+                ports[port] = adapter
+                port_owners.setdefault(port, name)
     return LoadedSagas(tuple(definitions), ports)
