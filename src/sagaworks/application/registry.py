@@ -1,4 +1,8 @@
-"""Which sagas exist, and which saga consumes which event type."""
+"""The sagas this process runs, by unique name, and the port names their steps use.
+
+Which saga consumes which event type is not kept here: each saga has its own
+queue, bound to the events its definition consumes (see the RabbitMQ topology).
+"""
 
 from __future__ import annotations
 

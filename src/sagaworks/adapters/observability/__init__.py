@@ -1,1 +1,1 @@
-"""Logging, metrics and traces: how sagaworks reports what it does."""
+"""How sagaworks reports what it does: structured logs (structlog) — no metrics or traces yet."""

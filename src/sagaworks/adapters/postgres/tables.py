@@ -1,9 +1,15 @@
-"""The saga store's schema as SQLAlchemy Core tables: the one place queries take names from.
+"""The saga store's schema as SQLAlchemy Core tables, for the queries built with Core.
 
 The tables mirror the hand-written Alembic migrations in `migrations/versions`;
 an integration test compares the two, so a column added here without a
 migration fails CI. Triggers and their functions exist only in the migrations
 (see docs/schema.md).
+
+The Core queries (`dead_letters.py`, `queries.py`), the migration runner and
+the notify channel take their names from here. The hot path's hand-written
+asyncpg SQL (`store.py`, `breakers.py`) names tables and columns literally, so
+a rename must be made there too; the store contract run on PostgreSQL catches
+a miss in `store.py`.
 """
 
 from __future__ import annotations
