@@ -1,8 +1,8 @@
 """sagaworks: message-driven sagas over RabbitMQ and PostgreSQL.
 
 The public API is what a saga author needs: messages, the definition DSL,
-the failure a port raises for a business refusal, and the policy a port adapter
-declares (timeouts, retries, breaker).
+the failures a port raises (a business refusal, a transient outage), and the
+policy a port adapter declares (timeouts, retries, breaker).
 """
 
 from sagaworks.application.policy import PortPolicy

@@ -1,8 +1,8 @@
 """Every tunable of sagaworks, read once from the environment and `/run/secrets`.
 
-Settings are plain data handed to `bootstrap`; nothing reads the environment
-anywhere else, so a test can build a `Settings` object and get a fully wired
-system without touching `os.environ`.
+Settings are plain data handed to `bootstrap`; no `SAGAWORKS_*` variable is
+read anywhere else, so a test can build a `Settings` object and get a fully
+wired system without touching `os.environ`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`LISTEN sagaworks_outbox`: wakes the outbox sweeper when rows are committed."""
+"""`LISTEN sagaworks_outbox`: wakes the sweeper for committed rows no worker is publishing."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""RabbitMQ adapter: connection, idempotent topology and their failure modes.
+"""RabbitMQ adapter: connection, idempotent topology, confirmed publishing, reading deliveries.
 
-Everything broker-specific lives here so that a RabbitMQ quirk (quorum-queue
-arguments, PRECONDITION_FAILED on re-declare, robust reconnects) is handled
-in one place and surfaces to operators as an error that says what to do.
+RabbitMQ's quirks (quorum-queue arguments, PRECONDITION_FAILED on re-declare,
+robust reconnects) are handled here and surface to operators as an error that
+says what to do.
 """

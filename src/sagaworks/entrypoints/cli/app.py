@@ -1,4 +1,4 @@
-"""`sagaworks`: run the worker, migrate, declare topology, inspect configuration, demo."""
+"""`sagaworks`: worker, db, topology, config, dlq, demo, bench and graph commands."""
 
 from __future__ import annotations
 
