@@ -141,6 +141,7 @@ async def bootstrap(
         raise ValueError(f"no adapter given for port(s): {', '.join(missing)}")
     clock = clock or SystemClock()
     prefix = settings.exchange_prefix
+    wire = Wire(lambda domain: exchange_name(prefix, domain))
     engine = None
     connection = None
     if store is None:
@@ -150,7 +151,7 @@ async def bootstrap(
             size=settings.db_pool_size,
             connect_timeout_s=settings.db_connect_timeout_s,
         )
-        store = PostgresStore(engine, Wire(lambda domain: exchange_name(prefix, domain)), pool)
+        store = PostgresStore(engine, pool)
     if publisher is None:
         connection = await connect(
             settings.amqp_url.get_secret_value(), timeout_s=settings.amqp_connect_timeout_s
@@ -163,13 +164,12 @@ async def bootstrap(
         batch_concurrency=settings.batch_concurrency,
     )
     relay = OutboxRelay(store, publisher, marks=PublishedMarks(store))
-    apply = ApplyInputs(store, relay, clock, options)
+    apply = ApplyInputs(store, relay, clock, options, wire)
     if caller is None:
         caller = ResilientCaller({**declared_policies(ports), **(policies or {})})
     record_breaker_change = None
     if engine is not None:
-        breaker_log = PostgresBreakerLog(engine, Wire(lambda domain: exchange_name(prefix, domain)))
-        record_breaker_change = RecordBreakerChange(breaker_log, relay)
+        record_breaker_change = RecordBreakerChange(PostgresBreakerLog(engine), relay, wire)
     return System(
         settings=settings,
         registry=registry,
@@ -178,7 +178,7 @@ async def bootstrap(
         relay=relay,
         handle_event=HandleEvent(store, apply, clock, options),
         run_step=RunStepCommand(store, apply, clock, registry, ports, caller, options),
-        fire_timers=FireDueTimers(store, relay, clock, registry),
+        fire_timers=FireDueTimers(store, relay, clock, registry, wire),
         expire_parked=ExpireParked(store, clock),
         topology=topology_for(settings, registry),
         engine=engine,

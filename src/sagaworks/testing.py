@@ -31,6 +31,8 @@ from pydantic import BaseModel
 
 from sagaworks.adapters.memory.publisher import InMemoryPublisher
 from sagaworks.adapters.memory.store import DeadLetterRecord, HistoryRecord, InMemoryStore
+from sagaworks.adapters.rabbitmq.inbound import inbound_of
+from sagaworks.adapters.rabbitmq.publisher import amqp_properties
 from sagaworks.adapters.rabbitmq.topology import (
     commands_exchange_name,
     exchange_name,
@@ -41,7 +43,6 @@ from sagaworks.adapters.resilience.policy import declared_policies
 from sagaworks.application.policy import PortPolicy
 from sagaworks.application.ports import InboundMessage, OutboxRow, PortCaller
 from sagaworks.application.results import Handled
-from sagaworks.application.wire import Wire, read_attribute
 from sagaworks.bootstrap import System, bootstrap
 from sagaworks.domain.decide import RunStep, SagaNeedsAttention
 from sagaworks.domain.definition import SagaDefinition
@@ -135,22 +136,19 @@ def _topic_matches(pattern: str, routing_key: str) -> bool:
 
 
 def _as_delivered(row: OutboxRow, queue: str) -> InboundMessage:
-    """What a consumer of `queue` receives for an outbox row, as `to_inbound` would read it."""
-    props = dict(row.headers)
-    headers = dict(props.get("headers") or {})
-    timestamp = props.get("timestamp")
-    return InboundMessage(
-        message_id=row.message_id,
-        message_type=props.get("type") or read_attribute("type", headers) or "",
-        body=row.body,
-        headers=headers,
+    """What a consumer of `queue` receives for an outbox row: as RabbitMQ would deliver it."""
+    props = amqp_properties(row)
+    return inbound_of(
+        props.headers or {},
+        row.body,
         queue=queue,
         exchange=row.exchange,
         routing_key=row.routing_key,
-        source=props.get("app_id") or "",
-        time=datetime.fromisoformat(timestamp) if timestamp else None,
-        correlation_id=props.get("correlation_id"),
-        causation_id=read_attribute("causationid", headers),
+        message_id=props.message_id,
+        message_type=props.message_type,
+        app_id=props.app_id,
+        timestamp=props.timestamp,
+        correlation_id=props.correlation_id,
     )
 
 
@@ -179,10 +177,7 @@ class SagaHarness(Generic[S]):
         self.ports = ports
         self.clock = clock or FakeClock()
         self.settings = settings or Settings.load(secrets_dir=None)
-        prefix = self.settings.exchange_prefix
-        self.store = InMemoryStore(
-            Wire(lambda domain: exchange_name(prefix, domain)), clock=self.clock
-        )
+        self.store = InMemoryStore(clock=self.clock)
         self.publisher = InMemoryPublisher()
         self.deliveries: list[Delivery] = []
         """Every delivery so far, in order, with its outcome."""
@@ -265,16 +260,16 @@ class SagaHarness(Generic[S]):
                 f'saga "{self.definition.name}" does not consume "{event.message_type}" '
                 f"(it consumes: {', '.join(self._consumed())})"
             )
-        inbound = InboundMessage(
-            message_id=message_id or f"{event.message_type}-{next(self._ids)}",
-            message_type=event.message_type,
-            body=event.model_dump_json().encode(),
-            headers={"cloudEvents_specversion": "1.0"},
+        inbound = inbound_of(
+            {"cloudEvents_specversion": "1.0"},
+            event.model_dump_json().encode(),
             queue=queues[0],
             exchange=exchange,
             routing_key=event.routing_key,
-            source=source,
-            time=self.clock.now(),
+            message_id=message_id or f"{event.message_type}-{next(self._ids)}",
+            message_type=event.message_type,
+            app_id=source,
+            timestamp=self.clock.now(),
             correlation_id=correlation_id,
         )
         handled = [await self._deliver(queue, replace(inbound, queue=queue)) for queue in queues]

@@ -35,16 +35,14 @@ from sagas.order_fulfilment.ports import (
 from sagas.order_fulfilment.saga import order_fulfilment
 from sagas.order_fulfilment.state import OrderState
 from sagaworks.adapters.memory.store import DeadlockDetected
-from sagaworks.application.dead_letters import envelope_headers
 from sagaworks.application.ports import (
-    DeadLetter,
     InboundMessage,
     LockedSaga,
     OutboxRow,
     SagaClaim,
     Store,
 )
-from sagaworks.application.stored import fingerprint
+from sagaworks.application.stored import dead_letter, fingerprint
 from sagaworks.application.wire import Wire
 from sagaworks.domain.decide import (
     Decision,
@@ -239,7 +237,7 @@ class StoreContract:
             locked = await tx.lock_saga(SAGA, saga_id, message_id=message_id)
             decision = decide(SAGA, locked.instance, given, at)
             assert decision.outcome == "applied", decision.reason
-            await tx.save(SAGA, decision)
+            await tx.save(backend.wire.change(SAGA, decision))
             return decision, tx.written_outbox()
 
     async def to_wait(self, backend: Backend, order_id: str = "o-1") -> list[Decision]:
@@ -346,11 +344,11 @@ class StoreContract:
 
         with pytest.raises(RuntimeError, match="changed under its lock"):
             async with backend.store.transaction() as tx:
-                await tx.save(SAGA, reserved)  # expects version 1, finds 2
+                await tx.save(backend.wire.change(SAGA, reserved))  # expects version 1, finds 2
         # A second insert of version 1: PostgreSQL reports the primary key clash.
         with pytest.raises((RuntimeError, asyncpg.UniqueViolationError)):
             async with backend.store.transaction() as tx:
-                await tx.save(SAGA, started)
+                await tx.save(backend.wire.change(SAGA, started))
 
         assert await backend.probe.saga_version(saga_id) == 2
         assert await backend.probe.history(saga_id) == history
@@ -461,7 +459,8 @@ class StoreContract:
             locked = await tx.lock_saga(SAGA, other)
             decision = decide(SAGA, locked.instance, dispatched("o-2"), T0)
             assert decision.cancel_timers == (DEADLINE,)
-            await tx.save(SAGA, replace(decision, set_timers=(TimerSpec(DEADLINE, later),)))
+            moved = replace(decision, set_timers=(TimerSpec(DEADLINE, later),))
+            await tx.save(backend.wire.change(SAGA, moved))
         assert before.fire_at == DISPATCH_BY
         assert await backend.probe.timers(other) == {DEADLINE: TimerRow(before.id, later)}
 
@@ -533,7 +532,7 @@ class StoreContract:
             other = await asyncio.wait_for(self.locked(backend, "o-2"), 5)
             assert other.instance is None
             decision = decide(SAGA, locked.instance, placed("o-1"), T0)
-            await tx.save(SAGA, decision)
+            await tx.save(backend.wire.change(SAGA, decision))
             # Uncommitted work is invisible outside the transaction.
             assert (await backend.store.load_sagas([(SAGA, saga_id)]))[0] is None
             assert await self.claimable(backend) == []
@@ -631,7 +630,7 @@ class StoreContract:
                 o: decide(SAGA, lock.instance, given, T0)
                 for (o, given), lock in zip(inputs.items(), locked, strict=True)
             }
-            await tx.save_all([(SAGA, d) for d in batch.values()])
+            await tx.save_all([backend.wire.change(SAGA, d) for d in batch.values()])
             written = tx.written_outbox()
 
         nobody = saga_id_for(SAGA.name, "nobody")
@@ -690,7 +689,7 @@ class StoreContract:
                     decide(SAGA, locked[1].instance, succeeded("reserve_stock"), T0),
                 ]
                 # `reserved` was decided on version 1; the saga is at version 2 now.
-                await tx.save_all([*((SAGA, d) for d in fresh), (SAGA, reserved)])
+                await tx.save_all([backend.wire.change(SAGA, d) for d in (*fresh, reserved)])
 
         with pytest.raises(RuntimeError, match=f"{two} changed under its lock") as stale:
             await save_with_stale_last()
@@ -724,7 +723,7 @@ class StoreContract:
                 events.append(f"{name} locked")
                 await asyncio.sleep(0.1)
                 changes = [
-                    (
+                    backend.wire.change(
                         SAGA,
                         decide(
                             SAGA,
@@ -767,7 +766,8 @@ class StoreContract:
             async with backend.store.transaction() as tx:
                 locked = await tx.lock_sagas([SagaClaim(SAGA, one)])
                 started = decide(SAGA, locked[0].instance, placed("o-1"), T0)
-                await tx.save_all([(SAGA, started), (SAGA, started)])
+                change = backend.wire.change(SAGA, started)
+                await tx.save_all([change, change])
 
         with pytest.raises(ValueError, match=str(one)):
             await save_twice()
@@ -845,18 +845,18 @@ class StoreContract:
 
     async def test_dead_letters_upsert_per_queue_and_message(self, backend: Backend) -> None:
         message = inbound("m-bad", body=b"{not json")
-        first = DeadLetter(
+        first = dead_letter(
             message,
             "malformed_json",
             "ValidationError",
             "line 1 col 2",
-            "order_fulfilment",
-            "order_fulfilment",
+            handler="order_fulfilment",
+            saga_type="order_fulfilment",
         )
         # The same message failing again after a replay: new headers, new cause.
         replayed = inbound("m-bad", body=b"changed", headers={"x-sagaworks-replay": 1})
-        again = DeadLetter(
-            replayed, "schema_invalid", "ValidationError", "field 12 missing", "run_step"
+        again = dead_letter(
+            replayed, "schema_invalid", "ValidationError", "field 12 missing", handler="run_step"
         )
         t1, t2, t3 = T0, T0 + timedelta(minutes=3), T0 + timedelta(minutes=9)
         async with backend.store.transaction() as tx:
@@ -882,10 +882,9 @@ class StoreContract:
             "schema_invalid", "ValidationError", "field 12 missing", "run_step"
         )
         assert (row.first_failed_at, row.last_failed_at, row.status) == (t1, t2, "active")
-        # Headers follow the latest failure (CloudEvents attributes folded in); the rest of
-        # the message is kept from the first.
-        assert row.headers == json.loads(json.dumps(envelope_headers(replayed), default=str))
-        assert row.headers["cloudEvents_id"] == "m-bad"
+        # Headers follow the latest failure, kept as handed over; the rest of the message is
+        # kept from the first.
+        assert row.headers == json.loads(json.dumps(replayed.headers, default=str))
         assert row.headers["x-sagaworks-replay"] == 1
         assert (row.body, row.saga_type) == (b"{not json", "order_fulfilment")
         assert (row.message_id, row.exchange, row.routing_key, row.message_type) == (
@@ -910,10 +909,12 @@ class StoreContract:
         async def everything_then_fail() -> None:
             async with backend.store.transaction() as tx:
                 locked = await tx.lock_saga(SAGA, saga_id, message_id="m-1")
-                await tx.save(SAGA, decide(SAGA, locked.instance, placed("o-1"), T0))
+                await tx.save(
+                    backend.wire.change(SAGA, decide(SAGA, locked.instance, placed("o-1"), T0))
+                )
                 assert len(tx.written_outbox()) == 1
                 await tx.park(SAGA.name, saga_id, "o-1", inbound("m-p"), "no_saga", T0)
-                await tx.dead_letter(DeadLetter(inbound("m-d"), "oversized"), T0)
+                await tx.dead_letter(dead_letter(inbound("m-d"), "oversized"), T0)
                 assert await tx.claim_due_timer(DISPATCH_BY) is not None
                 raise _Boom
 

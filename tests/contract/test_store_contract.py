@@ -163,7 +163,7 @@ def database_url(request: pytest.FixtureRequest, backend_kind: str) -> str | Non
 async def backend(backend_kind: str, database_url: str | None) -> AsyncIterator[Backend]:
     wire = _wire()
     if database_url is None:
-        store = InMemoryStore(wire)
+        store = InMemoryStore()
         yield Backend(backend_kind, store, MemoryProbe(store), wire)
         return
     engine = create_engine(database_url, pool_size=5, max_overflow=5)
@@ -173,7 +173,7 @@ async def backend(backend_kind: str, database_url: str | None) -> AsyncIterator[
         if backend_kind == "postgres-pool"
         else None
     )
-    store = PostgresStore(engine, wire, pool)
+    store = PostgresStore(engine, pool)
     try:
         yield Backend(backend_kind, store, PostgresProbe(engine), wire)
     finally:

@@ -22,10 +22,9 @@ from sagaworks.adapters.memory.store import InMemoryStore
 from sagaworks.application.apply_inputs import ApplyInputs, Arrival
 from sagaworks.application.options import EngineOptions
 from sagaworks.application.outbox import OutboxRelay
-from sagaworks.application.ports import InboundMessage, SagaTransaction
+from sagaworks.application.ports import InboundMessage, SagaChange, SagaTransaction
 from sagaworks.application.wire import Wire
-from sagaworks.domain.decide import Decision, EventReceived, RunStep
-from sagaworks.domain.definition import SagaDefinition
+from sagaworks.domain.decide import EventReceived, RunStep
 from sagaworks.domain.instance import Status, saga_id_for
 from sagaworks.domain.messages import Envelope, Message
 from sagaworks.testing import FakeClock
@@ -39,7 +38,7 @@ class CountingStore(InMemoryStore):
     """The in-memory store, counting transactions; `poison` makes a batch holding it fail."""
 
     def __init__(self) -> None:
-        super().__init__(Wire(lambda domain: domain))
+        super().__init__()
         self.transactions = 0
         self.poison: set[Any] = set()
 
@@ -58,11 +57,12 @@ class _Poisoned:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._tx, name)
 
-    async def save_all(self, changes: Sequence[tuple[SagaDefinition[Any], Decision]]) -> None:
-        for _, decision in changes:
-            assert decision.instance is not None
-            if decision.instance.id in self._poison:
-                raise RuntimeError(f"saga {decision.instance.id} cannot be written")
+    async def save_all(self, changes: Sequence[SagaChange]) -> None:
+        for change in changes:
+            instance = change.decision.instance
+            assert instance is not None
+            if instance.id in self._poison:
+                raise RuntimeError(f"saga {instance.id} cannot be written")
         await self._tx.save_all(changes)
 
 
@@ -79,7 +79,8 @@ def publisher() -> InMemoryPublisher:
 @pytest.fixture
 def apply(store: CountingStore, publisher: InMemoryPublisher) -> ApplyInputs:
     relay = OutboxRelay(store, publisher)
-    return ApplyInputs(store, relay, FakeClock(), EngineOptions(park_for=timedelta(minutes=1)))
+    options = EngineOptions(park_for=timedelta(minutes=1))
+    return ApplyInputs(store, relay, FakeClock(), options, Wire(lambda domain: domain))
 
 
 def event(message: Message, key: str, message_id: str) -> Arrival:

@@ -1,4 +1,4 @@
-"""The pure parts of dead-letter handling: replay headers, body edits, remembered errors."""
+"""The pure parts of dead-letter handling: replay envelopes, body edits, remembered errors."""
 
 from __future__ import annotations
 
@@ -6,16 +6,16 @@ from datetime import UTC, datetime
 
 import pytest
 
+from sagaworks.adapters.rabbitmq.publisher import amqp_properties
 from sagaworks.application.dead_letter_ports import StoredDeadLetter
 from sagaworks.application.dead_letters import (
     REPLAY_HEADER,
     DeadLetterError,
     LastErrors,
-    envelope_headers,
-    replay_properties,
+    replay_envelope,
     set_path,
 )
-from sagaworks.application.ports import InboundMessage
+from sagaworks.application.ports import OutboxRow
 
 pytestmark = pytest.mark.unit
 
@@ -48,7 +48,7 @@ def letter(headers: dict[str, object]) -> StoredDeadLetter:
 
 
 def test_replay_strips_the_broker_death_records_and_numbers_the_replay() -> None:
-    properties = replay_properties(
+    envelope = replay_envelope(
         letter(
             {
                 "x-death": [{"queue": "q"}],
@@ -64,42 +64,32 @@ def test_replay_strips_the_broker_death_records_and_numbers_the_replay() -> None
         ),
         2,
     )
-    assert properties["headers"] == {
+    row = OutboxRow(1, "m-1#replay-7-2", "", "sagaworks.order_fulfilment", envelope, b"{}")
+    properties = amqp_properties(row)
+    assert properties.headers == {
         "x-trace": "kept",
         "cloudEvents_source": "shop",
         "cloudEvents_correlationid": "c-1",
         "cloudEvents_time": "2024-05-01T11:00:00+00:00",
         REPLAY_HEADER: 2,
     }
-    assert (properties["message_id"], properties["type"], properties["app_id"]) == (
+    assert (properties.message_id, properties.message_type, properties.app_id) == (
         "m-1",
         "order.placed",
         "shop",
     )
-    assert properties["correlation_id"] == "c-1"
-    assert properties["timestamp"] == "2024-05-01T11:00:00+00:00"
+    assert properties.correlation_id == "c-1"
+    assert properties.timestamp == datetime(2024, 5, 1, 11, 0, tzinfo=UTC)
 
 
-def test_envelope_headers_add_attributes_that_came_only_as_properties() -> None:
-    inbound = InboundMessage(
-        message_id="m-1",
-        message_type="order.placed",
-        body=b"{}",
-        headers={"cloudEvents_source": "from-header"},
-        queue="q",
-        exchange="orders",
-        routing_key="order.placed",
-        source="from-property",
-        time=NOW,
-        correlation_id="c-1",
-    )
-    assert envelope_headers(inbound) == {
-        "cloudEvents_source": "from-header",
-        "cloudEvents_id": "m-1",
-        "cloudEvents_type": "order.placed",
-        "cloudEvents_time": NOW.isoformat(),
-        "cloudEvents_correlationid": "c-1",
+def test_replay_envelope_names_no_transport_and_keeps_the_stored_headers() -> None:
+    stored = {"x-trace": "kept", REPLAY_HEADER: 1}
+    assert replay_envelope(letter(stored), 2) == {
+        "id": "m-1",
+        "type": "order.placed",
+        "headers": {"x-trace": "kept", REPLAY_HEADER: 2},
     }
+    assert stored[REPLAY_HEADER] == 1
 
 
 def test_set_path_replaces_nested_values_without_touching_the_original() -> None:

@@ -24,6 +24,7 @@ from sagaworks.application.outbox import OutboxRelay
 from sagaworks.application.ports import InboundMessage
 from sagaworks.application.registry import SagaRegistry
 from sagaworks.application.run_step import RunStepCommand
+from sagaworks.application.wire import Wire
 from sagaworks.domain.decide import RunStep
 from sagaworks.domain.instance import InFlight, SagaInstance, Status
 
@@ -451,7 +452,7 @@ async def test_run_step_lets_circuit_open_through_without_recording_a_failure() 
     options = EngineOptions(park_for=timedelta(seconds=1), max_message_bytes=1024)
     run_step = RunStepCommand(
         Store(),  # type: ignore[arg-type]
-        ApplyInputs(Store(), OutboxRelay(Store(), None), FakeWallClock(), options),  # type: ignore[arg-type]
+        ApplyInputs(Store(), OutboxRelay(Store(), None), FakeWallClock(), options, Wire(str)),  # type: ignore[arg-type]
         FakeWallClock(),
         SagaRegistry([order_fulfilment]),
         {"payments": object()},

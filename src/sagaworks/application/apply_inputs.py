@@ -25,6 +25,7 @@ from sagaworks.application.options import EngineOptions
 from sagaworks.application.outbox import OutboxRelay
 from sagaworks.application.ports import Clock, InboundMessage, SagaClaim, Store
 from sagaworks.application.transition import apply_input
+from sagaworks.application.wire import Wire
 from sagaworks.domain.decide import Decision, Input, decide
 from sagaworks.domain.definition import SagaDefinition
 from sagaworks.domain.instance import SagaInstance
@@ -61,12 +62,13 @@ class Settled:
 
 class ApplyInputs:
     def __init__(
-        self, store: Store, relay: OutboxRelay, clock: Clock, options: EngineOptions
+        self, store: Store, relay: OutboxRelay, clock: Clock, options: EngineOptions, wire: Wire
     ) -> None:
         self._store = store
         self._relay = relay
         self._clock = clock
         self._options = options
+        self._wire = wire
         self._batches: Batcher[Arrival, tuple[Settled, Published]] = Batcher(
             self._apply,
             size=options.batch_size,
@@ -92,13 +94,13 @@ class ApplyInputs:
                 decision = decide(arrival.definition, saga.instance, arrival.given, now)
                 decisions[i] = decision
                 if decision.outcome == "applied":
-                    applied.append((arrival.definition, decision))
+                    applied.append(self._wire.change(arrival.definition, decision))
             if applied:
                 await tx.save_all(applied)
             for i, (arrival, saga) in enumerate(zip(arrivals, locked, strict=True)):
                 if saga.has_parked and not saga.duplicate:  # rare: replays what it unblocks
                     decisions[i] = await apply_input(
-                        tx, arrival.definition, saga, arrival.given, now
+                        tx, self._wire, arrival.definition, saga, arrival.given, now
                     )
                 parked = decisions[i]
                 if parked is not None and parked.outcome == "park" and arrival.parkable:

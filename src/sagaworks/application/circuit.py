@@ -19,7 +19,8 @@ from datetime import datetime
 from typing import Literal, Protocol
 
 from sagaworks.application.outbox import OutboxRelay
-from sagaworks.application.ports import OutboxRow
+from sagaworks.application.ports import OutboxRow, PendingMessage
+from sagaworks.application.wire import Wire
 from sagaworks.domain.decide import EVENTS_DOMAIN, Outgoing
 from sagaworks.domain.messages import Envelope, Message
 
@@ -106,7 +107,7 @@ def breaker_event(change: BreakerChange) -> Outgoing:
 
 
 class BreakerLog(Protocol):
-    async def record(self, change: BreakerChange, event: Outgoing) -> Sequence[OutboxRow]:
+    async def record(self, change: BreakerChange, event: PendingMessage) -> Sequence[OutboxRow]:
         """In one transaction: the port's state for dashboards, and `event` in the outbox."""
         ...
 
@@ -114,10 +115,11 @@ class BreakerLog(Protocol):
 class RecordBreakerChange:
     """Records a breaker change and publishes its event right after the commit."""
 
-    def __init__(self, log: BreakerLog, relay: OutboxRelay) -> None:
+    def __init__(self, log: BreakerLog, relay: OutboxRelay, wire: Wire) -> None:
         self._log = log
         self._relay = relay
+        self._wire = wire
 
     async def __call__(self, change: BreakerChange) -> None:
-        rows = await self._log.record(change, breaker_event(change))
+        rows = await self._log.record(change, self._wire.encode(breaker_event(change)))
         await self._relay.publish_now(rows)

@@ -1,7 +1,7 @@
 """Use cases on dead letters: ingest them from the broker, then edit, replay, archive, purge.
 
 Ingestion turns a message from the dead-letter queue into a row of the store,
-using the broker's `x-death` record for where and why it failed. Replay sends
+using its newest `PriorFailure` for where and why it failed. Replay sends
 a letter back to the one queue that failed (through the default exchange, not
 its original exchange, which would fan it out to every bound queue again),
 with its original message id, so the saga's inbox makes a repeated replay a
@@ -16,8 +16,7 @@ import json
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
-from datetime import datetime
+from dataclasses import astuple, dataclass, replace
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -29,10 +28,11 @@ from sagaworks.application.dead_letter_ports import (
     DeadLetterRepository,
     StoredDeadLetter,
 )
-from sagaworks.application.ports import Clock, DeadLetter, InboundMessage, Publisher, Store
+from sagaworks.application.ports import Clock, InboundMessage, PriorFailure, Publisher, Store
 from sagaworks.application.registry import SagaRegistry
 from sagaworks.application.results import Handled
-from sagaworks.application.wire import CE_PREFIX, read_attribute
+from sagaworks.application.stored import dead_letter
+from sagaworks.application.wire import resend_envelope
 from sagaworks.domain.decide import RunStep
 
 __all__ = [
@@ -49,9 +49,8 @@ __all__ = [
     "ReplayReport",
     "UnknownDeadLetter",
     "archive_dead_letters",
-    "envelope_headers",
     "purge_dead_letters",
-    "replay_properties",
+    "replay_envelope",
     "resolve_selection",
     "schema_for",
     "set_path",
@@ -59,9 +58,6 @@ __all__ = [
 
 REPLAY_HEADER = "x-sagaworks-replay"
 """Which replay of a dead letter a message is (1, 2, …): a failure after a replay is new."""
-
-_BROKER_HEADERS = frozenset({"x-death", "x-delivery-count"})
-_BROKER_PREFIXES = ("x-first-death-", "x-last-death-")
 
 
 class DeadLetterError(Exception):
@@ -126,44 +122,12 @@ class LastErrors:
         return self._errors.get((queue, message_id))
 
 
-@dataclass(frozen=True, slots=True)
-class _Death:
-    queue: str
-    reason: str
-    exchange: str
-    routing_key: str
-    time: datetime | None
+_UNRECORDED = PriorFailure("", "", "", (), 0, None)
 
 
-def _death(inbound: InboundMessage) -> _Death:
-    """Where and why the message died: the newest `x-death` entry (the list is newest-first)."""
-    headers = inbound.headers
-    deaths = headers.get("x-death")
-    if isinstance(deaths, list) and deaths and isinstance(deaths[0], Mapping):
-        newest = deaths[0]
-        keys = newest.get("routing-keys") or [inbound.routing_key]
-        when = newest.get("time")
-        return _Death(
-            queue=str(newest.get("queue") or "unknown"),
-            reason=str(newest.get("reason") or "unknown"),
-            exchange=str(newest.get("exchange") or ""),
-            routing_key=str(keys[0]),
-            time=_parse_time(when) if isinstance(when, str) else None,
-        )
-    return _Death(
-        queue=str(headers.get("x-first-death-queue") or "unknown"),
-        reason=str(headers.get("x-first-death-reason") or "unknown"),
-        exchange=str(headers.get("x-first-death-exchange") or ""),
-        routing_key=inbound.routing_key,
-        time=None,
-    )
-
-
-def _parse_time(value: str) -> datetime | None:
-    try:
-        return datetime.fromisoformat(value)
-    except ValueError:
-        return None
+def _last_failure(inbound: InboundMessage) -> PriorFailure:
+    """Where and why the message died: its newest recorded failure."""
+    return inbound.failures[0] if inbound.failures else _UNRECORDED
 
 
 _BROKER_CAUSES = {
@@ -173,33 +137,12 @@ _BROKER_CAUSES = {
 }
 
 
-def envelope_headers(inbound: InboundMessage) -> dict[str, Any]:
-    """The headers plus the CloudEvents attributes that came only as AMQP properties.
-
-    The store keeps headers, not properties; with the attributes as
-    `cloudEvents_*` headers (the binding's own form) a replay loses none of them.
-    """
-    headers = dict(inbound.headers)
-    attributes = {
-        "id": inbound.message_id,
-        "type": inbound.message_type,
-        "source": inbound.source,
-        "time": inbound.time.isoformat() if inbound.time else None,
-        "correlationid": inbound.correlation_id,
-        "causationid": inbound.causation_id,
-    }
-    for name, value in attributes.items():
-        if value and read_attribute(name, headers) is None:
-            headers[f"{CE_PREFIX}{name}"] = value
-    return headers
-
-
 class IngestDeadLetter:
     """One message from the dead-letter queue into the store; the caller acks after commit.
 
     Idempotent: the store counts a failure again only when its headers differ
-    (a redelivered dead letter carries the same `x-death`; a replayed message
-    that fails again carries a new one and another replay number).
+    (a redelivered dead letter carries the same death record; a replayed
+    message that fails again carries a new one and another replay number).
     """
 
     def __init__(
@@ -215,20 +158,22 @@ class IngestDeadLetter:
         self._last_errors = last_errors
 
     async def __call__(self, inbound: InboundMessage) -> Handled:
-        death = _death(inbound)
+        death = _last_failure(inbound)
+        queue = death.queue or "unknown"
+        reason = death.reason or "unknown"
         message_id = inbound.message_id or _content_id(inbound)
-        handler, saga_type = self._handler(death.queue, inbound.body)
-        exception_type, exception_message = self._cause(death, message_id, inbound)
+        handler, saga_type = self._handler(queue, inbound.body)
+        exception_type, exception_message = self._cause(reason, queue, message_id, inbound)
         original = replace(
             inbound,
             message_id=message_id,
-            queue=death.queue,
+            queue=queue,
             exchange=death.exchange,
-            routing_key=death.routing_key,
+            routing_key=death.routing_keys[0] if death.routing_keys else inbound.routing_key,
         )
-        letter = DeadLetter(
+        letter = dead_letter(
             original,
-            death.reason,
+            reason,
             exception_type,
             exception_message,
             handler=handler,
@@ -236,7 +181,7 @@ class IngestDeadLetter:
         )
         async with self._store.transaction() as tx:
             await tx.dead_letter(letter, death.time or self._clock.now())
-        return Handled("applied", death.reason)
+        return Handled("applied", reason)
 
     def _handler(self, queue: str, body: bytes) -> tuple[str | None, str | None]:
         owner = self._owners.get(queue)
@@ -250,24 +195,26 @@ class IngestDeadLetter:
             return "run_step", None
         return f"{command.saga_type}.{command.step}.{command.kind}", command.saga_type
 
-    def _cause(self, death: _Death, message_id: str, inbound: InboundMessage) -> tuple[str, str]:
-        if death.reason == "delivery_limit":
-            seen = self._last_errors.get(death.queue, message_id)
+    def _cause(
+        self, reason: str, queue: str, message_id: str, inbound: InboundMessage
+    ) -> tuple[str, str]:
+        if reason == "delivery_limit":
+            seen = self._last_errors.get(queue, message_id)
             if seen is not None:
                 return seen
-            deliveries = inbound.headers.get("x-delivery-count")
-            times = f" {deliveries} times" if isinstance(deliveries, int) else ""
+            deliveries = inbound.delivery_count
+            times = f" {deliveries} times" if deliveries else ""
             return (
                 "DeliveryLimitExceeded",
                 f"returned to the queue{times} without being acknowledged "
                 "(x-delivery-limit); the handler's error was not seen by the ingesting worker",
             )
-        return _BROKER_CAUSES.get(death.reason, ("DeadLettered", f"broker reason {death.reason}"))
+        return _BROKER_CAUSES.get(reason, ("DeadLettered", f"broker reason {reason}"))
 
 
 def _content_id(inbound: InboundMessage) -> str:
     """A stable id for a message that has none, so its redeliveries still dedupe."""
-    deaths = json.dumps(inbound.headers.get("x-death"), sort_keys=True, default=str)
+    deaths = json.dumps([astuple(f) for f in inbound.failures], default=str)
     digest = hashlib.sha256(inbound.body + deaths.encode()).hexdigest()[:24]
     return f"no-id:{digest}"
 
@@ -293,24 +240,14 @@ async def resolve_selection(repo: DeadLetterRepository, selection: DeadLetterFil
 # --- replay -----------------------------------------------------------------------------------
 
 
-def replay_properties(letter: StoredDeadLetter, replay: int) -> dict[str, Any]:
-    """The outbox `headers` (AMQP properties) of a replay: broker death records stripped."""
-    headers: dict[str, Any] = {
-        key: value
-        for key, value in letter.headers.items()
-        if key not in _BROKER_HEADERS and not key.startswith(_BROKER_PREFIXES)
-    }
-    headers[REPLAY_HEADER] = replay
-    timestamp = read_attribute("time", headers)
-    return {
-        "message_id": letter.message_id,
-        "type": letter.message_type or read_attribute("type", headers),
-        "app_id": read_attribute("source", headers),
-        "correlation_id": read_attribute("correlationid", headers),
-        "content_type": read_attribute("datacontenttype", headers) or "application/json",
-        "timestamp": timestamp if timestamp and _parse_time(timestamp) else None,
-        "headers": headers,
-    }
+def replay_envelope(letter: StoredDeadLetter, replay: int) -> dict[str, Any]:
+    """The outbox envelope of a replay: the letter as it came, with its original id, numbered.
+
+    The publisher drops what the broker wrote on the message when it failed.
+    """
+    return resend_envelope(
+        letter.message_id, letter.message_type, {**letter.headers, REPLAY_HEADER: replay}
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,7 +306,7 @@ class ReplayDeadLetters:
                 continue
             replay = letter.times_replayed + 1
             key = f"{letter.message_id}#replay-{letter.id}-{replay}"
-            row = await self._repo.stage_replay(letter, key, replay_properties(letter, replay))
+            row = await self._repo.stage_replay(letter, key, replay_envelope(letter, replay))
             detail = {"queue": letter.queue, "outbox_message_id": key, "replay": replay}
             try:
                 await self._publisher.publish([row])

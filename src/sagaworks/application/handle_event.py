@@ -7,8 +7,9 @@ from typing import Any
 from sagaworks.application.apply_inputs import ApplyInputs, Arrival
 from sagaworks.application.inbound import Rejected, envelope_of, parse_event
 from sagaworks.application.options import EngineOptions
-from sagaworks.application.ports import Clock, DeadLetter, InboundMessage, Store
+from sagaworks.application.ports import Clock, InboundMessage, Store
 from sagaworks.application.results import Handled
+from sagaworks.application.stored import dead_letter
 from sagaworks.domain.decide import EventReceived
 from sagaworks.domain.definition import SagaDefinition
 from sagaworks.domain.instance import saga_id_for
@@ -42,7 +43,7 @@ class HandleEvent:
     async def _reject(
         self, definition: SagaDefinition[Any], inbound: InboundMessage, why: Rejected
     ) -> Handled:
-        letter = DeadLetter(
+        letter = dead_letter(
             inbound,
             why.reason,
             why.exception_type,

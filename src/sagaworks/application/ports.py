@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
 from uuid import UUID
@@ -25,8 +25,11 @@ __all__ = [
     "LockedSaga",
     "OutboxRow",
     "ParkedMessage",
+    "PendingMessage",
     "PortCaller",
+    "PriorFailure",
     "Publisher",
+    "SagaChange",
     "SagaClaim",
     "SagaTransaction",
     "Store",
@@ -40,8 +43,27 @@ class Clock(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class PriorFailure:
+    """One earlier failure of a delivery, as the transport recorded it; "" when it did not say."""
+
+    reason: str
+    """Why it left the queue: `rejected`, `expired`, `maxlen`, `delivery_limit`, …"""
+    queue: str
+    exchange: str
+    routing_keys: tuple[str, ...]
+    count: int
+    """How often it failed this way in this queue (0: not recorded)."""
+    time: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
 class InboundMessage:
-    """One delivery, transport-neutral: what a use case needs to know about it."""
+    """One delivery, transport-neutral: what a use case needs to know about it.
+
+    `headers` are carried, not read: they hold the message as the transport
+    delivered it (envelope attributes included), so a stored delivery can be
+    sent again as it came. Everything a use case reads has a field of its own.
+    """
 
     message_id: str
     message_type: str
@@ -56,17 +78,69 @@ class InboundMessage:
     causation_id: str | None = None
     user_id: str | None = None
     delivery_count: int = 0
+    failures: tuple[PriorFailure, ...] = ()
+    """Where and why it failed before it came here, newest first (dead letters have some)."""
+
+    def meta(self) -> dict[str, Any]:
+        """How every store keeps a delivery (a parked event) besides id, type and body: JSON."""
+        return {
+            "headers": dict(self.headers),
+            "queue": self.queue,
+            "exchange": self.exchange,
+            "routing_key": self.routing_key,
+            "source": self.source,
+            "time": self.time.isoformat() if self.time else None,
+            "correlation_id": self.correlation_id,
+            "causation_id": self.causation_id,
+            "user_id": self.user_id,
+        }
+
+    @classmethod
+    def from_meta(
+        cls, message_id: str, message_type: str, body: bytes, meta: Mapping[str, Any]
+    ) -> InboundMessage:
+        """The delivery a store kept with `meta()`, exactly as it arrived."""
+        time = meta.get("time")
+        return cls(
+            message_id=message_id,
+            message_type=message_type,
+            body=body,
+            headers=meta.get("headers", {}),
+            queue=meta.get("queue", ""),
+            exchange=meta.get("exchange", ""),
+            routing_key=meta.get("routing_key", ""),
+            source=meta.get("source", ""),
+            time=datetime.fromisoformat(time) if time else None,
+            correlation_id=meta.get("correlation_id"),
+            causation_id=meta.get("causation_id"),
+            user_id=meta.get("user_id"),
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class OutboxRow:
-    """A committed message waiting to be published (`id` is the outbox row id)."""
+    """A committed message waiting to be published (`id` is the outbox row id).
+
+    `headers` is the envelope in neutral form (see `wire.py`), which the
+    publisher maps onto its transport.
+    """
 
     id: int
     message_id: str
     exchange: str
     routing_key: str
     headers: Mapping[str, Any]
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PendingMessage:
+    """An outbox row before it has an id, encoded by `wire.Wire`: what a store writes."""
+
+    message_id: str
+    exchange: str
+    routing_key: str
+    headers: dict[str, Any]
     body: bytes
 
 
@@ -98,6 +172,15 @@ class SagaClaim:
 
 
 @dataclass(frozen=True, slots=True)
+class SagaChange:
+    """An applied decision, ready to persist: with the outbox rows it sends, already encoded."""
+
+    definition: SagaDefinition[Any]
+    decision: Decision
+    outbox: tuple[PendingMessage, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class DueTimer:
     id: int
     saga_type: str
@@ -107,15 +190,18 @@ class DueTimer:
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """A message sagaworks gave up on, with why; goes to the dead-letter store."""
+    """A message sagaworks gave up on, with why; goes to the dead-letter store as it is.
+
+    Built by `stored.dead_letter`, which groups it (`fingerprint`) by one rule for every store.
+    """
 
     inbound: InboundMessage
     reason: str
-    exception_type: str | None = None
-    exception_message: str | None = None
-    handler: str | None = None
-    saga_type: str | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    exception_type: str | None
+    exception_message: str | None
+    handler: str | None
+    saga_type: str | None
+    fingerprint: str
 
 
 class SagaTransaction(Protocol):
@@ -138,11 +224,11 @@ class SagaTransaction(Protocol):
         """
         ...
 
-    async def save(self, definition: SagaDefinition[Any], decision: Decision) -> None:
+    async def save(self, change: SagaChange) -> None:
         """Persist an applied decision: instance, history, outbox, timers."""
         ...
 
-    async def save_all(self, changes: Sequence[tuple[SagaDefinition[Any], Decision]]) -> None:
+    async def save_all(self, changes: Sequence[SagaChange]) -> None:
         """`save` for the applied decisions of several sagas, each at most once."""
         ...
 

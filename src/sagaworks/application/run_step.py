@@ -16,9 +16,10 @@ from pydantic import ValidationError
 from sagaworks.application.apply_inputs import ApplyInputs, Arrival
 from sagaworks.application.batching import Batcher
 from sagaworks.application.options import EngineOptions
-from sagaworks.application.ports import Clock, DeadLetter, InboundMessage, PortCaller, Store
+from sagaworks.application.ports import Clock, InboundMessage, PortCaller, Store
 from sagaworks.application.registry import SagaRegistry, UnknownSaga
 from sagaworks.application.results import Handled
+from sagaworks.application.stored import dead_letter
 from sagaworks.domain.decide import Failure, RunStep, StepFinished, idempotency_key
 from sagaworks.domain.definition import SagaDefinition, StepInput
 from sagaworks.domain.errors import BusinessFailure, PortUnavailable
@@ -105,7 +106,7 @@ class RunStepCommand:
 
     async def _reject(self, inbound: InboundMessage, error: Exception) -> Handled:
         reason = "unknown_saga" if isinstance(error, UnknownSaga) else "schema_invalid"
-        letter = DeadLetter(inbound, reason, type(error).__name__, str(error), handler="run_step")
+        letter = dead_letter(inbound, reason, type(error).__name__, str(error), handler="run_step")
         async with self._store.transaction() as tx:
             await tx.dead_letter(letter, self._clock.now())
         return Handled("dead_lettered", reason)

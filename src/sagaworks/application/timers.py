@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from sagaworks.application.outbox import OutboxRelay
-from sagaworks.application.ports import Clock, DeadLetter, Store
+from sagaworks.application.ports import Clock, Store
 from sagaworks.application.registry import SagaRegistry
+from sagaworks.application.stored import dead_letter
 from sagaworks.application.transition import apply_input
+from sagaworks.application.wire import Wire
 from sagaworks.domain.decide import TimerFired
 
 __all__ = ["ExpireParked", "FireDueTimers"]
@@ -15,12 +17,13 @@ class FireDueTimers:
     """Each due timer is claimed and applied in its own transaction."""
 
     def __init__(
-        self, store: Store, relay: OutboxRelay, clock: Clock, registry: SagaRegistry
+        self, store: Store, relay: OutboxRelay, clock: Clock, registry: SagaRegistry, wire: Wire
     ) -> None:
         self._store = store
         self._relay = relay
         self._clock = clock
         self._registry = registry
+        self._wire = wire
 
     async def __call__(self, limit: int = 200) -> int:
         fired = 0
@@ -32,7 +35,7 @@ class FireDueTimers:
                     return fired
                 definition = self._registry.get(timer.saga_type)
                 locked = await tx.lock_saga(definition, timer.saga_id)
-                await apply_input(tx, definition, locked, TimerFired(timer.name), now)
+                await apply_input(tx, self._wire, definition, locked, TimerFired(timer.name), now)
                 rows = tx.written_outbox()
             await self._relay.publish_now(rows)
             fired += 1
@@ -52,7 +55,7 @@ class ExpireParked:
             expired = await tx.expire_parked(now, limit)
             for parked in expired:
                 await tx.dead_letter(
-                    DeadLetter(
+                    dead_letter(
                         parked.inbound,
                         parked.reason,
                         "NotApplicable",

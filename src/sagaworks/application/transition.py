@@ -6,7 +6,9 @@ from datetime import datetime
 from typing import Any
 
 from sagaworks.application.inbound import Rejected, envelope_of, parse_event
-from sagaworks.application.ports import DeadLetter, LockedSaga, SagaTransaction
+from sagaworks.application.ports import LockedSaga, SagaTransaction
+from sagaworks.application.stored import dead_letter
+from sagaworks.application.wire import Wire
 from sagaworks.domain.decide import Decision, EventReceived, Input, decide
 from sagaworks.domain.definition import SagaDefinition
 from sagaworks.domain.instance import SagaInstance
@@ -18,6 +20,7 @@ _NO_LIMIT = 1 << 62
 
 async def apply_input(
     tx: SagaTransaction,
+    wire: Wire,
     definition: SagaDefinition[Any],
     locked: LockedSaga,
     given: Input,
@@ -26,15 +29,19 @@ async def apply_input(
     """Decide and persist; after a transition, retry the events that waited for it."""
     decision = decide(definition, locked.instance, given, now)
     if decision.outcome == "applied":
-        await tx.save(definition, decision)
+        await tx.save(wire.change(definition, decision))
         assert decision.instance is not None
         if locked.has_parked:
-            await _replay_parked(tx, definition, decision.instance, now)
+            await _replay_parked(tx, wire, definition, decision.instance, now)
     return decision
 
 
 async def _replay_parked(
-    tx: SagaTransaction, definition: SagaDefinition[Any], instance: SagaInstance, now: datetime
+    tx: SagaTransaction,
+    wire: Wire,
+    definition: SagaDefinition[Any],
+    instance: SagaInstance,
+    now: datetime,
 ) -> None:
     parked = await tx.parked_for(instance.id)
     progressed = True
@@ -44,7 +51,7 @@ async def _replay_parked(
             message = parse_event(definition, item.inbound, _NO_LIMIT)
             if isinstance(message, Rejected):
                 await tx.dead_letter(
-                    DeadLetter(
+                    dead_letter(
                         item.inbound,
                         message.reason,
                         message.exception_type,
@@ -62,7 +69,7 @@ async def _replay_parked(
             if decision.outcome == "park":
                 continue
             if decision.outcome == "applied":
-                await tx.save(definition, decision)
+                await tx.save(wire.change(definition, decision))
                 assert decision.instance is not None
                 instance = decision.instance
             await tx.unpark([item.id])

@@ -1,34 +1,25 @@
-"""The wire form of outgoing messages: CloudEvents attributes on AMQP.
+"""The outbox form of outgoing messages: the envelope in neutral form, the body as JSON.
 
-Each message carries the CloudEvents attributes as AMQP properties where
-AMQP has one (`message_id`, `type`, `app_id` for `source`, `timestamp`,
-`correlation_id`, `content_type`) and as `cloudEvents_*` headers, which is how
-the CloudEvents AMQP binding names application properties. Inbound messages
-are read from either form.
+An outbox row's `headers` hold the envelope under CloudEvents attribute names
+(`id`, `type`, `source`, `time`, `datacontenttype`, `correlationid`,
+`causationid`), which say nothing of a transport; the publisher maps them
+onto its own (AMQP properties and headers, for RabbitMQ). A stored message
+sent again as it came (a dead letter's replay) has `id`, `type` and its own
+`headers` instead, which the publisher sends on, less what its broker wrote.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
-from sagaworks.domain.decide import Outgoing
+from sagaworks.application.ports import PendingMessage, SagaChange
+from sagaworks.domain.decide import Decision, Outgoing
+from sagaworks.domain.definition import SagaDefinition
 
-__all__ = ["CE_PREFIX", "PendingMessage", "Wire", "read_attribute"]
+__all__ = ["Wire", "resend_envelope"]
 
-CE_PREFIX = "cloudEvents_"
-SPEC_VERSION = "1.0"
-
-
-@dataclass(frozen=True, slots=True)
-class PendingMessage:
-    message_id: str
-    exchange: str
-    routing_key: str
-    headers: dict[str, Any]
-    body: bytes
+CONTENT_TYPE = "application/json"
 
 
 class Wire:
@@ -37,44 +28,31 @@ class Wire:
     def __init__(self, exchange_for: Callable[[str], str]) -> None:
         self._exchange_for = exchange_for
 
+    def change(self, definition: SagaDefinition[Any], decision: Decision) -> SagaChange:
+        """An applied decision with its outgoing messages encoded, as a store takes it."""
+        return SagaChange(definition, decision, tuple(self.encode(o) for o in decision.outgoing))
+
     def encode(self, outgoing: Outgoing) -> PendingMessage:
         env = outgoing.envelope
-        ce: dict[str, Any] = {
-            f"{CE_PREFIX}specversion": SPEC_VERSION,
-            f"{CE_PREFIX}id": env.id,
-            f"{CE_PREFIX}type": env.type,
-            f"{CE_PREFIX}source": env.source,
-            f"{CE_PREFIX}time": env.time.isoformat(),
-            f"{CE_PREFIX}datacontenttype": "application/json",
-        }
-        if env.correlation_id:
-            ce[f"{CE_PREFIX}correlationid"] = env.correlation_id
-        if env.causation_id:
-            ce[f"{CE_PREFIX}causationid"] = env.causation_id
-        properties = {
-            "message_id": env.id,
-            "type": env.type,
-            "app_id": env.source,
-            "timestamp": env.time.isoformat(),
-            "correlation_id": env.correlation_id,
-            "content_type": "application/json",
-            "headers": ce,
-        }
         return PendingMessage(
             message_id=env.id,
             exchange=self._exchange_for(outgoing.domain),
             routing_key=outgoing.routing_key,
-            headers=properties,
+            headers={
+                "id": env.id,
+                "type": env.type,
+                "source": env.source,
+                "time": env.time.isoformat(),
+                "datacontenttype": CONTENT_TYPE,
+                "correlationid": env.correlation_id,
+                "causationid": env.causation_id,
+            },
             body=outgoing.body.model_dump_json().encode(),
         )
 
 
-def read_attribute(name: str, headers: Mapping[str, Any], prop: object | None = None) -> str | None:
-    """A CloudEvents attribute: the AMQP property, else a `cloudEvents_`/`cloudEvents:` header."""
-    if prop not in (None, ""):
-        return prop.isoformat() if isinstance(prop, datetime) else str(prop)
-    for key in (f"{CE_PREFIX}{name}", f"cloudEvents:{name}"):
-        value = headers.get(key)
-        if value not in (None, ""):
-            return value.decode() if isinstance(value, bytes) else str(value)
-    return None
+def resend_envelope(
+    message_id: str, message_type: str | None, headers: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The outbox envelope of a stored message sent again with the headers it came with."""
+    return {"id": message_id, "type": message_type, "headers": dict(headers)}

@@ -30,7 +30,6 @@ from itertools import count
 from typing import Any, TypeVar
 from uuid import UUID
 
-from sagaworks.application.dead_letters import envelope_headers
 from sagaworks.application.ports import (
     Clock,
     DeadLetter,
@@ -39,10 +38,9 @@ from sagaworks.application.ports import (
     LockedSaga,
     OutboxRow,
     ParkedMessage,
+    SagaChange,
     SagaClaim,
 )
-from sagaworks.application.stored import fingerprint, inbound_from_meta, inbound_meta
-from sagaworks.application.wire import Wire
 from sagaworks.domain.decide import Decision
 from sagaworks.domain.definition import SagaDefinition
 from sagaworks.domain.instance import InFlight, SagaInstance, Status
@@ -147,7 +145,7 @@ class ParkedRecord:
     expires_at: datetime
 
     def message(self) -> ParkedMessage:
-        inbound = inbound_from_meta(self.message_id, self.message_type, self.body, self.meta)
+        inbound = InboundMessage.from_meta(self.message_id, self.message_type, self.body, self.meta)
         return ParkedMessage(self.id, self.saga_type, inbound, self.reason, self.expires_at)
 
 
@@ -156,7 +154,7 @@ class DeadLetterRecord:
     """One row of `dead_letters`, unique per (queue, message_id).
 
     A failure counts again only when its headers differ from the stored ones
-    (a redelivered dead letter carries the same `x-death`), as in PostgreSQL.
+    (a redelivered dead letter carries the same death record), as in PostgreSQL.
     """
 
     id: int
@@ -193,7 +191,7 @@ def _json(value: Any, *, lenient: bool = False) -> Any:
 
 
 def _inbound_meta(inbound: InboundMessage) -> dict[str, Any]:
-    result: dict[str, Any] = _json(inbound_meta(inbound), lenient=True)
+    result: dict[str, Any] = _json(inbound.meta(), lenient=True)
     return result
 
 
@@ -453,22 +451,22 @@ class _Transaction(_Owner):
             )
         return [locked[c.saga_id] for c in claims]
 
-    async def save(self, definition: SagaDefinition[Any], decision: Decision) -> None:
+    async def save(self, change: SagaChange) -> None:
         await self._enter()
         try:
-            await self._save(definition, decision)
+            await self._save(change)
         finally:
             self._leave()
 
-    async def save_all(self, changes: Sequence[tuple[SagaDefinition[Any], Decision]]) -> None:
+    async def save_all(self, changes: Sequence[SagaChange]) -> None:
         """Every version is checked before anything is written: a stale one leaves no trace."""
-        _once(d.instance.id for _, d in changes if d.instance is not None)
+        _once(c.decision.instance.id for c in changes if c.decision.instance is not None)
         await self._enter()
         try:
-            for definition, decision in changes:
-                await self._previous(definition, decision)
-            for definition, decision in changes:
-                await self._save(definition, decision)
+            for change in changes:
+                await self._previous(change.definition, change.decision)
+            for change in changes:
+                await self._save(change)
         finally:
             self._leave()
 
@@ -498,15 +496,14 @@ class _Transaction(_Owner):
             )
         return existing
 
-    async def _save(self, definition: SagaDefinition[Any], decision: Decision) -> None:
+    async def _save(self, change: SagaChange) -> None:
+        definition, decision = change.definition, change.decision
         instance = decision.instance
         assert instance is not None
         assert decision.outcome == "applied"
         at = _utc(decision.at)
         cancelled = set(decision.cancel_timers) - {t.name for t in decision.set_timers}
-        pending = sorted(
-            (self._store._wire.encode(o) for o in decision.outgoing), key=lambda p: p.message_id
-        )
+        pending = sorted(change.outbox, key=lambda p: p.message_id)
         current = (
             definition.steps[instance.position].name
             if instance.position < len(definition.steps)
@@ -700,13 +697,11 @@ class _Transaction(_Owner):
             key = (inbound.queue, inbound.message_id)
             await self._locks.acquire(("dead_letters", *key), self)
             moment = _utc(now)
-            group = fingerprint(
-                letter.reason, letter.exception_type, letter.exception_message, letter.handler
-            )
-            headers = _json(envelope_headers(inbound), lenient=True)
+            group = letter.fingerprint
+            headers = _json(dict(inbound.headers), lenient=True)
             existing = self._changes.dead_letters.get(key) or self._tables.dead_letters.get(key)
             if existing is not None and existing.headers == headers:
-                return  # the same failure delivered again (same x-death): counted once
+                return  # the same failure delivered again (same death record): counted once
             if existing is None:
                 record = DeadLetterRecord(
                     id=next(self._store._dead_letter_ids),
@@ -779,8 +774,7 @@ def _apply(table: dict[_K, _V], changes: Iterable[tuple[_K, _V | None]]) -> None
 class InMemoryStore:
     """Implements `Store` in memory; see the module docstring for what it keeps faithful."""
 
-    def __init__(self, wire: Wire, *, clock: Clock | None = None) -> None:
-        self._wire = wire
+    def __init__(self, *, clock: Clock | None = None) -> None:
         self._clock: Clock = clock or _UtcClock()
         self._tables = _Tables()
         self._locks = _Locks()

@@ -10,9 +10,7 @@ import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sagaworks.application.circuit import BreakerChange
-from sagaworks.application.ports import OutboxRow
-from sagaworks.application.wire import Wire
-from sagaworks.domain.decide import Outgoing
+from sagaworks.application.ports import OutboxRow, PendingMessage
 
 __all__ = ["PostgresBreakerLog"]
 
@@ -34,12 +32,10 @@ RETURNING id
 class PostgresBreakerLog:
     """Implements `BreakerLog`."""
 
-    def __init__(self, engine: AsyncEngine, wire: Wire) -> None:
+    def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
-        self._wire = wire
 
-    async def record(self, change: BreakerChange, event: Outgoing) -> Sequence[OutboxRow]:
-        pending = self._wire.encode(event)
+    async def record(self, change: BreakerChange, event: PendingMessage) -> Sequence[OutboxRow]:
         async with self._engine.connect() as conn:
             raw = await conn.get_raw_connection()
             driver = cast(asyncpg.Connection, raw.driver_connection)
@@ -49,19 +45,19 @@ class PostgresBreakerLog:
                 )
                 row_id = await driver.fetchval(
                     _OUTBOX,
-                    pending.message_id,
-                    pending.exchange,
-                    pending.routing_key,
-                    json.dumps(pending.headers),
-                    pending.body,
+                    event.message_id,
+                    event.exchange,
+                    event.routing_key,
+                    json.dumps(event.headers),
+                    event.body,
                 )
         return [
             OutboxRow(
                 row_id,
-                pending.message_id,
-                pending.exchange,
-                pending.routing_key,
-                pending.headers,
-                pending.body,
+                event.message_id,
+                event.exchange,
+                event.routing_key,
+                event.headers,
+                event.body,
             )
         ]

@@ -26,7 +26,6 @@ import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sagaworks.adapters.postgres.pool import ConnectionPool
-from sagaworks.application.dead_letters import envelope_headers
 from sagaworks.application.ports import (
     DeadLetter,
     DueTimer,
@@ -34,11 +33,10 @@ from sagaworks.application.ports import (
     LockedSaga,
     OutboxRow,
     ParkedMessage,
+    PendingMessage,
+    SagaChange,
     SagaClaim,
 )
-from sagaworks.application.stored import fingerprint, inbound_from_meta, inbound_meta
-from sagaworks.application.wire import PendingMessage, Wire
-from sagaworks.domain.decide import Decision
 from sagaworks.domain.definition import SagaDefinition
 from sagaworks.domain.instance import InFlight, SagaInstance, Status
 
@@ -207,7 +205,7 @@ _MARK_PUBLISHED = "UPDATE outbox SET published_at = now() WHERE id = ANY($1::big
 
 
 def _parked(row: asyncpg.Record) -> ParkedMessage:
-    inbound = inbound_from_meta(
+    inbound = InboundMessage.from_meta(
         row["message_id"], row["message_type"], bytes(row["body"]), row["headers"]
     )
     return ParkedMessage(row["id"], row["saga_type"], inbound, row["reason"], row["expires_at"])
@@ -252,8 +250,7 @@ def _refuse_repeats(ids: Sequence[UUID]) -> None:
 class _SaveColumns:
     """The `_SAVE_ALL` arrays: one entry per saga, or per history, outbox or timer row."""
 
-    def __init__(self, wire: Wire) -> None:
-        self._wire = wire
+    def __init__(self) -> None:
         self.ids: list[UUID] = []
         self._sagas: list[tuple[Any, ...]] = []
         self._history: list[tuple[Any, ...]] = []
@@ -262,7 +259,8 @@ class _SaveColumns:
         self._cancelled: list[tuple[Any, ...]] = []
         self._timers: list[tuple[Any, ...]] = []
 
-    def add(self, definition: SagaDefinition[Any], decision: Decision) -> None:
+    def add(self, change: SagaChange) -> None:
+        definition, decision = change.definition, change.decision
         instance = decision.instance
         assert instance is not None
         assert decision.outcome == "applied"
@@ -290,8 +288,7 @@ class _SaveColumns:
             (saga_id, n, at, h.kind, h.step, h.message_id, json.dumps(h.detail, default=str))
             for n, h in enumerate(decision.history, start=1)
         )
-        for outgoing in decision.outgoing:
-            p = self._wire.encode(outgoing)
+        for p in change.outbox:
             self._pending.append(p)
             self._outbox.append(
                 (saga_id, p.message_id, p.exchange, p.routing_key, json.dumps(p.headers), p.body)
@@ -333,9 +330,8 @@ def _locked_instance(claim: SagaClaim, row: asyncpg.Record) -> SagaInstance | No
 
 
 class _Transaction:
-    def __init__(self, conn: asyncpg.Connection, wire: Wire) -> None:
+    def __init__(self, conn: asyncpg.Connection) -> None:
         self._conn = conn
-        self._wire = wire
         self._written: list[OutboxRow] = []
 
     async def lock_saga(
@@ -363,13 +359,13 @@ class _Transaction:
             for c, row in zip(claims, rows, strict=True)
         ]
 
-    async def save(self, definition: SagaDefinition[Any], decision: Decision) -> None:
-        await self.save_all([(definition, decision)])
+    async def save(self, change: SagaChange) -> None:
+        await self.save_all([change])
 
-    async def save_all(self, changes: Sequence[tuple[SagaDefinition[Any], Decision]]) -> None:
-        columns = _SaveColumns(self._wire)
-        for definition, decision in changes:
-            columns.add(definition, decision)
+    async def save_all(self, changes: Sequence[SagaChange]) -> None:
+        columns = _SaveColumns()
+        for change in changes:
+            columns.add(change)
         _refuse_repeats(columns.ids)
         rows = await self._conn.fetch(_SAVE_ALL, *columns.args())
         stale = set(columns.ids) - set(rows[0]["written"])
@@ -396,7 +392,7 @@ class _Transaction:
             correlation_key,
             message.message_id,
             message.message_type,
-            json.dumps(inbound_meta(message), default=str),
+            json.dumps(message.meta(), default=str),
             message.body,
             reason,
             expires_at,
@@ -434,15 +430,13 @@ class _Transaction:
             inbound.routing_key,
             inbound.message_type or None,
             letter.saga_type,
-            json.dumps(envelope_headers(inbound), default=str),
+            json.dumps(dict(inbound.headers), default=str),
             inbound.body,
             letter.reason,
             letter.exception_type,
             letter.exception_message,
             letter.handler,
-            fingerprint(
-                letter.reason, letter.exception_type, letter.exception_message, letter.handler
-            ),
+            letter.fingerprint,
             now,
         )
 
@@ -451,9 +445,8 @@ class _Transaction:
 
 
 class PostgresStore:
-    def __init__(self, engine: AsyncEngine, wire: Wire, pool: ConnectionPool | None = None) -> None:
+    def __init__(self, engine: AsyncEngine, pool: ConnectionPool | None = None) -> None:
         self._engine = engine
-        self._wire = wire
         self._pool = pool
         """The hot path's own asyncpg pool (see `pool.py`); without it, the engine's."""
 
@@ -474,7 +467,7 @@ class PostgresStore:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[_Transaction]:
         async with self._connection() as conn, conn.transaction():
-            yield _Transaction(conn, self._wire)
+            yield _Transaction(conn)
 
     async def load_sagas(
         self, wanted: Sequence[tuple[SagaDefinition[Any], UUID]]

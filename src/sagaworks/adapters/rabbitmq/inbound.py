@@ -1,16 +1,24 @@
-"""Reading a delivery's CloudEvents attributes into a transport-neutral `InboundMessage`."""
+"""Reading a delivery into a transport-neutral `InboundMessage`.
+
+The CloudEvents attributes are read from AMQP properties or `cloudEvents_*`
+headers (`cloudevents.py`); an attribute that came only as a property is
+added to the headers too, so a stored delivery sent again loses none of them.
+RabbitMQ's death records (`x-death`, else `x-first-death-*`) become
+`PriorFailure`s: the use cases never read a broker header.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from sagaworks.application.ports import InboundMessage
-from sagaworks.application.wire import read_attribute
+from sagaworks.adapters.rabbitmq.cloudevents import CE_PREFIX
+from sagaworks.application.ports import InboundMessage, PriorFailure
 
-__all__ = ["to_inbound"]
+__all__ = ["inbound_of", "prior_failures", "to_inbound"]
 
 
 def _plain(value: Any) -> Any:
@@ -27,24 +35,106 @@ def _plain(value: Any) -> Any:
 
 
 def to_inbound(raw: AbstractIncomingMessage, queue: str) -> InboundMessage:
-    headers = {str(k): _plain(v) for k, v in (raw.headers or {}).items()}
-    time = read_attribute("time", headers, raw.timestamp)
-    delivery_count = headers.get("x-delivery-count", 0)
-    return InboundMessage(
-        message_id=read_attribute("id", headers, raw.message_id) or "",
-        message_type=read_attribute("type", headers, raw.type) or "",
-        body=raw.body,
-        headers=headers,
+    return inbound_of(
+        raw.headers or {},
+        raw.body,
         queue=queue,
         exchange=raw.exchange or "",
         routing_key=raw.routing_key or "",
-        source=read_attribute("source", headers, raw.app_id) or "",
-        time=_parse_time(time),
-        correlation_id=read_attribute("correlationid", headers, raw.correlation_id),
-        causation_id=read_attribute("causationid", headers),
+        message_id=raw.message_id,
+        message_type=raw.type,
+        app_id=raw.app_id,
+        timestamp=raw.timestamp,
+        correlation_id=raw.correlation_id,
         user_id=raw.user_id,
-        delivery_count=int(delivery_count) if isinstance(delivery_count, int | str) else 0,
     )
+
+
+def inbound_of(
+    raw_headers: Mapping[str, Any],
+    body: bytes,
+    *,
+    queue: str,
+    exchange: str,
+    routing_key: str,
+    message_id: str | None = None,
+    message_type: str | None = None,
+    app_id: str | None = None,
+    timestamp: datetime | None = None,
+    correlation_id: str | None = None,
+    user_id: str | None = None,
+) -> InboundMessage:
+    """The `InboundMessage` for a delivery's properties, headers and body."""
+    headers = {str(k): _plain(v) for k, v in raw_headers.items()}
+    time = _attribute("time", headers, timestamp)
+    delivery_count = headers.get("x-delivery-count", 0)
+    return InboundMessage(
+        message_id=_attribute("id", headers, message_id) or "",
+        message_type=_attribute("type", headers, message_type) or "",
+        body=body,
+        headers=headers,
+        queue=queue,
+        exchange=exchange,
+        routing_key=routing_key,
+        source=_attribute("source", headers, app_id) or "",
+        time=_parse_time(time),
+        correlation_id=_attribute("correlationid", headers, correlation_id),
+        causation_id=_attribute("causationid", headers, None),
+        user_id=user_id,
+        delivery_count=int(delivery_count) if isinstance(delivery_count, int | str) else 0,
+        failures=prior_failures(headers),
+    )
+
+
+def _attribute(name: str, headers: dict[str, Any], prop: object | None) -> str | None:
+    """`read_attribute`, and a value that came only as a property is copied into `headers`."""
+    in_headers: str | None = None
+    for key in (f"{CE_PREFIX}{name}", f"cloudEvents:{name}"):
+        value = headers.get(key)
+        if value not in (None, ""):
+            in_headers = value.decode() if isinstance(value, bytes) else str(value)
+            break
+    if prop in (None, ""):
+        return in_headers
+    found = prop.isoformat() if isinstance(prop, datetime) else str(prop)
+    if in_headers is None and (name != "time" or _parse_time(found) is not None):
+        headers[f"{CE_PREFIX}{name}"] = found
+    return found
+
+
+def prior_failures(headers: Mapping[str, Any]) -> tuple[PriorFailure, ...]:
+    """RabbitMQ's death records, newest first; fields missing or of an odd type read as absent.
+
+    `x-death` holds one entry per (queue, reason), newest first. Without it,
+    the `x-first-death-*` headers say where the message died first.
+    """
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list):
+        return tuple(_failure(d) for d in deaths if isinstance(d, Mapping))
+    reason = _text(headers.get("x-first-death-reason"))
+    queue = _text(headers.get("x-first-death-queue"))
+    exchange = _text(headers.get("x-first-death-exchange"))
+    if not (reason or queue or exchange):
+        return ()
+    return (PriorFailure(reason, queue, exchange, (), 0, None),)
+
+
+def _failure(death: Mapping[str, Any]) -> PriorFailure:
+    keys = death.get("routing-keys")
+    count = death.get("count")
+    when = death.get("time")
+    return PriorFailure(
+        reason=_text(death.get("reason")),
+        queue=_text(death.get("queue")),
+        exchange=_text(death.get("exchange")),
+        routing_keys=tuple(k for k in keys if isinstance(k, str)) if isinstance(keys, list) else (),
+        count=count if isinstance(count, int) and not isinstance(count, bool) else 0,
+        time=_parse_time(when) if isinstance(when, str) else None,
+    )
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
 
 
 def _parse_time(value: str | None) -> datetime | None:

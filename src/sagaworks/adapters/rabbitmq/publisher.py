@@ -9,7 +9,7 @@ silent drop. Events are not: another service may not listen yet.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -17,25 +17,80 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
+from sagaworks.adapters.rabbitmq.cloudevents import (
+    CE_PREFIX,
+    SPEC_VERSION,
+    is_broker_owned,
+    read_attribute,
+)
 from sagaworks.application.ports import OutboxRow
 
 __all__ = ["RabbitPublisher", "amqp_properties"]
 
+_PERSISTENT = aio_pika.DeliveryMode.PERSISTENT.value
+_JSON = "application/json"
+
 
 def amqp_properties(row: OutboxRow) -> aiormq.spec.Basic.Properties:
-    props: dict[str, Any] = dict(row.headers)
-    timestamp = props.get("timestamp")
+    """The AMQP properties of an outbox row, from its neutral envelope (see `wire.py`)."""
+    envelope = row.headers
+    carried = envelope.get("headers")
+    if carried is not None:
+        return _resent(row, envelope, carried)
+    time = envelope.get("time")
+    correlation_id = envelope.get("correlationid")
+    causation_id = envelope.get("causationid")
+    content_type = envelope.get("datacontenttype") or _JSON
+    headers: dict[str, Any] = {
+        f"{CE_PREFIX}specversion": SPEC_VERSION,
+        f"{CE_PREFIX}id": envelope.get("id"),
+        f"{CE_PREFIX}type": envelope.get("type"),
+        f"{CE_PREFIX}source": envelope.get("source"),
+        f"{CE_PREFIX}time": time,
+        f"{CE_PREFIX}datacontenttype": content_type,
+    }
+    if correlation_id:
+        headers[f"{CE_PREFIX}correlationid"] = correlation_id
+    if causation_id:
+        headers[f"{CE_PREFIX}causationid"] = causation_id
+    return aiormq.spec.Basic.Properties(
+        message_id=envelope.get("id") or row.message_id,
+        message_type=envelope.get("type"),
+        app_id=envelope.get("source"),
+        correlation_id=correlation_id,
+        content_type=content_type,
+        timestamp=datetime.fromisoformat(time) if time else None,
+        headers=headers,
+        delivery_mode=_PERSISTENT,
+    )
+
+
+def _resent(
+    row: OutboxRow, envelope: Mapping[str, Any], carried: Mapping[str, Any]
+) -> aiormq.spec.Basic.Properties:
+    """A stored message sent again: its own headers, less what the broker wrote on them."""
+    headers = {key: value for key, value in carried.items() if not is_broker_owned(key)}
+    time = read_attribute("time", headers)
     return aiormq.spec.Basic.Properties(
         # A replay's outbox key differs from the message id it must keep (see dead_letters).
-        message_id=props.get("message_id") or row.message_id,
-        message_type=props.get("type"),
-        app_id=props.get("app_id"),
-        correlation_id=props.get("correlation_id"),
-        content_type=props.get("content_type", "application/json"),
-        timestamp=datetime.fromisoformat(timestamp) if timestamp else None,
-        headers=props.get("headers") or {},
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT.value,
+        message_id=envelope.get("id") or row.message_id,
+        message_type=envelope.get("type") or read_attribute("type", headers),
+        app_id=read_attribute("source", headers),
+        correlation_id=read_attribute("correlationid", headers),
+        content_type=read_attribute("datacontenttype", headers) or _JSON,
+        timestamp=_time(time),
+        headers=headers,
+        delivery_mode=_PERSISTENT,
     )
+
+
+def _time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        return None
 
 
 class RabbitPublisher:

@@ -42,10 +42,11 @@ from sagaworks.application.dead_letters import (
     ReplayReport,
     archive_dead_letters,
     purge_dead_letters,
-    replay_properties,
+    replay_envelope,
     resolve_selection,
     set_path,
 )
+from sagaworks.application.ports import OutboxRow
 from sagaworks.application.registry import SagaRegistry
 from sagaworks.entrypoints.cli.errors import fail, run_async, settings_error_lines
 from sagaworks.entrypoints.cli.loading import load_sagas
@@ -496,6 +497,23 @@ def replay(
         )
 
 
+def _replay_properties(letter: StoredDeadLetter) -> dict[str, Any]:
+    """The AMQP properties a replay of `letter` would be published with."""
+    from sagaworks.adapters.rabbitmq.publisher import amqp_properties
+
+    envelope = replay_envelope(letter, letter.times_replayed + 1)
+    props = amqp_properties(OutboxRow(0, letter.message_id, "", letter.queue, envelope, b""))
+    return {
+        "message_id": props.message_id,
+        "type": props.message_type,
+        "app_id": props.app_id,
+        "correlation_id": props.correlation_id,
+        "content_type": props.content_type,
+        "timestamp": props.timestamp.isoformat() if props.timestamp else None,
+        "headers": props.headers,
+    }
+
+
 def _dry_run(selection: DeadLetterFilter, as_json: bool) -> None:
     async def go() -> list[StoredDeadLetter]:
         async with _context() as ctx:
@@ -514,7 +532,7 @@ def _dry_run(selection: DeadLetterFilter, as_json: bool) -> None:
             "original_routing_key": x.routing_key,
             "replay": x.times_replayed + 1,
             "bytes": len(x.body),
-            "properties": replay_properties(x, x.times_replayed + 1),
+            "properties": _replay_properties(x),
         }
         for x in letters
     ]

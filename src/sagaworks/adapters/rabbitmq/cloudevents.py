@@ -1,0 +1,38 @@
+"""CloudEvents on AMQP: which AMQP names carry the envelope, and which headers the broker owns.
+
+Each message carries the CloudEvents attributes as AMQP properties where AMQP
+has one (`message_id`, `type`, `app_id` for `source`, `timestamp`,
+`correlation_id`, `content_type`) and as `cloudEvents_*` headers, which is how
+the CloudEvents AMQP binding names application properties. Inbound messages
+are read from either form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+__all__ = ["CE_PREFIX", "SPEC_VERSION", "is_broker_owned", "read_attribute"]
+
+CE_PREFIX = "cloudEvents_"
+SPEC_VERSION = "1.0"
+
+_BROKER_HEADERS = frozenset({"x-death", "x-delivery-count"})
+_BROKER_PREFIXES = ("x-first-death-", "x-last-death-")
+
+
+def is_broker_owned(header: str) -> bool:
+    """RabbitMQ writes these on delivery and dead-lettering; a message sent again drops them."""
+    return header in _BROKER_HEADERS or header.startswith(_BROKER_PREFIXES)
+
+
+def read_attribute(name: str, headers: Mapping[str, Any], prop: object | None = None) -> str | None:
+    """A CloudEvents attribute: the AMQP property, else a `cloudEvents_`/`cloudEvents:` header."""
+    if prop not in (None, ""):
+        return prop.isoformat() if isinstance(prop, datetime) else str(prop)
+    for key in (f"{CE_PREFIX}{name}", f"cloudEvents:{name}"):
+        value = headers.get(key)
+        if value not in (None, ""):
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return None
