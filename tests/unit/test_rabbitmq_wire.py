@@ -182,3 +182,38 @@ def test_a_fresh_outbox_row_is_published_as_cloudevents_on_amqp() -> None:
         NOW,
     )
     assert (inbound.correlation_id, inbound.causation_id) == ("c-1", "cause-1")
+
+
+def test_an_outbox_row_written_in_the_earlier_amqp_form_publishes_as_before() -> None:
+    """Rows committed before an upgrade held AMQP properties; they must go out unchanged."""
+    ce = {
+        "cloudEvents_specversion": "1.0",
+        "cloudEvents_id": "m-1",
+        "cloudEvents_type": "order.placed",
+        "cloudEvents_source": "sagaworks/order_fulfilment",
+        "cloudEvents_time": NOW.isoformat(),
+        "cloudEvents_datacontenttype": "application/json",
+        "cloudEvents_correlationid": "c-1",
+    }
+    earlier = {
+        "message_id": "m-1",
+        "type": "order.placed",
+        "app_id": "sagaworks/order_fulfilment",
+        "timestamp": NOW.isoformat(),
+        "correlation_id": "c-1",
+        "content_type": "application/json",
+        "headers": ce,
+    }
+    properties = amqp_properties(OutboxRow(1, "m-1", "x.orders", "order.placed", earlier, b"{}"))
+    assert (properties.message_id, properties.message_type, properties.app_id) == (
+        "m-1",
+        "order.placed",
+        "sagaworks/order_fulfilment",
+    )
+    assert (properties.correlation_id, properties.content_type, properties.timestamp) == (
+        "c-1",
+        "application/json",
+        NOW,
+    )
+    assert properties.headers == ce
+    assert properties.delivery_mode == 2
