@@ -29,7 +29,8 @@ from uuid import UUID
 from pydantic import BaseModel
 
 from sagaworks.adapters.memory.publisher import InMemoryPublisher
-from sagaworks.adapters.memory.store import DeadLetterRecord, HistoryRecord, InMemoryStore
+from sagaworks.adapters.memory.records import HistoryRecord
+from sagaworks.adapters.memory.store import InMemoryStore
 from sagaworks.adapters.rabbitmq.topology import (
     commands_exchange_name,
     exchange_name,
@@ -37,6 +38,7 @@ from sagaworks.adapters.rabbitmq.topology import (
     saga_queue_name,
 )
 from sagaworks.adapters.resilience.policy import declared_policies
+from sagaworks.application.dead_letter_ports import StoredDeadLetter
 from sagaworks.application.policy import PortPolicy
 from sagaworks.application.ports import InboundMessage, OutboxRow, PortCaller
 from sagaworks.application.results import Handled
@@ -375,7 +377,7 @@ class SagaHarness(Generic[S]):
         ]
 
     @property
-    def dead_letters(self) -> list[DeadLetterRecord]:
+    def dead_letters(self) -> list[StoredDeadLetter]:
         return self.store.dead_letters()
 
     # -- plumbing -------------------------------------------------------------------------------

@@ -1,20 +1,32 @@
-"""How a delivery is kept in a store, and how failures are grouped: one rule for every store.
+"""How a store keeps deliveries and sagas, and groups failures: one rule for every store.
 
-A parked event and a dead letter must come back exactly as they arrived, and
-both the PostgreSQL and the in-memory store must group failures the same way,
-so the encoding and the fingerprint live here, not in either adapter.
+A parked event and a dead letter must come back exactly as they arrived, a
+saga row must read back as the same instance, batches must lock in one order,
+and both the PostgreSQL and the in-memory store must group failures the same
+way, so these rules live here, not in either adapter.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
+from uuid import UUID
 
 from sagaworks.application.ports import InboundMessage
+from sagaworks.domain.definition import SagaDefinition
+from sagaworks.domain.instance import InFlight, SagaInstance, Status
 
-__all__ = ["fingerprint", "inbound_from_meta", "inbound_meta"]
+__all__ = [
+    "fingerprint",
+    "inbound_from_meta",
+    "inbound_meta",
+    "lock_key",
+    "refuse_repeats",
+    "saga_from_row",
+]
 
 _VOLATILE = re.compile(r"[0-9a-f]{8,}|\d+")
 
@@ -60,4 +72,45 @@ def inbound_from_meta(
         correlation_id=meta.get("correlation_id"),
         causation_id=meta.get("causation_id"),
         user_id=meta.get("user_id"),
+    )
+
+
+def lock_key(saga_id: UUID) -> int:
+    """A signed 64-bit key from the saga id: the advisory lock key, and the order of batches."""
+    return int.from_bytes(saga_id.bytes[:8], "big", signed=True)
+
+
+def refuse_repeats(saga_ids: Iterable[UUID]) -> None:
+    """A batch names each saga once; a second entry would be a second, conflicting write."""
+    ids = list(saga_ids)
+    if len(set(ids)) != len(ids):
+        repeated = sorted({str(i) for i in ids if ids.count(i) > 1})
+        raise ValueError(f"saga(s) {', '.join(repeated)} appear twice in one batch; at most once")
+
+
+def saga_from_row(
+    definition: SagaDefinition[Any],
+    saga_id: UUID,
+    *,
+    correlation_key: str,
+    status: str,
+    state: str,
+    version: int,
+    progress: Mapping[str, Any],
+) -> SagaInstance:
+    """The instance a `saga_instances` row holds; `state` is the state model as JSON."""
+    flight = progress.get("in_flight")
+    return SagaInstance(
+        id=saga_id,
+        saga_type=definition.name,
+        correlation_key=correlation_key,
+        correlation_id=progress.get("correlation_id") or correlation_key,
+        status=Status(status),
+        position=int(progress["position"]),
+        state=definition.state.model_validate_json(state),
+        version=version,
+        in_flight=InFlight.from_json(flight) if flight else None,
+        done=tuple(progress.get("done", ())),
+        reason=progress.get("reason"),
+        error=progress.get("error"),
     )
