@@ -4,15 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from sagaworks.adapters.rabbitmq.topology import exchange_name
-from sagaworks.application.wire import Wire
-
-PREFIX = "contract."
-
-
-def contract_wire() -> Wire:
-    return Wire(lambda domain: exchange_name(PREFIX, domain))
-
 
 @pytest.fixture(
     params=[

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import pytest
-from conftest import contract_wire
+from contract_wire import contract_wire
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from uuid import UUID
 
 import pytest
-from conftest import contract_wire
+from contract_wire import contract_wire
 from sqlalchemy import text
 
 from sagaworks.adapters.memory.dead_letters import InMemoryDeadLetters
