@@ -15,6 +15,8 @@ from typing import Any
 from aio_pika.abc import AbstractRobustConnection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from sagaworks.adapters.memory.breakers import InMemoryBreakerLog
+from sagaworks.adapters.memory.store import InMemoryStore
 from sagaworks.adapters.postgres.breakers import PostgresBreakerLog
 from sagaworks.adapters.postgres.engine import create_engine_from_settings
 from sagaworks.adapters.postgres.pool import ConnectionPool
@@ -106,7 +108,7 @@ class System:
     breakers: PortBreakers | None = None
     """This process's circuit breakers; None when a test hands in its own `PortCaller`."""
     record_breaker_change: RecordBreakerChange | None = None
-    """Records breaker changes in PostgreSQL and announces them; None without PostgreSQL."""
+    """Records breaker changes and announces them; None with a store handed in that is neither."""
 
     async def aclose(self) -> None:
         if isinstance(self.publisher, RabbitPublisher):
@@ -170,6 +172,8 @@ async def bootstrap(
     record_breaker_change = None
     if engine is not None:
         record_breaker_change = RecordBreakerChange(PostgresBreakerLog(engine), relay, wire)
+    elif isinstance(store, InMemoryStore):
+        record_breaker_change = RecordBreakerChange(InMemoryBreakerLog(store), relay, wire)
     return System(
         settings=settings,
         registry=registry,

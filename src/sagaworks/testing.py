@@ -30,7 +30,8 @@ from uuid import UUID
 from pydantic import BaseModel
 
 from sagaworks.adapters.memory.publisher import InMemoryPublisher
-from sagaworks.adapters.memory.store import DeadLetterRecord, HistoryRecord, InMemoryStore
+from sagaworks.adapters.memory.records import HistoryRecord
+from sagaworks.adapters.memory.store import InMemoryStore
 from sagaworks.adapters.rabbitmq.inbound import inbound_of
 from sagaworks.adapters.rabbitmq.publisher import amqp_properties
 from sagaworks.adapters.rabbitmq.topology import (
@@ -40,6 +41,7 @@ from sagaworks.adapters.rabbitmq.topology import (
     saga_queue_name,
 )
 from sagaworks.adapters.resilience.policy import declared_policies
+from sagaworks.application.dead_letter_ports import StoredDeadLetter
 from sagaworks.application.policy import PortPolicy
 from sagaworks.application.ports import InboundMessage, OutboxRow, PortCaller
 from sagaworks.application.results import Handled
@@ -378,7 +380,7 @@ class SagaHarness(Generic[S]):
         ]
 
     @property
-    def dead_letters(self) -> list[DeadLetterRecord]:
+    def dead_letters(self) -> list[StoredDeadLetter]:
         return self.store.dead_letters()
 
     # -- plumbing -------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from sagas.order_fulfilment.ports import (
 )
 from sagas.order_fulfilment.saga import order_fulfilment
 from sagas.order_fulfilment.state import OrderState
-from sagaworks.adapters.memory.store import DeadlockDetected
+from sagaworks.adapters.memory.locks import DeadlockDetected
 from sagaworks.application.ports import (
     InboundMessage,
     LockedSaga,

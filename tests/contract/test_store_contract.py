@@ -15,6 +15,7 @@ from typing import Any
 from uuid import UUID
 
 import pytest
+from contract_wire import contract_wire
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from store_contract import (
@@ -29,20 +30,12 @@ from sagaworks.adapters.memory.store import InMemoryStore
 from sagaworks.adapters.postgres.engine import create_engine
 from sagaworks.adapters.postgres.pool import ConnectionPool
 from sagaworks.adapters.postgres.store import PostgresStore
-from sagaworks.adapters.rabbitmq.topology import exchange_name
-from sagaworks.application.wire import Wire
-
-PREFIX = "contract."
 
 _DEAD_LETTER_COLUMNS = (
     "id, message_id, queue, exchange, routing_key, message_type, saga_type, headers, body, "
     "reason, exception_type, exception_message, handler, fingerprint, first_failed_at, "
     "last_failed_at, times_failed, status"
 )
-
-
-def _wire() -> Wire:
-    return Wire(lambda domain: exchange_name(PREFIX, domain))
 
 
 class MemoryProbe:
@@ -161,7 +154,7 @@ def database_url(request: pytest.FixtureRequest, backend_kind: str) -> str | Non
 
 @pytest.fixture
 async def backend(backend_kind: str, database_url: str | None) -> AsyncIterator[Backend]:
-    wire = _wire()
+    wire = contract_wire()
     if database_url is None:
         store = InMemoryStore()
         yield Backend(backend_kind, store, MemoryProbe(store), wire)

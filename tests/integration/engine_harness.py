@@ -25,7 +25,7 @@ import asyncio
 import json
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -60,9 +60,6 @@ from sagaworks.entrypoints.worker import Worker
 from sagaworks.settings import Settings
 
 __all__ = [
-    "ACTIONS",
-    "HAPPY_HISTORY",
-    "UNDO_OF",
     "EngineHarness",
     "FlakyPublisher",
     "HandledRecord",
@@ -71,42 +68,11 @@ __all__ = [
     "RepeatingPublisher",
     "SagaRow",
     "WarehouseSend",
-    "compensations",
-    "completed_actions",
-    "expected_effects",
-    "kinds",
 ]
 
 T = TypeVar("T")
 
 SAGA = order_fulfilment.name
-
-ACTIONS = {
-    "reserve_stock": "reserve",
-    "authorise_payment": "authorise",
-    "book_shipment": "book",
-    "capture_payment": "capture",
-}
-"""The ledger operation of each step's action."""
-
-UNDO_OF = {"reserve_stock": "release", "authorise_payment": "void", "book_shipment": "cancel"}
-"""The ledger operation of each compensation."""
-
-HAPPY_HISTORY = [
-    ("started", None),
-    ("step_started", "reserve_stock"),
-    ("step_completed", "reserve_stock"),
-    ("step_started", "authorise_payment"),
-    ("step_completed", "authorise_payment"),
-    ("step_started", "book_shipment"),
-    ("step_completed", "book_shipment"),
-    ("waiting", "await_dispatch"),
-    ("event_received", "await_dispatch"),
-    ("step_started", "capture_payment"),
-    ("step_completed", "capture_payment"),
-    ("completed", None),
-]
-"""(kind, step) of every history entry of a saga that went straight through."""
 
 WarehouseSend = tuple[float, Message, str]
 """(delay in seconds, message, message id) the warehouse publishes after a booking."""
@@ -630,31 +596,3 @@ class EngineHarness:
             for h in self.handled[-15:]
         )
         return f"last handled deliveries:\n{tail}\nledger effects: {dict(self.ledger.effects)}"
-
-
-def kinds(history: Iterable[HistoryEntry]) -> list[tuple[str, str | None]]:
-    """(kind, step) of each entry, in order."""
-    return [(h.kind, h.step) for h in history]
-
-
-def completed_actions(history: Iterable[HistoryEntry]) -> list[str]:
-    return [h.step for h in history if h.kind == "step_completed" and h.step is not None]
-
-
-def compensations(history: Iterable[HistoryEntry]) -> tuple[list[str], list[str]]:
-    """Steps whose compensation started, and steps whose compensation completed, in order."""
-    entries = list(history)
-    started = [
-        h.step
-        for h in entries
-        if h.kind == "step_started" and h.detail.get("kind") == "compensation" and h.step
-    ]
-    done = [h.step for h in entries if h.kind == "compensation_completed" and h.step]
-    return started, done
-
-
-def expected_effects(done: Iterable[str], undone: Iterable[str] = ()) -> dict[str, int]:
-    """Ledger effects for actions that happened and compensations that undid them."""
-    effects: Counter[str] = Counter(ACTIONS[s] for s in done)
-    effects.update(UNDO_OF[s] for s in undone)
-    return dict(effects)

@@ -21,15 +21,19 @@ from typing import Any
 import asyncpg
 import pytest
 from engine_harness import (
-    HAPPY_HISTORY,
     EngineHarness,
     FlakyPublisher,
     HistoryEntry,
     RepeatingPublisher,
     SagaRow,
-    compensations,
-    completed_actions,
-    expected_effects,
+)
+from scenarios.order_fulfilment import (
+    ALL_ACTIONS,
+    HAPPY_HISTORY,
+    SCENARIOS,
+    Scenario,
+    assert_gapless,
+    assert_undone_in_reverse,
     kinds,
 )
 
@@ -46,8 +50,6 @@ from sagaworks.settings import Settings
 pytestmark = pytest.mark.integration
 
 HarnessFactory = Callable[..., Awaitable[EngineHarness]]
-
-ALL_ACTIONS = {"reserve": 1, "authorise": 1, "book": 1, "capture": 1}
 
 
 @pytest.fixture
@@ -125,10 +127,6 @@ def dispatch_after_booking(harness: EngineHarness, order_id: str, delay_s: float
     return message_id
 
 
-def assert_gapless(history: list[HistoryEntry]) -> None:
-    assert [h.seq for h in history] == list(range(1, len(history) + 1))
-
-
 async def assert_settled(harness: EngineHarness, saga: SagaRow) -> None:
     """Nothing of a finished saga is left behind: no timers, parked events or unsent messages."""
     timers = await harness.db.fetch("SELECT name FROM timers WHERE saga_id = $1", saga.saga_id)
@@ -146,21 +144,6 @@ async def assert_settled(harness: EngineHarness, saga: SagaRow) -> None:
         return unpublished == 0
 
     await harness.eventually(all_published, what=f"outbox of {saga.saga_id} published")
-
-
-def assert_undone_in_reverse(history: list[HistoryEntry], effects: dict[str, int]) -> list[str]:
-    """Every completed action was compensated once, newest first; returns the completed ones."""
-    done = completed_actions(history)
-    started, undone = compensations(history)
-    assert started == undone == list(reversed(done)), (done, started, undone)
-    (start_of_compensation,) = [h.seq for h in history if h.kind == "compensation_started"]
-    assert all(
-        h.seq > start_of_compensation
-        for h in history
-        if h.kind == "step_started" and h.detail.get("kind") == "compensation"
-    )
-    assert effects == expected_effects(done, undone)
-    return done
 
 
 async def assert_outcome(
@@ -187,106 +170,136 @@ async def assert_fulfilled_event(harness: EngineHarness, saga: SagaRow, order_id
     )
 
 
-# -- 1. happy path ---------------------------------------------------------------------------
+# -- 1. the shared scenarios: happy path, decline, cancellations, deadline, duplicates ----------
 
 
-async def test_happy_path_fulfils_the_order(harness: EngineHarness) -> None:
-    oid = "o-happy"
-    dispatch_id = dispatch_after_booking(harness, oid)
-    placed_id = await place(harness, placed(oid))
+async def drive(harness: EngineHarness, scenario: Scenario, oid: str) -> OrderPlaced:
+    """Make the scenario's moves on the real engine; returns the order placed.
 
-    saga = await harness.wait_for_status(oid, "completed")
+    What follows the placement (the warehouse's dispatch, the customer's
+    cancellation) is planned before it, to happen after the booking; a missed
+    deadline is one 1.5 s away.
+    """
+    moves = scenario.moves
+    declined = "place_declined" in moves
+    order = placed(
+        oid,
+        customer_id=f"{DECLINED_CUSTOMER_PREFIX}{oid}" if declined else None,
+        dispatch_in_s=1.5 if "miss_deadline" in moves else 120.0,
+    )
+    first_place = next(i for i, m in enumerate(moves) if m.startswith("place"))
+    if "dispatch" in moves[first_place:]:
+        dispatch_after_booking(harness, oid)
+    if "cancel" in moves[first_place:]:
+        # The parcel is not dispatched; the customer cancels while the saga waits for it.
+        harness.plans[oid] = [(0.3, cancellation(oid), f"{oid}/cancel")]
+    if "cancel" in moves[:first_place]:
+        cancel_id = f"{oid}/cancel"
+        await harness.publish(cancellation(oid), cancel_id, correlation_id=oid)
+        (handled,) = await harness.wait_for_handled(cancel_id)
+        assert handled.outcome == "parked"
+        assert handled.handled is not None
+        assert handled.handled.reason == "no_saga"
+        (parked,) = await harness.parked(oid)
+        assert (parked["message_id"], parked["reason"]) == (cancel_id, "no_saga")
+        assert await harness.saga(oid) is None
+    for move in moves[first_place:]:
+        if move.startswith("place"):
+            await place(harness, order)
+    return order
 
-    assert saga.reason is None
+
+async def happy_path(
+    harness: EngineHarness, oid: str, order: OrderPlaced, saga: SagaRow, history: list[HistoryEntry]
+) -> None:
     assert saga.version == 6
     assert saga.state["reservation_id"] == f"res-{oid}"
     assert saga.state["authorisation_id"] == f"auth-{oid}"
     assert saga.state["shipment_id"] == f"shp-{oid}"
     assert saga.state["capture_id"] == f"cap-{oid}"
-    history = await harness.history(oid)
-    assert kinds(history) == HAPPY_HISTORY
-    assert_gapless(history)
-    assert history[0].message_id == placed_id
+    assert history[0].message_id == f"{oid}/placed"
     assert history[0].detail == {"event": "order.placed"}
     (received,) = [h for h in history if h.kind == "event_received"]
-    assert received.message_id == dispatch_id
-    await assert_fulfilled_event(harness, saga, oid)
-    assert harness.effects(oid) == ALL_ACTIONS
-    await assert_settled(harness, saga)
+    assert received.message_id == f"{oid}/dispatched"
 
 
-# -- 2. payment decline ----------------------------------------------------------------------
+async def duplicates(
+    harness: EngineHarness, oid: str, order: OrderPlaced, saga: SagaRow, history: list[HistoryEntry]
+) -> None:
+    placed_id = f"{oid}/placed"
+    records = await harness.wait_for_handled(placed_id, 3)
+    assert sorted(r.outcome for r in records) == ["applied", "duplicate", "duplicate"]
+    assert [h.kind for h in history].count("started") == 1
+    inbox = await harness.db.fetchval("SELECT count(*) FROM inbox WHERE message_id = $1", placed_id)
+    assert inbox == 1
+    assert harness.ledger.duplicate_effects() == 0
 
 
-async def test_payment_decline_compensates(harness: EngineHarness) -> None:
-    oid = "o-declined"
-    await place(harness, placed(oid, customer_id=f"{DECLINED_CUSTOMER_PREFIX}{oid}"))
-
-    saga = await harness.wait_for_status(oid, "compensated")
-
-    assert saga.reason == "payment_declined"
-    history = await harness.history(oid)
-    assert kinds(history) == [
-        ("started", None),
-        ("step_started", "reserve_stock"),
-        ("step_completed", "reserve_stock"),
-        ("step_started", "authorise_payment"),
-        ("step_failed", "authorise_payment"),
-        ("compensation_started", None),
-        ("step_started", "reserve_stock"),
-        ("compensation_completed", "reserve_stock"),
-        ("compensated", None),
-    ]
-    assert_gapless(history)
+async def payment_declined(
+    harness: EngineHarness, oid: str, order: OrderPlaced, saga: SagaRow, history: list[HistoryEntry]
+) -> None:
     failed = history[4]
     assert failed.detail == {"reason": "payment_declined", "outcome_unknown": False}
     assert history[5].detail == {"reason": "payment_declined"}
     assert history[6].detail == {"kind": "compensation", "attempt": 1}
-    await assert_outcome(harness, saga, oid, "order.cancelled", {"reason": "payment_declined"})
-    # The payment service records its decline once; a refused authorisation is not voided.
-    assert harness.effects(oid) == {"reserve": 1, "authorise": 1, "release": 1}
-    await assert_settled(harness, saga)
 
 
-# -- 3. cancellation at each stage -----------------------------------------------------------
-
-
-async def test_cancellation_before_the_order_arrives_is_parked_then_applied(
-    harness: EngineHarness,
+async def cancelled_before_the_order_arrives(
+    harness: EngineHarness, oid: str, order: OrderPlaced, saga: SagaRow, history: list[HistoryEntry]
 ) -> None:
-    oid = "o-cancel-early"
-    cancel_id = f"{oid}/cancel"
-    await harness.publish(cancellation(oid), cancel_id, correlation_id=oid)
-
-    (handled,) = await harness.wait_for_handled(cancel_id)
-    assert handled.outcome == "parked"
-    assert handled.handled is not None
-    assert handled.handled.reason == "no_saga"
-    (parked,) = await harness.parked(oid)
-    assert (parked["message_id"], parked["reason"]) == (cancel_id, "no_saga")
-    assert await harness.saga(oid) is None
-
-    await place(harness, placed(oid))
-    saga = await harness.wait_for_status(oid, "compensated")
-
-    assert saga.reason == "customer_cancelled"
-    history = await harness.history(oid)
-    # The reservation was already commanded with the start; it runs, then is released.
-    assert kinds(history) == [
-        ("started", None),
-        ("step_started", "reserve_stock"),
-        ("compensation_started", None),
-        ("step_completed", "reserve_stock"),
-        ("step_started", "reserve_stock"),
-        ("compensation_completed", "reserve_stock"),
-        ("compensated", None),
-    ]
-    assert_gapless(history)
-    assert history[2].message_id == cancel_id
+    assert history[2].message_id == f"{oid}/cancel"
     assert history[2].detail == {"reason": "customer_cancelled"}
-    assert assert_undone_in_reverse(history, harness.effects(oid)) == ["reserve_stock"]
-    await assert_outcome(harness, saga, oid, "order.cancelled", {"reason": "customer_cancelled"})
+
+
+async def cancelled_while_awaiting_dispatch(
+    harness: EngineHarness, oid: str, order: OrderPlaced, saga: SagaRow, history: list[HistoryEntry]
+) -> None:
+    assert history[8].message_id == f"{oid}/cancel"
+
+
+async def dispatch_deadline_missed(
+    harness: EngineHarness, oid: str, order: OrderPlaced, saga: SagaRow, history: list[HistoryEntry]
+) -> None:
+    waiting, missed = history[7], history[8]
+    assert datetime.fromisoformat(waiting.detail["until"]) == order.dispatch_by
+    assert missed.at >= order.dispatch_by
+    assert missed.message_id is None  # caused by the timer, not by a message
+    assert history[9].detail == {"reason": "dispatch_deadline_missed"}
+
+
+Extra = Callable[[EngineHarness, str, OrderPlaced, SagaRow, list[HistoryEntry]], Awaitable[None]]
+
+EXTRA: dict[str, Extra] = {
+    "happy_path": happy_path,
+    "duplicates": duplicates,
+    "payment_declined": payment_declined,
+    "cancelled_before_the_order_arrives": cancelled_before_the_order_arrives,
+    "cancelled_while_awaiting_dispatch": cancelled_while_awaiting_dispatch,
+    "dispatch_deadline_missed": dispatch_deadline_missed,
+}
+"""What the real engine shows of each scenario beyond what the scenario itself asserts."""
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.id for s in SCENARIOS])
+async def test_order_fulfilment_scenario(harness: EngineHarness, scenario: Scenario) -> None:
+    oid = f"o-{scenario.id}"
+    order = await drive(harness, scenario, oid)
+
+    saga = await harness.wait_for_status(oid, scenario.status, timeout_s=15)
+
+    assert saga.reason == scenario.reason
+    history = await harness.history(oid)
+    assert kinds(history) == scenario.history
+    assert_gapless(history)
+    assert harness.effects(oid) == scenario.effects
+    if scenario.undone:
+        assert assert_undone_in_reverse(history, harness.effects(oid)) == scenario.undone
+    await assert_outcome(harness, saga, oid, scenario.outcome, scenario.outcome_for(oid))
     await assert_settled(harness, saga)
+    await EXTRA[scenario.id](harness, oid, order, saga, history)
+
+
+# -- 2. cancellation at the other stages -----------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -332,49 +345,6 @@ async def test_cancellation_right_after_placement_compensates(
     await assert_settled(harness, saga)
 
 
-async def test_cancellation_while_awaiting_dispatch_undoes_every_step(
-    harness: EngineHarness,
-) -> None:
-    oid = "o-cancel-waiting"
-    cancel_id = f"{oid}/cancel"
-    # The parcel is not dispatched; the customer cancels while the saga waits for it.
-    harness.plans[oid] = [(0.3, cancellation(oid), cancel_id)]
-    await place(harness, placed(oid))
-
-    saga = await harness.wait_for_status(oid, "compensated")
-
-    assert saga.reason == "customer_cancelled"
-    history = await harness.history(oid)
-    assert kinds(history) == [
-        *HAPPY_HISTORY[:8],
-        ("compensation_started", None),
-        ("step_started", "book_shipment"),
-        ("compensation_completed", "book_shipment"),
-        ("step_started", "authorise_payment"),
-        ("compensation_completed", "authorise_payment"),
-        ("step_started", "reserve_stock"),
-        ("compensation_completed", "reserve_stock"),
-        ("compensated", None),
-    ]
-    assert_gapless(history)
-    assert history[8].message_id == cancel_id
-    assert assert_undone_in_reverse(history, harness.effects(oid)) == [
-        "reserve_stock",
-        "authorise_payment",
-        "book_shipment",
-    ]
-    assert harness.effects(oid) == {
-        "reserve": 1,
-        "authorise": 1,
-        "book": 1,
-        "cancel": 1,
-        "void": 1,
-        "release": 1,
-    }
-    await assert_outcome(harness, saga, oid, "order.cancelled", {"reason": "customer_cancelled"})
-    await assert_settled(harness, saga)
-
-
 async def test_cancellation_after_capture_started_is_refused(harness: EngineHarness) -> None:
     oid = "o-cancel-late"
     cancel_id = f"{oid}/cancel"
@@ -411,79 +381,6 @@ async def test_cancellation_after_capture_started_is_refused(harness: EngineHarn
     assert after is not None
     assert (after.status, after.version) == ("completed", saga.version)
     assert await harness.history(oid) == history
-    await assert_settled(harness, saga)
-
-
-# -- 4. deadline -----------------------------------------------------------------------------
-
-
-async def test_missed_dispatch_deadline_compensates(harness: EngineHarness) -> None:
-    oid = "o-late-parcel"
-    order = placed(oid, dispatch_in_s=1.5)
-    await place(harness, order)
-
-    saga = await harness.wait_for_status(oid, "compensated", timeout_s=15)
-
-    assert saga.reason == "dispatch_deadline_missed"
-    history = await harness.history(oid)
-    assert kinds(history) == [
-        *HAPPY_HISTORY[:8],
-        ("deadline_missed", "await_dispatch"),
-        ("compensation_started", None),
-        ("step_started", "book_shipment"),
-        ("compensation_completed", "book_shipment"),
-        ("step_started", "authorise_payment"),
-        ("compensation_completed", "authorise_payment"),
-        ("step_started", "reserve_stock"),
-        ("compensation_completed", "reserve_stock"),
-        ("compensated", None),
-    ]
-    assert_gapless(history)
-    waiting, missed = history[7], history[8]
-    assert datetime.fromisoformat(waiting.detail["until"]) == order.dispatch_by
-    assert missed.at >= order.dispatch_by
-    assert missed.message_id is None  # caused by the timer, not by a message
-    assert history[9].detail == {"reason": "dispatch_deadline_missed"}
-    assert_undone_in_reverse(history, harness.effects(oid))
-    assert harness.effects(oid) == {
-        "reserve": 1,
-        "authorise": 1,
-        "book": 1,
-        "release": 1,
-        "void": 1,
-        "cancel": 1,
-    }
-    await assert_outcome(
-        harness, saga, oid, "order.cancelled", {"reason": "dispatch_deadline_missed"}
-    )
-    await assert_settled(harness, saga)
-
-
-# -- 5. duplicates ---------------------------------------------------------------------------
-
-
-async def test_the_same_message_three_times_starts_one_saga(harness: EngineHarness) -> None:
-    oid = "o-thrice"
-    dispatch_after_booking(harness, oid)
-    order = placed(oid)
-    placed_id = f"{oid}/placed"
-    for _ in range(3):
-        await harness.publish(order, placed_id, correlation_id=oid)
-
-    saga = await harness.wait_for_status(oid, "completed")
-    records = await harness.wait_for_handled(placed_id, 3)
-
-    assert sorted(r.outcome for r in records) == ["applied", "duplicate", "duplicate"]
-    assert saga.reason is None
-    history = await harness.history(oid)
-    assert kinds(history) == HAPPY_HISTORY
-    assert [h.kind for h in history].count("started") == 1
-    assert_gapless(history)
-    inbox = await harness.db.fetchval("SELECT count(*) FROM inbox WHERE message_id = $1", placed_id)
-    assert inbox == 1
-    assert harness.effects(oid) == ALL_ACTIONS
-    assert harness.ledger.duplicate_effects() == 0
-    await assert_fulfilled_event(harness, saga, oid)
     await assert_settled(harness, saga)
 
 

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from sagaworks.adapters.memory.store import DeadLetterRecord, InMemoryStore
+from sagaworks.adapters.memory.store import InMemoryStore
+from sagaworks.application.dead_letter_ports import StoredDeadLetter
 from sagaworks.application.dead_letters import IngestDeadLetter, LastErrors, QueueOwner
 from sagaworks.application.ports import InboundMessage, PriorFailure
 from sagaworks.application.stored import fingerprint
@@ -54,7 +55,7 @@ async def ingest(*messages: InboundMessage, errors: LastErrors | None = None) ->
     return store
 
 
-def only(store: InMemoryStore) -> DeadLetterRecord:
+def only(store: InMemoryStore) -> StoredDeadLetter:
     (letter,) = store.dead_letters()
     return letter
 

@@ -179,6 +179,18 @@ class Saga:
         return [o.body for o in self.outgoing if not isinstance(o.body, RunStep)]
 
 
+def step_command(step: str, kind: Kind, attempt: int, port: str) -> RunStep:
+    """The command this order's saga sends to run `step`."""
+    return RunStep(
+        saga_type="order_fulfilment",
+        saga_id=SAGA_ID,
+        step=step,
+        kind=kind,
+        attempt=attempt,
+        port=port,
+    )
+
+
 def run_steps(outgoing: tuple[Outgoing, ...] | list[Outgoing]) -> list[RunStep]:
     return [o.body for o in outgoing if isinstance(o.body, RunStep)]
 
@@ -208,40 +220,30 @@ def assert_ignored(saga: Saga, given: Input, reason: str) -> None:
 # --- getting a saga to a given stage ----------------------------------------------------------
 
 
-def started() -> Saga:
-    saga = Saga()
-    saga.feed(received(placed()))
-    return saga
+HAPPY_INPUTS: list[Input] = [
+    received(placed()),
+    succeeded("reserve_stock"),
+    succeeded("authorise_payment"),
+    succeeded("book_shipment"),
+    dispatched(),
+    succeeded("capture_payment"),
+]
+"""What takes the saga straight through, in order."""
 
 
-def reserved() -> Saga:
-    saga = started()
-    saga.feed(succeeded("reserve_stock"))
-    return saga
+def _after(inputs: int) -> Callable[[], Saga]:
+    """A builder of the saga fed the first `inputs` of `HAPPY_INPUTS`."""
+
+    def stage() -> Saga:
+        saga = Saga()
+        for given in HAPPY_INPUTS[:inputs]:
+            saga.feed(given)
+        return saga
+
+    return stage
 
 
-def authorised() -> Saga:
-    saga = reserved()
-    saga.feed(succeeded("authorise_payment"))
-    return saga
-
-
-def awaiting_dispatch() -> Saga:
-    saga = authorised()
-    saga.feed(succeeded("book_shipment"))
-    return saga
-
-
-def capturing() -> Saga:
-    saga = awaiting_dispatch()
-    saga.feed(dispatched())
-    return saga
-
-
-def completed() -> Saga:
-    saga = capturing()
-    saga.feed(succeeded("capture_payment"))
-    return saga
+started, reserved, authorised, awaiting_dispatch, capturing, completed = map(_after, range(1, 7))
 
 
 # --- start ------------------------------------------------------------------------------------
@@ -264,14 +266,7 @@ def test_order_placed_starts_the_saga_and_reserves_stock() -> None:
     assert saga.state.reservation_id is None
 
     command = only_command(decision)
-    assert command == RunStep(
-        saga_type="order_fulfilment",
-        saga_id=SAGA_ID,
-        step="reserve_stock",
-        kind="action",
-        attempt=1,
-        port="inventory",
-    )
+    assert command == step_command("reserve_stock", "action", 1, "inventory")
     out = decision.outgoing[0]
     assert out.domain == COMMANDS_DOMAIN
     assert out.routing_key == "port.inventory.order_fulfilment"
@@ -329,14 +324,7 @@ def test_happy_path_reserves_authorises_books_waits_captures_and_announces() -> 
 
     d = saga.feed(dispatched())
     assert d.cancel_timers == (DEADLINE,)
-    assert only_command(d) == RunStep(
-        saga_type="order_fulfilment",
-        saga_id=SAGA_ID,
-        step="capture_payment",
-        kind="action",
-        attempt=1,
-        port="payments",
-    )
+    assert only_command(d) == step_command("capture_payment", "action", 1, "payments")
     assert saga.status() is Status.RUNNING
 
     d = saga.feed(succeeded("capture_payment"))
@@ -390,14 +378,7 @@ def test_payment_decline_releases_stock_only_and_cancels_the_order() -> None:
     assert saga.status() is Status.COMPENSATING
     assert saga.i.reason == "payment_declined"
     assert saga.i.done == ("reserve_stock",)
-    assert only_command(d) == RunStep(
-        saga_type="order_fulfilment",
-        saga_id=SAGA_ID,
-        step="reserve_stock",
-        kind="compensation",
-        attempt=1,
-        port="inventory",
-    )
+    assert only_command(d) == step_command("reserve_stock", "compensation", 1, "inventory")
     assert kinds(d.history) == ["step_failed", "compensation_started", "step_started"]
     assert d.history[0] == HistoryEntry(
         "step_failed",
@@ -462,14 +443,7 @@ def test_cancellation_before_the_reservation_result_compensates_it_when_it_arriv
 
     d = saga.feed(succeeded("reserve_stock"))
     assert saga.state.reservation_id == "res-1"
-    assert only_command(d) == RunStep(
-        saga_type="order_fulfilment",
-        saga_id=SAGA_ID,
-        step="reserve_stock",
-        kind="compensation",
-        attempt=1,
-        port="inventory",
-    )
+    assert only_command(d) == step_command("reserve_stock", "compensation", 1, "inventory")
 
     d = saga.feed(succeeded("reserve_stock", kind="compensation"))
     assert saga.status() is Status.COMPENSATED
@@ -519,14 +493,7 @@ def test_cancellation_while_awaiting_dispatch_cancels_the_deadline_and_compensat
     d = saga.feed(cancellation())
     assert d.cancel_timers == (DEADLINE,)
     assert saga.timers == {}
-    assert only_command(d) == RunStep(
-        saga_type="order_fulfilment",
-        saga_id=SAGA_ID,
-        step="book_shipment",
-        kind="compensation",
-        attempt=1,
-        port="shipping",
-    )
+    assert only_command(d) == step_command("book_shipment", "compensation", 1, "shipping")
 
     assert_ignored(saga, dispatched(), "too_late")
     assert_ignored(saga, TimerFired(DEADLINE), "stale_timer")
@@ -572,19 +539,6 @@ def test_cancellation_after_capture_started_is_refused_and_the_saga_completes() 
     ]
 
 
-def test_a_second_cancellation_while_compensating_is_ignored() -> None:
-    saga = awaiting_dispatch()
-    saga.feed(cancellation())
-
-    assert_ignored(saga, cancellation(), "already_compensating")
-
-
-def test_cancellation_before_the_saga_exists_is_parked() -> None:
-    decision = decide(order_fulfilment, None, cancellation(), T0)
-
-    assert (decision.outcome, decision.reason, decision.instance) == ("park", "no_saga", None)
-
-
 # --- deadline ---------------------------------------------------------------------------------
 
 
@@ -616,71 +570,76 @@ def test_missed_dispatch_deadline_compensates_in_reverse_order() -> None:
 # --- stale and out-of-order inputs ------------------------------------------------------------
 
 
-def test_a_duplicate_step_result_is_ignored() -> None:
-    saga = reserved()
-
-    assert_ignored(saga, succeeded("reserve_stock"), "stale_step_result")
-    assert_ignored(saga, failed("reserve_stock", "boom", business=True), "stale_step_result")
-
-
-@pytest.mark.parametrize(
-    "given",
-    [
-        succeeded("authorise_payment", attempt=2),
-        succeeded("authorise_payment", attempt=0),
-        succeeded("authorise_payment", kind="compensation"),
-        succeeded("book_shipment"),
-    ],
-    ids=["later-attempt", "earlier-attempt", "wrong-kind", "wrong-step"],
-)
-def test_a_result_for_another_attempt_is_ignored(given: StepFinished) -> None:
-    saga = reserved()
-
-    assert_ignored(saga, given, "stale_step_result")
-
-
-def test_a_step_result_while_waiting_is_ignored() -> None:
+def compensating() -> Saga:
     saga = awaiting_dispatch()
-
-    assert_ignored(saga, succeeded("book_shipment"), "stale_step_result")
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        DEADLINE,
-        retry_timer("authorise_payment", "action", 1),
-        retry_timer("authorise_payment", "action", 0),
-        retry_timer("reserve_stock", "action", 1),
-        "something:else",
-    ],
-)
-def test_a_timer_that_matches_nothing_is_ignored(name: str) -> None:
-    saga = reserved()
-
-    assert_ignored(saga, TimerFired(name), "stale_timer")
+    saga.feed(cancellation())
+    return saga
 
 
-def test_the_deadline_timer_after_dispatch_is_stale() -> None:
-    saga = capturing()
+IGNORED: list[Any] = [
+    pytest.param(compensating, cancellation(), "already_compensating", id="second-cancellation"),
+    pytest.param(reserved, succeeded("reserve_stock"), "stale_step_result", id="duplicate-result"),
+    pytest.param(
+        reserved,
+        failed("reserve_stock", "boom", business=True),
+        "stale_step_result",
+        id="duplicate-failure",
+    ),
+    *(
+        pytest.param(reserved, given, "stale_step_result", id=name)
+        for name, given in [
+            ("later-attempt", succeeded("authorise_payment", attempt=2)),
+            ("earlier-attempt", succeeded("authorise_payment", attempt=0)),
+            ("wrong-kind", succeeded("authorise_payment", kind="compensation")),
+            ("wrong-step", succeeded("book_shipment")),
+        ]
+    ),
+    pytest.param(
+        awaiting_dispatch,
+        succeeded("book_shipment"),
+        "stale_step_result",
+        id="result-while-waiting",
+    ),
+    *(
+        pytest.param(reserved, TimerFired(name), "stale_timer", id=f"timer-{name}")
+        for name in [
+            DEADLINE,
+            retry_timer("authorise_payment", "action", 1),
+            retry_timer("authorise_payment", "action", 0),
+            retry_timer("reserve_stock", "action", 1),
+            "something:else",
+        ]
+    ),
+    pytest.param(capturing, TimerFired(DEADLINE), "stale_timer", id="deadline-after-dispatch"),
+    pytest.param(capturing, dispatched(), "too_late", id="duplicate-dispatch"),
+    *(
+        pytest.param(completed, given, reason, id=f"after-completion-{name}")
+        for name, given, reason in [
+            ("dispatch", dispatched(), "saga_completed"),
+            ("cancellation", cancellation(), "saga_completed"),
+            ("deadline", TimerFired(DEADLINE), "stale_timer"),
+            ("result", succeeded("capture_payment"), "stale_step_result"),
+        ]
+    ),
+    *(
+        pytest.param(
+            stage, received(placed(), id="evt-again"), "already_started", id=f"placed-again-{name}"
+        )
+        for name, stage in [
+            ("started", started),
+            ("awaiting-dispatch", awaiting_dispatch),
+            ("completed", completed),
+        ]
+    ),
+]
+"""(stage, input, reason) of every input that changes nothing at that stage."""
 
-    assert_ignored(saga, TimerFired(DEADLINE), "stale_timer")
 
-
-def test_inputs_after_completion_are_ignored() -> None:
-    saga = completed()
-
-    assert_ignored(saga, dispatched(), "saga_completed")
-    assert_ignored(saga, cancellation(), "saga_completed")
-    assert_ignored(saga, TimerFired(DEADLINE), "stale_timer")
-    assert_ignored(saga, succeeded("capture_payment"), "stale_step_result")
-
-
-@pytest.mark.parametrize("stage", [started, awaiting_dispatch, completed])
-def test_a_second_order_placed_is_ignored(stage: Callable[[], Saga]) -> None:
-    saga = stage()
-
-    assert_ignored(saga, received(placed(), id="evt-again"), "already_started")
+@pytest.mark.parametrize(("stage", "given", "reason"), IGNORED)
+def test_an_input_that_does_not_fit_the_stage_is_ignored(
+    stage: Callable[[], Saga], given: Input, reason: str
+) -> None:
+    assert_ignored(stage(), given, reason)
 
 
 def test_dispatch_before_the_wait_is_parked_then_accepted() -> None:
@@ -696,12 +655,6 @@ def test_dispatch_before_the_wait_is_parked_then_accepted() -> None:
     decision = saga.feed(dispatched())
     assert decision.outcome == "applied"
     assert only_command(decision).step == "capture_payment"
-
-
-def test_a_duplicate_dispatch_is_too_late() -> None:
-    saga = capturing()
-
-    assert_ignored(saga, dispatched(), "too_late")
 
 
 @pytest.mark.parametrize(
@@ -751,14 +704,7 @@ def test_a_technical_failure_schedules_a_retry_then_runs_attempt_two() -> None:
     assert_ignored(saga, succeeded("authorise_payment"), "stale_step_result")
 
     d = saga.feed(TimerFired(name))
-    assert only_command(d) == RunStep(
-        saga_type="order_fulfilment",
-        saga_id=SAGA_ID,
-        step="authorise_payment",
-        kind="action",
-        attempt=2,
-        port="payments",
-    )
+    assert only_command(d) == step_command("authorise_payment", "action", 2, "payments")
     assert saga.i.in_flight == InFlight("authorise_payment", "action", 2)
 
     assert_ignored(saga, TimerFired(name), "stale_timer")
@@ -809,14 +755,7 @@ def test_exhausted_retries_of_an_action_compensate_it_too_with_the_failure_reaso
         None,
         {"reason": "shipping_unavailable", "outcome_unknown": True},
     )
-    assert only_command(d) == RunStep(
-        saga_type="order_fulfilment",
-        saga_id=SAGA_ID,
-        step="book_shipment",
-        kind="compensation",
-        attempt=1,
-        port="shipping",
-    )
+    assert only_command(d) == step_command("book_shipment", "compensation", 1, "shipping")
     d = saga.feed(succeeded("book_shipment", kind="compensation"))
     assert (only_command(d).step, only_command(d).kind) == ("authorise_payment", "compensation")
     saga.feed(succeeded("authorise_payment", kind="compensation"))
@@ -869,14 +808,7 @@ def test_a_technical_failure_after_a_cancellation_is_not_retried_but_compensated
     assert saga.i.done == ("reserve_stock", "authorise_payment")
     assert kinds(d.history) == ["step_failed", "step_started"]
     assert d.history[0].detail == {"reason": "timeout", "outcome_unknown": True}
-    assert only_command(d) == RunStep(
-        saga_type="order_fulfilment",
-        saga_id=SAGA_ID,
-        step="authorise_payment",
-        kind="compensation",
-        attempt=1,
-        port="payments",
-    )
+    assert only_command(d) == step_command("authorise_payment", "compensation", 1, "payments")
     assert_ignored(saga, TimerFired(retry_timer("authorise_payment", "action", 1)), "stale_timer")
 
     saga.feed(succeeded("authorise_payment", kind="compensation"))
@@ -936,14 +868,7 @@ def test_cancellation_during_a_pending_retry_abandons_the_step_and_compensates_i
         "in-order.cancellation_requested",
         {"attempt": attempt, "outcome_unknown": True},
     )
-    assert only_command(d) == RunStep(
-        saga_type="order_fulfilment",
-        saga_id=SAGA_ID,
-        step="authorise_payment",
-        kind="compensation",
-        attempt=1,
-        port="payments",
-    )
+    assert only_command(d) == step_command("authorise_payment", "compensation", 1, "payments")
 
     assert_ignored(saga, TimerFired(name), "stale_timer")
     assert_ignored(saga, succeeded("authorise_payment", attempt=attempt), "stale_step_result")

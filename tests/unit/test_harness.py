@@ -1,15 +1,27 @@
-"""Order fulfilment driven end to end through `SagaHarness`: real use cases, no I/O."""
+"""Order fulfilment driven end to end through `SagaHarness`: real use cases, no I/O.
+
+The scenarios of `tests/scenarios/order_fulfilment.py` run here as they run on
+the real engine; the other cases are the harness's own (its clock, its
+publisher's failures, redelivery).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from itertools import pairwise
 
 import pytest
+from scenarios.order_fulfilment import (
+    SCENARIOS,
+    Scenario,
+    assert_gapless,
+    assert_undone_in_reverse,
+)
+from scenarios.order_fulfilment import kinds as kinds_and_steps
 
 from sagas.order_fulfilment.messages import (
     OrderCancellationRequested,
-    OrderCancelled,
     OrderFulfilled,
     OrderLine,
     OrderPlaced,
@@ -18,6 +30,7 @@ from sagas.order_fulfilment.messages import (
 from sagas.order_fulfilment.ports import Authorisation, AuthorisePayment
 from sagas.order_fulfilment.saga import order_fulfilment
 from sagas.order_fulfilment.simulated import (
+    DECLINED_CUSTOMER_PREFIX,
     Ledger,
     SimulatedPayments,
     Simulation,
@@ -72,59 +85,51 @@ def kinds(harness: Harness, order_id: str = "o-1") -> list[str]:
     return [entry.kind for entry in harness.history(order_id)]
 
 
-async def test_happy_path_fulfils_the_order(harness: Harness, ledger: Ledger) -> None:
-    handled = await harness.publish(placed(harness))
-    assert handled.outcome == "applied"
-    assert harness.status("o-1") is Status.RUNNING
-    assert steps(harness) == FORWARD
-    assert kinds(harness)[-1] == "waiting"
-    assert harness.published == []
+async def drive(harness: Harness, scenario: Scenario, order: OrderPlaced) -> None:
+    """Make the scenario's moves, each delivered and run until the harness is idle."""
+    oid = order.order_id
+    placed_yet = False
+    for move in scenario.moves:
+        if move in ("place", "place_declined", "place_again"):
+            handled = await harness.publish(order, message_id=f"{oid}/placed")
+            assert handled.outcome == ("duplicate" if move == "place_again" else "applied")
+            placed_yet = True
+        elif move == "dispatch":
+            handled = await harness.publish(dispatched(oid), message_id=f"{oid}/dispatched")
+            assert handled.outcome == "applied"
+        elif move == "cancel":
+            handled = await harness.publish(OrderCancellationRequested(order_id=oid))
+            assert (handled.outcome, handled.reason) == (
+                ("applied", "") if placed_yet else ("parked", "no_saga")
+            )
+        else:
+            # The deadline is two days away: a day passes in vain, then it is missed.
+            assert await harness.advance(timedelta(days=1)) == 0
+            assert harness.status(oid) is Status.RUNNING
+            assert await harness.advance(timedelta(days=2)) == 1
 
-    await harness.publish(dispatched())
 
-    assert harness.status("o-1") is Status.COMPLETED
-    assert harness.published == [
-        OrderFulfilled(order_id="o-1", shipment_id="shp-o-1", capture_id="cap-o-1")
-    ]
+async def happy_path(harness: Harness, order: OrderPlaced) -> None:
     assert steps(harness) == [*FORWARD, ("capture_payment", "action")]
     assert harness.state("o-1").capture_id == "cap-o-1"
-    assert kinds(harness)[-4:] == ["event_received", "step_started", "step_completed", "completed"]
-    assert [seq.seq for seq in harness.history("o-1")] == list(
-        range(1, len(harness.history("o-1")) + 1)
-    )
-    assert {op for op, _ in ledger.effects} == {"reserve", "authorise", "book", "capture"}
-    assert ledger.duplicate_effects() == 0
-    assert all(row.published_at is not None for row in harness.store.outbox())
 
 
-async def test_a_declined_payment_releases_the_stock(harness: Harness, ledger: Ledger) -> None:
-    await harness.publish(placed(harness, customer_id="declined-c-9"))
+async def duplicates(harness: Harness, order: OrderPlaced) -> None:
+    assert (await harness.publish(dispatched(), message_id="o-1/dispatched")).outcome == "duplicate"
+    assert steps(harness) == [*FORWARD, ("capture_payment", "action")]
+    assert len(harness.published) == 1
 
-    assert harness.status("o-1") is Status.COMPENSATED
-    assert harness.published == [OrderCancelled(order_id="o-1", reason="payment_declined")]
+
+async def payment_declined(harness: Harness, order: OrderPlaced) -> None:
     # The refused authorisation had no effect, so only the reservation is undone.
     assert steps(harness) == [
         ("reserve_stock", "action"),
         ("authorise_payment", "action"),
         ("reserve_stock", "compensation"),
     ]
-    assert ledger.count("release") == 1
-    assert ledger.count("void") == 0
-    assert ledger.count("book") == 0
 
 
-async def test_a_missed_dispatch_deadline_compensates_in_reverse_order(
-    harness: Harness, ledger: Ledger
-) -> None:
-    order = placed(harness)
-    await harness.publish(order)
-
-    assert await harness.advance(timedelta(days=1)) == 0
-    assert harness.status("o-1") is Status.RUNNING
-    assert await harness.advance(timedelta(days=2)) == 1
-
-    assert harness.status("o-1") is Status.COMPENSATED
-    assert harness.published == [OrderCancelled(order_id="o-1", reason="dispatch_deadline_missed")]
+async def dispatch_deadline_missed(harness: Harness, order: OrderPlaced) -> None:
     assert steps(harness)[3:] == [
         ("book_shipment", "compensation"),
         ("authorise_payment", "compensation"),
@@ -134,24 +139,64 @@ async def test_a_missed_dispatch_deadline_compensates_in_reverse_order(
     (missed,) = [e for e in harness.history("o-1") if e.kind == "deadline_missed"]
     assert missed.at == order.dispatch_by
     assert harness.clock.now() == order.dispatch_by + timedelta(days=1)
-    assert (ledger.count("cancel"), ledger.count("void"), ledger.count("release")) == (1, 1, 1)
     # The warehouse dispatching afterwards changes nothing.
     assert (await harness.publish(dispatched())).outcome == "ignored"
     assert harness.status("o-1") is Status.COMPENSATED
 
 
-async def test_a_duplicate_delivery_is_applied_once(harness: Harness, ledger: Ledger) -> None:
-    order = placed(harness)
-    assert (await harness.publish(order, message_id="order-1")).outcome == "applied"
-    assert (await harness.publish(order, message_id="order-1")).outcome == "duplicate"
-    assert (await harness.publish(dispatched(), message_id="wh-1")).outcome == "applied"
-    assert (await harness.publish(dispatched(), message_id="wh-1")).outcome == "duplicate"
+async def nothing_more(harness: Harness, order: OrderPlaced) -> None:
+    pass
 
-    assert harness.status("o-1") is Status.COMPLETED
-    assert steps(harness) == [*FORWARD, ("capture_payment", "action")]
-    assert len(harness.published) == 1
-    assert kinds(harness).count("started") == 1
+
+EXTRA: dict[str, Callable[[Harness, OrderPlaced], Awaitable[None]]] = {
+    "happy_path": happy_path,
+    "duplicates": duplicates,
+    "payment_declined": payment_declined,
+    "dispatch_deadline_missed": dispatch_deadline_missed,
+}
+"""What the harness shows of a scenario beyond what the scenario itself asserts."""
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.id for s in SCENARIOS])
+async def test_order_fulfilment_scenario(
+    harness: Harness, ledger: Ledger, scenario: Scenario
+) -> None:
+    declined = "place_declined" in scenario.moves
+    order = placed(harness, customer_id=f"{DECLINED_CUSTOMER_PREFIX}c-9" if declined else "c-1")
+    await drive(harness, scenario, order)
+
+    instance = harness.instance("o-1")
+    assert instance is not None
+    assert (instance.status.value, instance.reason) == (scenario.status, scenario.reason)
+    history = harness.history("o-1")
+    assert kinds_and_steps(history) == scenario.history
+    assert_gapless(history)
+    effects = {op: n for (op, order_id), n in ledger.effects.items() if order_id == "o-1"}
+    assert effects == scenario.effects
     assert ledger.duplicate_effects() == 0
+    if scenario.undone:
+        assert assert_undone_in_reverse(history, effects) == scenario.undone
+    (outcome,) = harness.published
+    assert (outcome.message_type, outcome.model_dump(mode="json")) == (
+        scenario.outcome,
+        scenario.outcome_for("o-1"),
+    )
+    # Nothing is left behind: no timers (the dispatch deadline included), parked or unsent rows.
+    assert harness.store.timers() == []
+    assert harness.store.parked() == []
+    assert all(row.published_at is not None for row in harness.store.outbox())
+    await EXTRA.get(scenario.id, nothing_more)(harness, order)
+
+
+async def test_a_placed_order_waits_for_its_dispatch_with_nothing_published(
+    harness: Harness,
+) -> None:
+    handled = await harness.publish(placed(harness))
+    assert handled.outcome == "applied"
+    assert harness.status("o-1") is Status.RUNNING
+    assert steps(harness) == FORWARD
+    assert kinds(harness)[-1] == "waiting"
+    assert harness.published == []
 
 
 async def test_every_message_delivered_twice_at_once_still_has_each_effect_once(
@@ -181,15 +226,6 @@ async def test_an_event_that_arrives_early_is_parked_and_applied_later(harness: 
 
     assert harness.status("o-1") is Status.COMPLETED
     assert harness.store.parked() == []
-
-
-async def test_a_cancellation_while_waiting_compensates(harness: Harness) -> None:
-    await harness.publish(placed(harness))
-    await harness.publish(OrderCancellationRequested(order_id="o-1"))
-
-    assert harness.status("o-1") is Status.COMPENSATED
-    assert harness.published == [OrderCancelled(order_id="o-1", reason="customer_cancelled")]
-    assert harness.store.timers() == []  # the dispatch deadline went with it
 
 
 class FlakyPayments(SimulatedPayments):

@@ -87,10 +87,15 @@ def down() -> PortUnavailable:
     return PortUnavailable("503")
 
 
+async def fail(breaker: PortBreaker, times: int, error: Exception | None = None) -> None:
+    """Make `times` calls that fail with `error` (the port answering 503 by default)."""
+    for _ in range(times):
+        with pytest.raises(type(error or down())):
+            await breaker.call(Port(error or down()))
+
+
 async def open_breaker(breaker: PortBreaker) -> None:
-    for _ in range(POLICY.breaker_failures - 1):
-        with pytest.raises(PortUnavailable):
-            await breaker.call(Port(down()))
+    await fail(breaker, POLICY.breaker_failures - 1)
     with pytest.raises(CircuitOpen):
         await breaker.call(Port(down()))
 
@@ -118,13 +123,9 @@ async def test_timeouts_count_as_failures_and_a_success_resets_the_count() -> No
     clock = FakeClock()
     breaker, _ = make_breaker(clock)
 
-    for _ in range(2):
-        with pytest.raises(TimeoutError):
-            await breaker.call(Port(TimeoutError()))
+    await fail(breaker, 2, TimeoutError())
     await breaker.call(Port("ok"))
-    for _ in range(2):
-        with pytest.raises(TimeoutError):
-            await breaker.call(Port(TimeoutError()))
+    await fail(breaker, 2, TimeoutError())
 
     assert breaker.state == "closed"
     assert breaker.failures == 2
@@ -133,9 +134,7 @@ async def test_timeouts_count_as_failures_and_a_success_resets_the_count() -> No
 async def test_a_business_refusal_is_an_answer_not_a_failure() -> None:
     clock = FakeClock()
     breaker, _ = make_breaker(clock)
-    for _ in range(2):
-        with pytest.raises(PortUnavailable):
-            await breaker.call(Port(down()))
+    await fail(breaker, 2)
 
     with pytest.raises(BusinessFailure):
         await breaker.call(Port(BusinessFailure("payment_declined")))
@@ -147,9 +146,7 @@ async def test_a_business_refusal_is_an_answer_not_a_failure() -> None:
 async def test_a_bug_in_the_adapter_and_a_cancellation_say_nothing_about_the_port() -> None:
     clock = FakeClock()
     breaker, _ = make_breaker(clock)
-    for _ in range(2):
-        with pytest.raises(PortUnavailable):
-            await breaker.call(Port(down()))
+    await fail(breaker, 2)
 
     with pytest.raises(KeyError):
         await breaker.call(Port(KeyError("oops")))

@@ -1,18 +1,24 @@
-"""How failures are grouped: one rule for every store.
+"""Rules every store shares: how failures are grouped, how sagas lock and read back.
 
-Both the PostgreSQL and the in-memory store must group failures the same way,
-so the fingerprint is computed here, not in either adapter: a use case hands
-a store a `DeadLetter` already grouped.
+A use case hands a store a `DeadLetter` already grouped (`dead_letter`); both
+the PostgreSQL and the in-memory store read a saga row back as the same
+instance (`saga_from_row`) and lock a batch's sagas in one order
+(`lock_key`), so these rules live here, not in either adapter.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+from uuid import UUID
 
 from sagaworks.application.ports import DeadLetter, InboundMessage
+from sagaworks.domain.definition import SagaDefinition
+from sagaworks.domain.instance import InFlight, SagaInstance, Status
 
-__all__ = ["dead_letter", "fingerprint"]
+__all__ = ["dead_letter", "fingerprint", "lock_key", "refuse_repeats", "saga_from_row"]
 
 _VOLATILE = re.compile(r"[0-9a-f]{8,}|\d+")
 
@@ -44,4 +50,45 @@ def dead_letter(
         handler,
         saga_type,
         fingerprint(reason, exception_type, exception_message, handler),
+    )
+
+
+def lock_key(saga_id: UUID) -> int:
+    """A signed 64-bit key from the saga id: the advisory lock key, and the order of batches."""
+    return int.from_bytes(saga_id.bytes[:8], "big", signed=True)
+
+
+def refuse_repeats(saga_ids: Iterable[UUID]) -> None:
+    """A batch names each saga once; a second entry would be a second, conflicting write."""
+    ids = list(saga_ids)
+    if len(set(ids)) != len(ids):
+        repeated = sorted({str(i) for i in ids if ids.count(i) > 1})
+        raise ValueError(f"saga(s) {', '.join(repeated)} appear twice in one batch; at most once")
+
+
+def saga_from_row(
+    definition: SagaDefinition[Any],
+    saga_id: UUID,
+    *,
+    correlation_key: str,
+    status: str,
+    state: str,
+    version: int,
+    progress: Mapping[str, Any],
+) -> SagaInstance:
+    """The instance a `saga_instances` row holds; `state` is the state model as JSON."""
+    flight = progress.get("in_flight")
+    return SagaInstance(
+        id=saga_id,
+        saga_type=definition.name,
+        correlation_key=correlation_key,
+        correlation_id=progress.get("correlation_id") or correlation_key,
+        status=Status(status),
+        position=int(progress["position"]),
+        state=definition.state.model_validate_json(state),
+        version=version,
+        in_flight=InFlight.from_json(flight) if flight else None,
+        done=tuple(progress.get("done", ())),
+        reason=progress.get("reason"),
+        error=progress.get("error"),
     )

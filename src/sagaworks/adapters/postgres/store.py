@@ -37,15 +37,11 @@ from sagaworks.application.ports import (
     SagaChange,
     SagaClaim,
 )
+from sagaworks.application.stored import lock_key, refuse_repeats, saga_from_row
 from sagaworks.domain.definition import SagaDefinition
-from sagaworks.domain.instance import InFlight, SagaInstance, Status
+from sagaworks.domain.instance import SagaInstance
 
-__all__ = ["PostgresStore", "advisory_key"]
-
-
-def advisory_key(saga_id: UUID) -> int:
-    """A signed 64-bit lock key from the saga id."""
-    return int.from_bytes(saga_id.bytes[:8], "big", signed=True)
+__all__ = ["PostgresStore"]
 
 
 # Locks are taken in the order of the array, which the caller sorts: one global order.
@@ -223,28 +219,15 @@ def _outbox_row(row: asyncpg.Record) -> OutboxRow:
 
 
 def _instance(definition: SagaDefinition[Any], saga_id: UUID, row: asyncpg.Record) -> SagaInstance:
-    progress = row["progress"]
-    flight = progress.get("in_flight")
-    return SagaInstance(
-        id=saga_id,
-        saga_type=definition.name,
+    return saga_from_row(
+        definition,
+        saga_id,
         correlation_key=row["correlation_key"],
-        correlation_id=progress.get("correlation_id") or row["correlation_key"],
-        status=Status(row["status"]),
-        position=int(progress["position"]),
-        state=definition.state.model_validate_json(row["state"]),
+        status=row["status"],
+        state=row["state"],
         version=row["version"],
-        in_flight=InFlight.from_json(flight) if flight else None,
-        done=tuple(progress.get("done", ())),
-        reason=progress.get("reason"),
-        error=progress.get("error"),
+        progress=row["progress"],
     )
-
-
-def _refuse_repeats(ids: Sequence[UUID]) -> None:
-    if len(set(ids)) != len(ids):
-        repeated = sorted({str(i) for i in ids if ids.count(i) > 1})
-        raise ValueError(f"saga(s) {', '.join(repeated)} appear twice in one batch; at most once")
 
 
 class _SaveColumns:
@@ -341,8 +324,8 @@ class _Transaction:
 
     async def lock_sagas(self, claims: Sequence[SagaClaim]) -> list[LockedSaga]:
         ids = [c.saga_id for c in claims]
-        _refuse_repeats(ids)
-        await self._conn.fetchval(_LOCK, sorted(advisory_key(i) for i in ids))
+        refuse_repeats(ids)
+        await self._conn.fetchval(_LOCK, sorted(lock_key(i) for i in ids))
         rows = await self._conn.fetch(
             _CLAIM_AND_LOAD,
             ids,
@@ -366,7 +349,7 @@ class _Transaction:
         columns = _SaveColumns()
         for change in changes:
             columns.add(change)
-        _refuse_repeats(columns.ids)
+        refuse_repeats(columns.ids)
         rows = await self._conn.fetch(_SAVE_ALL, *columns.args())
         stale = set(columns.ids) - set(rows[0]["written"])
         if stale:
@@ -409,7 +392,7 @@ class _Transaction:
     async def claim_due_timer(self, now: datetime) -> DueTimer | None:
         for row in await self._conn.fetch(_DUE_TIMERS, now):
             if not await self._conn.fetchval(
-                "SELECT pg_try_advisory_xact_lock($1)", advisory_key(row["saga_id"])
+                "SELECT pg_try_advisory_xact_lock($1)", lock_key(row["saga_id"])
             ):
                 continue
             if await self._conn.fetchval(_CLAIM_TIMER, row["id"]) is None:

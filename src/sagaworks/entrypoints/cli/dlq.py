@@ -7,7 +7,9 @@ refuses, a failed publish) end with one line saying what to do, exit code 1.
 
 from __future__ import annotations
 
+import functools
 import getpass
+import inspect
 import json
 import os
 import re
@@ -143,6 +145,67 @@ def _selection(
     )
 
 
+_FILTERS = {
+    "ids": Ids,
+    "status": Status,
+    "reason": Reason,
+    "group": Group,
+    "saga_type": SagaType,
+    "routing_key": RoutingKey,
+    "queue": Queue,
+    "since": Since,
+    "until": Until,
+    "grep": Grep,
+}
+"""The filter options every selecting command takes, in the order `--help` lists them."""
+
+
+def _filtered(
+    *, ids: bool = True, group: bool = True, status: str = "active"
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Give a command the filter options; it receives them as `selection: DeadLetterFilter`.
+
+    `ids` and `group` say whether the command takes dead-letter ids and
+    `--group`; `status` is the default `--status`.
+    """
+    left_out = {name for name, kept in (("ids", ids), ("group", group)) if not kept}
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        own = inspect.signature(command, eval_str=True)
+        filters = [
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=annotation,
+                default=status if name == "status" else None,
+            )
+            for name, annotation in _FILTERS.items()
+            if name not in left_out
+        ]
+        rest = [
+            p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+            for name, p in own.parameters.items()
+            if name != "selection"
+        ]
+
+        @functools.wraps(command)
+        def with_selection(**options: Any) -> None:
+            chosen = {name: options.pop(name, None) for name in _FILTERS}
+            command(selection=_selection(**chosen), **options)
+
+        with_selection.__signature__ = own.replace(  # type: ignore[attr-defined]
+            parameters=[*filters, *rest]
+        )
+        with_selection.__annotations__ = {}
+        return with_selection
+
+    return decorate
+
+
+def _shown_status(selection: DeadLetterFilter) -> str:
+    return selection.statuses[0] if selection.statuses else "all"
+
+
 def _operator(operator: str | None) -> str:
     return operator or getpass.getuser()
 
@@ -237,24 +300,14 @@ def _short(text: str, width: int = 60) -> str:
 
 
 @dlq_app.command("list")
+@_filtered(ids=False)
 def list_letters(
-    status: Status = "active",
-    reason: Reason = None,
-    group: Group = None,
-    saga_type: SagaType = None,
-    routing_key: RoutingKey = None,
-    queue: Queue = None,
-    since: Since = None,
-    until: Until = None,
-    grep: Grep = None,
+    selection: DeadLetterFilter,
     limit: Annotated[int, typer.Option(min=1, max=10_000, help="Rows per page.")] = 50,
     page: Annotated[int, typer.Option(min=1, help="Page number, from 1.")] = 1,
     as_json: AsJson = False,
 ) -> None:
     """List dead letters, newest failure first, filtered and paged."""
-    selection = _selection(
-        None, status, reason, group, saga_type, routing_key, queue, since, until, grep
-    )
     offset = (page - 1) * limit
 
     async def go() -> tuple[int, list[StoredDeadLetter]]:
@@ -273,7 +326,7 @@ def list_letters(
             }
         )
         return
-    table = Table(title=f"dead letters ({status})")
+    table = Table(title=f"dead letters ({_shown_status(selection)})")
     for column in ("id", "last failed", "reason", "queue", "routing key", "error", "fail", "repl"):
         table.add_column(column, justify="right" if column in {"id", "fail", "repl"} else "left")
     for x in letters:
@@ -295,22 +348,13 @@ def list_letters(
 
 
 @dlq_app.command("groups")
+@_filtered(ids=False, group=False)
 def groups(
-    status: Status = "active",
-    reason: Reason = None,
-    saga_type: SagaType = None,
-    routing_key: RoutingKey = None,
-    queue: Queue = None,
-    since: Since = None,
-    until: Until = None,
-    grep: Grep = None,
+    selection: DeadLetterFilter,
     limit: Annotated[int, typer.Option(min=1, max=10_000, help="Groups to show.")] = 50,
     as_json: AsJson = False,
 ) -> None:
     """Count dead letters per failure fingerprint (exception, normalised message, handler)."""
-    selection = _selection(
-        None, status, reason, None, saga_type, routing_key, queue, since, until, grep
-    )
 
     async def go() -> list[FailureGroup]:
         async with _context() as ctx:
@@ -329,7 +373,7 @@ def groups(
             ]
         )
         return
-    table = Table(title=f"failure groups ({status})")
+    table = Table(title=f"failure groups ({_shown_status(selection)})")
     for column in ("group", "count", "first seen", "last seen", "reason", "handler", "example"):
         table.add_column(column, justify="right" if column == "count" else "left")
     for g in found:
@@ -422,17 +466,9 @@ def _require_selection(selection: DeadLetterFilter, every: bool, verb: str) -> N
 
 
 @dlq_app.command("replay")
+@_filtered()
 def replay(
-    ids: Ids = None,
-    status: Status = "active",
-    reason: Reason = None,
-    group: Group = None,
-    saga_type: SagaType = None,
-    routing_key: RoutingKey = None,
-    queue: Queue = None,
-    since: Since = None,
-    until: Until = None,
-    grep: Grep = None,
+    selection: DeadLetterFilter,
     every: Annotated[bool, typer.Option("--all", help="Select every letter of --status.")] = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Show what would be sent where; send nothing.")
@@ -450,9 +486,6 @@ def replay(
     letter is marked replayed only after the broker confirmed it; the run stops
     at the first publish that fails.
     """
-    selection = _selection(
-        ids, status, reason, group, saga_type, routing_key, queue, since, until, grep
-    )
     _require_selection(selection, every, "replay")
     if dry_run:
         _dry_run(selection, as_json)
@@ -660,48 +693,24 @@ def _act_on(
 
 
 @dlq_app.command("archive")
+@_filtered()
 def archive(
-    ids: Ids = None,
-    status: Status = "active",
-    reason: Reason = None,
-    group: Group = None,
-    saga_type: SagaType = None,
-    routing_key: RoutingKey = None,
-    queue: Queue = None,
-    since: Since = None,
-    until: Until = None,
-    grep: Grep = None,
+    selection: DeadLetterFilter,
     every: Annotated[bool, typer.Option("--all", help="Select every letter of --status.")] = False,
     yes: Yes = False,
     operator: Operator = None,
 ) -> None:
     """Set dead letters aside (status archived): kept and auditable, out of the default list."""
-    selection = _selection(
-        ids, status, reason, group, saga_type, routing_key, queue, since, until, grep
-    )
     _act_on(selection, "archive", archive_dead_letters, every=every, yes=yes, operator=operator)
 
 
 @dlq_app.command("purge")
+@_filtered(status="archived")
 def purge(
-    ids: Ids = None,
-    status: Annotated[
-        str, typer.Option(help="active, replayed, archived, or all.", show_default=True)
-    ] = "archived",
-    reason: Reason = None,
-    group: Group = None,
-    saga_type: SagaType = None,
-    routing_key: RoutingKey = None,
-    queue: Queue = None,
-    since: Since = None,
-    until: Until = None,
-    grep: Grep = None,
+    selection: DeadLetterFilter,
     every: Annotated[bool, typer.Option("--all", help="Select every letter of --status.")] = False,
     yes: Yes = False,
     operator: Operator = None,
 ) -> None:
     """Delete dead letters for good (by default archived ones); their audit rows remain."""
-    selection = _selection(
-        ids, status, reason, group, saga_type, routing_key, queue, since, until, grep
-    )
     _act_on(selection, "purge", purge_dead_letters, every=every, yes=yes, operator=operator)
