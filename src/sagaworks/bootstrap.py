@@ -254,17 +254,18 @@ async def bootstrap(
     Each port's policy is the one its adapter declares (a `policy` attribute),
     unless `policies` names another. The port adapters are entered (an async
     context manager) or registered for `aclose()` last, so the system closes
-    them when it is closed.
+    them when it is closed; if one cannot be entered, the system is closed.
     """
     registry = SagaRegistry(sagas)
     missing = sorted(set(registry.ports()) - set(ports))
     if missing:
         raise ValueError(f"no adapter given for port(s): {', '.join(missing)}")
     clock = clock or SystemClock()
-    wire = _wire(settings)
     engine = None
     connection = None
+    breaker_log = None
     if store is None:
+        wire = _wire(settings)
         engine = create_engine_from_settings(settings)
         pool = ConnectionPool(
             settings.database_url.get_secret_value(),
@@ -272,6 +273,7 @@ async def bootstrap(
             connect_timeout_s=settings.db_connect_timeout_s,
         )
         store = PostgresStore(engine, wire, pool)
+        breaker_log = PostgresBreakerLog(engine, wire)
     if outbox_wake_ups is None:
         outbox_wake_ups = IntervalWakeUps() if engine is None else PostgresOutboxWakeUps(engine)
     if publisher is None:
@@ -289,8 +291,8 @@ async def bootstrap(
     if caller is None:
         caller = ResilientCaller({**declared_policies(ports), **(policies or {})})
     record_breaker_change = None
-    if engine is not None:
-        record_breaker_change = RecordBreakerChange(PostgresBreakerLog(engine, wire), relay)
+    if breaker_log is not None:
+        record_breaker_change = RecordBreakerChange(breaker_log, relay)
     last_errors = LastErrors()
     system = System(
         settings=settings,
@@ -315,7 +317,11 @@ async def bootstrap(
         breakers=caller.breakers if isinstance(caller, ResilientCaller) else None,
         record_breaker_change=record_breaker_change,
     )
-    await _open_ports(system.port_lifecycle, ports)
+    try:
+        await _open_ports(system.port_lifecycle, ports)
+    except BaseException:
+        await system.aclose()
+        raise
     return system
 
 

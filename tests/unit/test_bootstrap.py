@@ -91,3 +91,20 @@ async def test_routes_name_every_queue_the_engine_consumes_once() -> None:
     ]
     assert routes[-1].handle is system.ingest_dead_letter
     await system.aclose()
+
+
+class Unopenable(Entered):
+    async def __aenter__(self) -> Entered:
+        raise ConnectionRefusedError(f"{self.name} cannot be reached")
+
+
+async def test_a_port_adapter_that_cannot_be_opened_closes_those_opened_before() -> None:
+    log: list[str] = []
+    ports: dict[str, object] = {
+        "inventory": Entered("inventory", log),
+        "payments": Unopenable("payments", log),
+        "shipping": Closable("shipping", log),
+    }
+    with pytest.raises(ConnectionRefusedError, match="payments"):
+        await in_memory_system(ports)
+    assert log == ["enter inventory", "exit inventory"]
