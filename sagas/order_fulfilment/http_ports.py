@@ -116,7 +116,12 @@ class _Participant:
         """How sagaworks calls this port; `bootstrap` reads it from here."""
 
     async def aclose(self) -> None:
+        """Close the HTTP client and its connections; the system running the port calls this."""
         await self._client.aclose()
+
+    @property
+    def is_closed(self) -> bool:
+        return self._client.is_closed
 
     async def _post(
         self,

@@ -1,14 +1,23 @@
-"""The one composition root: wires real or in-memory adapters by the same call.
+"""The one place that builds adapters, clocks and codecs, and wires them to the use cases.
 
-Nothing is built at import time. `bootstrap()` connects to PostgreSQL and
-RabbitMQ unless a test hands it other adapters, and returns a `System` whose
-use cases the entry points call.
+Every entry point gets its collaborators here. `bootstrap()` builds the whole
+engine for the worker (and for the no-I/O harness, which hands it the
+in-memory adapters `in_memory()` builds); `bootstrap_tools()` builds only what
+an operator command asks for (the dead-letter store, a replay publisher, a
+broker connection). Both share the wiring below, and nothing is built at
+import time.
+
+A `System` owns what it was given to run: `aclose()` closes the port adapters
+(those with an `aclose()` or that are async context managers, entered when
+the system was built), the broker connection, the store and the engine.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,9 +25,20 @@ from aio_pika.abc import AbstractRobustConnection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sagaworks.adapters.memory.breakers import InMemoryBreakerLog
+from sagaworks.adapters.memory.caller import DirectCaller
+from sagaworks.adapters.memory.clock import FakeClock
+from sagaworks.adapters.memory.publisher import InMemoryPublisher
 from sagaworks.adapters.memory.store import InMemoryStore
+from sagaworks.adapters.memory.wakeups import IntervalWakeUps
 from sagaworks.adapters.postgres.breakers import PostgresBreakerLog
-from sagaworks.adapters.postgres.engine import create_engine_from_settings
+from sagaworks.adapters.postgres.dead_letters import PostgresDeadLetters
+from sagaworks.adapters.postgres.engine import (
+    TRANSIENT_DATABASE_ERRORS,
+    create_engine_from_settings,
+    probe_database,
+)
+from sagaworks.adapters.postgres.migrations_runner import check_schema_current
+from sagaworks.adapters.postgres.notify import PostgresOutboxWakeUps
 from sagaworks.adapters.postgres.pool import ConnectionPool
 from sagaworks.adapters.postgres.store import PostgresStore
 from sagaworks.adapters.rabbitmq.connection import connect
@@ -39,13 +59,23 @@ from sagaworks.adapters.resilience.breaker import PortBreakers
 from sagaworks.adapters.resilience.caller import ResilientCaller
 from sagaworks.adapters.resilience.policy import PortPolicy, declared_policies
 from sagaworks.application.apply_inputs import ApplyInputs
-from sagaworks.application.circuit import RecordBreakerChange
+from sagaworks.application.circuit import BreakerLog, RecordBreakerChange
+from sagaworks.application.dead_letter_ports import DeadLetterRepository
+from sagaworks.application.dead_letters import IngestDeadLetter, LastErrors, QueueOwner
 from sagaworks.application.handle_event import HandleEvent
 from sagaworks.application.options import EngineOptions
 from sagaworks.application.outbox import OutboxRelay
-from sagaworks.application.ports import Clock, PortCaller, Publisher, Store
+from sagaworks.application.ports import (
+    Clock,
+    InboundMessage,
+    OutboxWakeUps,
+    PortCaller,
+    Publisher,
+    Store,
+)
 from sagaworks.application.published_marks import PublishedMarks
 from sagaworks.application.registry import SagaRegistry
+from sagaworks.application.results import Handled
 from sagaworks.application.run_step import RunStepCommand
 from sagaworks.application.timers import ExpireParked, FireDueTimers
 from sagaworks.application.wire import Wire
@@ -53,7 +83,22 @@ from sagaworks.domain.decide import COMMANDS_DOMAIN
 from sagaworks.domain.definition import SagaDefinition
 from sagaworks.settings import Settings
 
-__all__ = ["System", "SystemClock", "bootstrap", "topology_for"]
+__all__ = [
+    "Handler",
+    "InMemoryAdapters",
+    "OperatorTools",
+    "Route",
+    "System",
+    "SystemClock",
+    "bootstrap",
+    "bootstrap_tools",
+    "in_memory",
+    "preflight",
+    "topology_for",
+]
+
+Handler = Callable[[InboundMessage], Awaitable[Handled]]
+"""A use case as a consumer calls it: one inbound message in, what became of it out."""
 
 
 class SystemClock:
@@ -89,12 +134,30 @@ def topology_for(settings: Settings, registry: SagaRegistry) -> TopologySpec:
     )
 
 
+async def preflight(settings: Settings) -> None:
+    """Fail fast, with one clear line, when the database cannot serve a worker."""
+    url = settings.database_url.get_secret_value()
+    await probe_database(url, settings.db_connect_timeout_s)
+    await check_schema_current(url)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One queue the engine consumes, and the use case that handles what arrives on it."""
+
+    queue: str
+    handle: Handler
+    port: str | None = None
+    """The port whose steps the queue carries (its breaker may pause it); None otherwise."""
+
+
 @dataclass
 class System:
     """Everything an entry point needs, and what to close when it is done."""
 
     settings: Settings
     registry: SagaRegistry
+    clock: Clock
     store: Store
     publisher: Publisher
     relay: OutboxRelay
@@ -102,7 +165,15 @@ class System:
     run_step: RunStepCommand
     fire_timers: FireDueTimers
     expire_parked: ExpireParked
+    ingest_dead_letter: IngestDeadLetter
+    last_errors: LastErrors
+    """What handlers last failed with, for dead letters that arrive without a cause."""
+    outbox_wake_ups: OutboxWakeUps
     topology: TopologySpec
+    transient_errors: tuple[type[BaseException], ...]
+    """Errors that mean the infrastructure is briefly away: wait them out, the message is fine."""
+    port_lifecycle: AsyncExitStack = field(default_factory=AsyncExitStack)
+    """The port adapters' lifecycle: entered by `bootstrap`, closed by `aclose()`."""
     engine: AsyncEngine | None = None
     connection: AbstractRobustConnection | None = None
     breakers: PortBreakers | None = None
@@ -110,15 +181,61 @@ class System:
     record_breaker_change: RecordBreakerChange | None = None
     """Records breaker changes and announces them; None with a store handed in that is neither."""
 
+    def routes(self) -> list[Route]:
+        """The queue -> use case table: every saga's queue, every port's, the dead letters'."""
+        prefix = self.settings.exchange_prefix
+        table = []
+        for definition in self.registry:
+
+            async def on_event(inbound: InboundMessage, d: Any = definition) -> Handled:
+                return await self.handle_event(d, inbound)
+
+            table.append(Route(saga_queue_name(prefix, definition.name), on_event))
+        for port in self.registry.ports():
+            table.append(Route(port_queue_name(prefix, port), self.run_step, port))
+        table.append(Route(dead_letter_queue_name(prefix), self.ingest_dead_letter))
+        return table
+
     async def aclose(self) -> None:
-        if isinstance(self.publisher, RabbitPublisher):
-            await self.publisher.close()
-        if self.connection is not None:
-            await self.connection.close()
-        if isinstance(self.store, PostgresStore):
-            await self.store.aclose()
-        if self.engine is not None:
-            await self.engine.dispose()
+        """Close the port adapters, then the broker and database side; all of them, once each."""
+        await _close_all(
+            [
+                self.port_lifecycle.aclose,
+                *_broker_closers(self.publisher, self.connection),
+                *_database_closers(self.store, self.engine),
+            ]
+        )
+
+
+@dataclass(frozen=True)
+class InMemoryAdapters:
+    """The adapters of a run with no I/O, kept at hand so a test can look inside them."""
+
+    clock: FakeClock
+    store: InMemoryStore
+    publisher: InMemoryPublisher
+    caller: DirectCaller
+
+
+def in_memory(
+    settings: Settings,
+    ports: Mapping[str, object],
+    *,
+    clock: FakeClock | None = None,
+    policies: Mapping[str, PortPolicy] | None = None,
+) -> InMemoryAdapters:
+    """Store, publisher, fake clock and a direct port caller to hand to `bootstrap`.
+
+    The caller uses the policy each port adapter declares unless `policies`
+    names another, as `bootstrap` does for the resilient one.
+    """
+    clock = clock or FakeClock()
+    return InMemoryAdapters(
+        clock=clock,
+        store=InMemoryStore(clock=clock),
+        publisher=InMemoryPublisher(),
+        caller=DirectCaller({**declared_policies(ports), **(policies or {})}),
+    )
 
 
 async def bootstrap(
@@ -131,21 +248,24 @@ async def bootstrap(
     store: Store | None = None,
     publisher: Publisher | None = None,
     caller: PortCaller | None = None,
+    outbox_wake_ups: OutboxWakeUps | None = None,
 ) -> System:
     """Wire the system; adapters not given are the real PostgreSQL and RabbitMQ ones.
 
     Each port's policy is the one its adapter declares (a `policy` attribute),
-    unless `policies` names another.
+    unless `policies` names another. The port adapters are entered (an async
+    context manager) or registered for `aclose()` last, so the system closes
+    them when it is closed; if one cannot be entered, the system is closed.
     """
     registry = SagaRegistry(sagas)
     missing = sorted(set(registry.ports()) - set(ports))
     if missing:
         raise ValueError(f"no adapter given for port(s): {', '.join(missing)}")
     clock = clock or SystemClock()
-    prefix = settings.exchange_prefix
-    wire = Wire(lambda domain: exchange_name(prefix, domain))
+    wire = _wire(settings)
     engine = None
     connection = None
+    breaker_log: BreakerLog | None = None
     if store is None:
         engine = create_engine_from_settings(settings)
         pool = ConnectionPool(
@@ -154,11 +274,15 @@ async def bootstrap(
             connect_timeout_s=settings.db_connect_timeout_s,
         )
         store = PostgresStore(engine, pool)
+        breaker_log = PostgresBreakerLog(engine)
+    elif isinstance(store, InMemoryStore):
+        breaker_log = InMemoryBreakerLog(store)
+    if outbox_wake_ups is None:
+        outbox_wake_ups = IntervalWakeUps() if engine is None else PostgresOutboxWakeUps(engine)
     if publisher is None:
-        connection = await connect(
-            settings.amqp_url.get_secret_value(), timeout_s=settings.amqp_connect_timeout_s
-        )
-        publisher = RabbitPublisher(connection, {exchange_name(prefix, COMMANDS_DOMAIN)})
+        connection = await _connect(settings)
+        commands = exchange_name(settings.exchange_prefix, COMMANDS_DOMAIN)
+        publisher = RabbitPublisher(connection, {commands})
     options = EngineOptions(
         park_for=timedelta(seconds=settings.park_for_s),
         max_message_bytes=settings.max_message_bytes,
@@ -170,13 +294,13 @@ async def bootstrap(
     if caller is None:
         caller = ResilientCaller({**declared_policies(ports), **(policies or {})})
     record_breaker_change = None
-    if engine is not None:
-        record_breaker_change = RecordBreakerChange(PostgresBreakerLog(engine), relay, wire)
-    elif isinstance(store, InMemoryStore):
-        record_breaker_change = RecordBreakerChange(InMemoryBreakerLog(store), relay, wire)
-    return System(
+    if breaker_log is not None:
+        record_breaker_change = RecordBreakerChange(breaker_log, relay, wire)
+    last_errors = LastErrors()
+    system = System(
         settings=settings,
         registry=registry,
+        clock=clock,
         store=store,
         publisher=publisher,
         relay=relay,
@@ -184,9 +308,142 @@ async def bootstrap(
         run_step=RunStepCommand(store, apply, clock, registry, ports, caller, options),
         fire_timers=FireDueTimers(store, relay, clock, registry, wire),
         expire_parked=ExpireParked(store, clock),
+        ingest_dead_letter=IngestDeadLetter(
+            store, clock, _queue_owners(settings, registry), last_errors
+        ),
+        last_errors=last_errors,
+        outbox_wake_ups=outbox_wake_ups,
         topology=topology_for(settings, registry),
+        transient_errors=(OSError, *TRANSIENT_DATABASE_ERRORS),
         engine=engine,
         connection=connection,
         breakers=caller.breakers if isinstance(caller, ResilientCaller) else None,
         record_breaker_change=record_breaker_change,
     )
+    try:
+        await _open_ports(system.port_lifecycle, ports)
+    except BaseException:
+        await system.aclose()
+        raise
+    return system
+
+
+@dataclass
+class OperatorTools:
+    """What an operator command asked `bootstrap_tools` for, and what to close afterwards."""
+
+    settings: Settings
+    dead_letters: DeadLetterRepository | None = None
+    replay_publisher: Publisher | None = None
+    """Publishes mandatory to the default exchange: a replay to a queue that is gone fails."""
+    connection: AbstractRobustConnection | None = None
+    engine: AsyncEngine | None = None
+
+    async def aclose(self) -> None:
+        await _close_all(
+            [
+                *_broker_closers(self.replay_publisher, self.connection),
+                *_database_closers(None, self.engine),
+            ]
+        )
+
+
+async def bootstrap_tools(
+    settings: Settings,
+    *,
+    dead_letters: bool = False,
+    broker: bool = False,
+    replay_publisher: bool = False,
+) -> OperatorTools:
+    """Only what an operator command needs: no worker, no use cases of the engine.
+
+    `dead_letters`: the PostgreSQL dead-letter store; `broker`: a connection to
+    RabbitMQ; `replay_publisher`: a publisher for replays (connects as well).
+    """
+    tools = OperatorTools(settings)
+    if dead_letters:
+        tools.engine = create_engine_from_settings(settings)
+        tools.dead_letters = PostgresDeadLetters(tools.engine)
+    try:
+        if broker or replay_publisher:
+            tools.connection = await _connect(settings)
+        if replay_publisher:
+            assert tools.connection is not None
+            tools.replay_publisher = RabbitPublisher(tools.connection, {""})
+    except BaseException:
+        await tools.aclose()
+        raise
+    return tools
+
+
+def _wire(settings: Settings) -> Wire:
+    prefix = settings.exchange_prefix
+    return Wire(lambda domain: exchange_name(prefix, domain))
+
+
+async def _connect(settings: Settings) -> AbstractRobustConnection:
+    return await connect(
+        settings.amqp_url.get_secret_value(), timeout_s=settings.amqp_connect_timeout_s
+    )
+
+
+def _queue_owners(settings: Settings, registry: SagaRegistry) -> dict[str, QueueOwner]:
+    """Who owns each queue, so a dead letter names the saga or step that failed.
+
+    The failure fingerprint groups dead letters by it.
+    """
+    prefix = settings.exchange_prefix
+    owners = {saga_queue_name(prefix, d.name): QueueOwner(saga_type=d.name) for d in registry}
+    owners.update(
+        {port_queue_name(prefix, p): QueueOwner(runs_steps=True) for p in registry.ports()}
+    )
+    return owners
+
+
+async def _open_ports(stack: AsyncExitStack, ports: Mapping[str, object]) -> None:
+    """Enter each distinct port adapter that is an async context manager, or note its `aclose`."""
+    seen: set[int] = set()
+    for adapter in ports.values():
+        if id(adapter) in seen:
+            continue
+        seen.add(id(adapter))
+        if isinstance(adapter, contextlib.AbstractAsyncContextManager):
+            await stack.enter_async_context(adapter)
+        elif callable(close := getattr(adapter, "aclose", None)):
+            stack.push_async_callback(close)
+
+
+def _broker_closers(
+    publisher: Publisher | None, connection: AbstractRobustConnection | None
+) -> list[Callable[[], Awaitable[Any]]]:
+    closers: list[Callable[[], Awaitable[Any]]] = []
+    if isinstance(publisher, RabbitPublisher):
+        closers.append(publisher.close)
+    if connection is not None:
+        closers.append(connection.close)
+    return closers
+
+
+def _database_closers(
+    store: Store | None, engine: AsyncEngine | None
+) -> list[Callable[[], Awaitable[Any]]]:
+    closers: list[Callable[[], Awaitable[Any]]] = []
+    if isinstance(store, PostgresStore):
+        closers.append(store.aclose)
+    if engine is not None:
+        closers.append(engine.dispose)
+    return closers
+
+
+async def _close_all(closers: list[Callable[[], Awaitable[Any]]]) -> None:
+    """Call every closer, in order, even when one fails; then raise what failed."""
+    errors: list[Exception] = []
+    for close in closers:
+        try:
+            await close()
+        except Exception as error:  # noqa: BLE001 - the others are closed all the same
+            errors.append(error)
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise ExceptionGroup("closing the system failed", errors)

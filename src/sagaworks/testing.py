@@ -1,10 +1,12 @@
 """Run a saga with no I/O: the real use cases on the in-memory store, publisher and a fake clock.
 
-A saga author tests the business process, not a mock of the engine: events go
-through `HandleEvent`, the commands the saga publishes are routed like the
-broker would route them (by the topology `bootstrap` builds) to `RunStepCommand`,
-which calls the author's port adapters, and deadlines and delayed retries fire
-when the fake clock is advanced. Nothing connects to RabbitMQ or PostgreSQL
+A saga author tests the business process, not a mock of the engine: the system
+is wired by `bootstrap` from the in-memory adapters `in_memory` builds, events
+go through `HandleEvent`, the commands the saga publishes are routed like the
+broker would route them (by the topology and the queue -> use case table of
+the system, as the worker consumes them) to `RunStepCommand`, which calls the
+author's port adapters, and deadlines and delayed retries fire when the fake
+clock is advanced. Nothing connects to RabbitMQ or PostgreSQL
 and nothing waits for wall-clock time.
 
     harness = SagaHarness(order_fulfilment, simulated_ports())
@@ -18,34 +20,27 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from itertools import count
-from random import Random
 from types import TracebackType
-from typing import Any, Generic, TypeVar, cast
+from typing import Generic, TypeVar, cast
 from uuid import UUID
 
 from pydantic import BaseModel
 
-from sagaworks.adapters.memory.publisher import InMemoryPublisher
+from sagaworks.adapters.memory.caller import DirectCaller
+from sagaworks.adapters.memory.clock import FakeClock
 from sagaworks.adapters.memory.records import HistoryRecord
-from sagaworks.adapters.memory.store import InMemoryStore
 from sagaworks.adapters.rabbitmq.inbound import inbound_of
 from sagaworks.adapters.rabbitmq.publisher import amqp_properties
-from sagaworks.adapters.rabbitmq.topology import (
-    commands_exchange_name,
-    exchange_name,
-    port_queue_name,
-    saga_queue_name,
-)
-from sagaworks.adapters.resilience.policy import declared_policies
+from sagaworks.adapters.rabbitmq.topology import commands_exchange_name, exchange_name
 from sagaworks.application.dead_letter_ports import StoredDeadLetter
 from sagaworks.application.policy import PortPolicy
 from sagaworks.application.ports import InboundMessage, OutboxRow, PortCaller
 from sagaworks.application.results import Handled
-from sagaworks.bootstrap import System, bootstrap
+from sagaworks.bootstrap import Handler, System, bootstrap, in_memory
 from sagaworks.domain.decide import RunStep, SagaNeedsAttention
 from sagaworks.domain.definition import SagaDefinition
 from sagaworks.domain.instance import SagaInstance, Status, saga_id_for
@@ -55,62 +50,10 @@ from sagaworks.settings import Settings
 __all__ = ["Delivery", "DirectCaller", "FakeClock", "HarnessError", "SagaHarness"]
 
 S = TypeVar("S", bound=BaseModel)
-T = TypeVar("T")
-
-_EPOCH = datetime(2030, 1, 1, 9, 0, tzinfo=UTC)
 
 
 class HarnessError(RuntimeError):
     """The saga did not settle: it kept sending messages, or a due timer could not fire."""
-
-
-class FakeClock:
-    """A clock that moves only when told, so deadlines and retries are reproducible."""
-
-    def __init__(self, start: datetime = _EPOCH) -> None:
-        if start.tzinfo is None:
-            raise ValueError("the fake clock needs a timezone-aware start")
-        self._now = start
-
-    def now(self) -> datetime:
-        return self._now
-
-    def set(self, moment: datetime) -> None:
-        if moment < self._now:
-            raise ValueError(f"time does not go backwards ({moment} is before {self._now})")
-        self._now = moment
-
-    def advance(self, by: timedelta | float) -> datetime:
-        self.set(self._now + (by if isinstance(by, timedelta) else timedelta(seconds=by)))
-        return self._now
-
-
-class DirectCaller:
-    """A `PortCaller` with one attempt per delivery and no timeout.
-
-    Immediate retries would only sleep on the wall clock; a transient failure
-    goes straight to the delayed retries of the port's `PortPolicy`, which run
-    on the fake clock when the harness advances it. Their jitter comes from a
-    random source seeded with `seed`, so the same scenario schedules the same
-    retries on every run.
-    """
-
-    def __init__(
-        self,
-        policies: Mapping[str, PortPolicy] | None = None,
-        default: PortPolicy | None = None,
-        *,
-        seed: int = 0,
-    ) -> None:
-        self._policies = dict(policies or {})
-        self._default = default or PortPolicy()
-        self._rng = Random(seed)  # noqa: S311 - reproducible jitter, not security
-
-    async def call(self, port: str, attempt: Callable[[], Awaitable[T]]) -> T:
-        return await attempt()
-
-    def next_retry_at(self, port: str, attempt: int, now: datetime) -> datetime | None:
-        return self._policies.get(port, self._default).next_retry_at(attempt, now, self._rng)
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,19 +120,19 @@ class SagaHarness(Generic[S]):
     ) -> None:
         self.definition = definition
         self.ports = ports
-        self.clock = clock or FakeClock()
         self.settings = settings or Settings.load(secrets_dir=None)
-        self.store = InMemoryStore(clock=self.clock)
-        self.publisher = InMemoryPublisher()
+        adapters = in_memory(self.settings, ports, clock=clock, policies=policies)
+        self.clock = adapters.clock
+        self.store = adapters.store
+        self.publisher = adapters.publisher
         self.deliveries: list[Delivery] = []
         """Every delivery so far, in order, with its outcome."""
         self._policies = policies
-        # As bootstrap does: the policy each adapter declares, unless `policies` names another.
-        self._caller = caller or DirectCaller({**declared_policies(ports), **(policies or {})})
+        self._caller = caller or adapters.caller
         self._redeliver = redeliver
         self._max_deliveries = max_deliveries
         self._system: System | None = None
-        self._handlers: dict[str, Callable[[InboundMessage], Awaitable[Handled]]] = {}
+        self._handlers: dict[str, Handler] = {}
         self._pending: deque[tuple[str, InboundMessage]] = deque()
         self._routed = 0
         self._ids = count(1)
@@ -226,15 +169,7 @@ class SagaHarness(Generic[S]):
                 publisher=self.publisher,
                 caller=self._caller,
             )
-            prefix = self.settings.exchange_prefix
-            for definition in system.registry:
-
-                async def on_event(m: InboundMessage, d: Any = definition) -> Handled:
-                    return await system.handle_event(d, m)
-
-                self._handlers[saga_queue_name(prefix, definition.name)] = on_event
-            for port in system.registry.ports():
-                self._handlers[port_queue_name(prefix, port)] = system.run_step
+            self._handlers = {route.queue: route.handle for route in system.routes()}
             self._system = system
         return self._system
 

@@ -43,12 +43,11 @@ from sagaworks.adapters.rabbitmq.topology import (
     saga_queue_name,
 )
 from sagaworks.application.dead_letter_ports import DeadLetterFilter
-from sagaworks.application.dead_letters import REPLAY_HEADER, LastErrors
+from sagaworks.application.dead_letters import REPLAY_HEADER
 from sagaworks.application.stored import fingerprint
 from sagaworks.bootstrap import System, bootstrap
 from sagaworks.domain.instance import saga_id_for
 from sagaworks.entrypoints.cli.app import app
-from sagaworks.entrypoints.dead_letter_ingest import dead_letter_ingestion
 from sagaworks.entrypoints.worker import Worker
 from sagaworks.settings import Settings
 
@@ -427,7 +426,7 @@ async def test_ingesting_the_same_dead_letter_twice_counts_it_once(env: Env) -> 
     (before,) = await env.letters(id=letter["id"])
     # The same delivery ingested again (a worker died between commit and ack):
     # rebuild it from the stored headers, which hold the same x-death.
-    ingest = _ingest_use_case(env)
+    ingest = env.system.ingest_dead_letter
     stored = json.loads(before["headers"])
     raw = _FakeIncoming(before["body"], stored, before["routing_key"], "placed-o-3")
     await ingest(to_inbound(raw, dead_letter_queue_name(env.prefix)))  # type: ignore[arg-type]
@@ -447,10 +446,6 @@ class _FakeIncoming:
     app_id: None = None
     correlation_id: None = None
     user_id: None = None
-
-
-def _ingest_use_case(env: Env) -> Any:
-    return dead_letter_ingestion(env.system, LastErrors())[1]
 
 
 async def test_poison_is_fixed_with_edit_then_replayed(env: Env, tmp_path: Path) -> None:

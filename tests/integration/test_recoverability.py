@@ -180,7 +180,7 @@ RigFactory = Callable[..., Awaitable[Rig]]
 async def rig_factory(
     settings_factory: Callable[..., Settings], migrated_database_url: str
 ) -> AsyncIterator[RigFactory]:
-    made: list[tuple[Rig, list[Any]]] = []
+    made: list[tuple[Rig, Warehouse]] = []
 
     async def make(policies: dict[str, PortPolicy] | None = None, **overrides: Any) -> Rig:
         settings = settings_factory(database_url=migrated_database_url, **overrides)
@@ -223,17 +223,15 @@ async def rig_factory(
         events = await channel.declare_queue(exclusive=True)
         await events.bind(events_exchange_name(prefix), "breaker.#")
         await events.consume(functools.partial(_keep, rig.events), no_ack=True)
-        made.append((rig, [warehouse, ports]))
+        made.append((rig, warehouse))
         return rig
 
     yield make
 
-    for rig, (warehouse, ports) in made:
+    for rig, warehouse in made:
         await rig.worker.stop()
         await warehouse.stop()
         await rig.system.aclose()
-        for port in ports.values():
-            await port.aclose()
         await rig.services.stop()
         async with rig.client.channel() as channel:
             topology = rig.system.topology

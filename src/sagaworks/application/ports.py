@@ -1,7 +1,8 @@
 """What the use cases need from the outside world, as Protocols.
 
 The Postgres and in-memory adapters implement `Store`; the RabbitMQ adapter
-and an in-memory one implement `Publisher`. Use cases never see a driver.
+and an in-memory one implement `Publisher`; PostgreSQL's LISTEN/NOTIFY and an
+in-memory timer implement `OutboxWakeUps`. Use cases never see a driver.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ __all__ = [
     "InboundMessage",
     "LockedSaga",
     "OutboxRow",
+    "OutboxWakeUp",
+    "OutboxWakeUps",
     "ParkedMessage",
     "PendingMessage",
     "PortCaller",
@@ -298,4 +301,18 @@ class PortCaller(Protocol):
 
     def next_retry_at(self, port: str, attempt: int, now: datetime) -> datetime | None:
         """When a delayed retry of a failed attempt may run; None when the budget is spent."""
+        ...
+
+
+class OutboxWakeUp(Protocol):
+    async def wait(self, timeout_s: float) -> None:
+        """Return once rows were committed since the last call, or after `timeout_s`."""
+        ...
+
+
+class OutboxWakeUps(Protocol):
+    """Wakes the outbox sweeper when rows are committed, so it need not wait a whole interval."""
+
+    def listen(self) -> AbstractAsyncContextManager[OutboxWakeUp]:
+        """Listen for commits while the context is open."""
         ...

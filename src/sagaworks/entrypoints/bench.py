@@ -48,7 +48,7 @@ from sagas.order_fulfilment.participants import publish
 from sagaworks.adapters.postgres.migrations_runner import upgrade
 from sagaworks.adapters.rabbitmq.topology import exchange_name
 from sagaworks.application.registry import SagaRegistry
-from sagaworks.bootstrap import topology_for
+from sagaworks.bootstrap import preflight, topology_for
 from sagaworks.domain.instance import saga_id_for
 from sagaworks.entrypoints.bench_reference import (
     DONE_ROUTING_KEY,
@@ -59,7 +59,6 @@ from sagaworks.entrypoints.bench_reference import (
     reference_names,
     step_message,
 )
-from sagaworks.entrypoints.worker import preflight
 from sagaworks.settings import Settings
 
 __all__ = [

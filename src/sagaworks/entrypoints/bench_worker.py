@@ -24,10 +24,10 @@ from sagas.order_fulfilment.participants import Warehouse
 from sagas.order_fulfilment.simulated import Ledger, Simulation, simulated_ports
 from sagaworks.adapters.observability.logging import configure_logging
 from sagaworks.adapters.rabbitmq.topology import exchange_name
-from sagaworks.bootstrap import bootstrap
+from sagaworks.bootstrap import bootstrap, preflight
 from sagaworks.domain.messages import Message
 from sagaworks.entrypoints.gc_tuning import tune_for_throughput
-from sagaworks.entrypoints.worker import Worker, preflight
+from sagaworks.entrypoints.worker import Worker
 from sagaworks.settings import Settings
 
 __all__ = ["main", "run_bench_worker"]

@@ -28,10 +28,10 @@ from sagas.order_fulfilment.scenario import OrderPlan, plan_orders
 from sagaworks.adapters.postgres.migrations_runner import upgrade
 from sagaworks.adapters.postgres.queries import dead_letter_reasons, saga_status_counts
 from sagaworks.adapters.rabbitmq.topology import exchange_name
-from sagaworks.bootstrap import bootstrap
+from sagaworks.bootstrap import bootstrap, preflight
 from sagaworks.domain.messages import Message
 from sagaworks.entrypoints.demo_ports import DemoPorts, demo_participants
-from sagaworks.entrypoints.worker import Worker, preflight
+from sagaworks.entrypoints.worker import Worker
 from sagaworks.settings import Settings
 
 __all__ = ["DemoReport", "run_demo"]

@@ -10,12 +10,9 @@ errors requeue it and the queue's delivery limit dead-letters it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 
-import asyncpg
 from faststream import AckPolicy, FastStream
 from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
 from faststream.rabbit.annotations import RabbitMessage
@@ -33,47 +30,19 @@ from sagaworks.adapters.observability.logging import (
     clear_message_context,
     get_logger,
 )
-from sagaworks.adapters.postgres.engine import probe_database
-from sagaworks.adapters.postgres.migrations_runner import check_schema_current
-from sagaworks.adapters.postgres.notify import outbox_notifications
 from sagaworks.adapters.rabbitmq.inbound import to_inbound
-from sagaworks.adapters.rabbitmq.topology import (
-    apply_topology,
-    port_queue_name,
-    saga_queue_name,
-)
-from sagaworks.application.dead_letters import LastErrors
+from sagaworks.adapters.rabbitmq.topology import apply_topology
 from sagaworks.application.ports import InboundMessage
 from sagaworks.application.results import Handled
 from sagaworks.bootstrap import System
 from sagaworks.entrypoints.consumers import cancel_consumer
-from sagaworks.entrypoints.dead_letter_ingest import dead_letter_ingestion
 from sagaworks.entrypoints.port_gate import PortGate
-from sagaworks.settings import Settings
 
-__all__ = ["TRANSIENT_INFRASTRUCTURE_ERRORS", "Worker", "preflight"]
+__all__ = ["Worker"]
 
 _log = get_logger("sagaworks.worker")
 
-TRANSIENT_INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.SerializationError,
-    asyncpg.exceptions.DeadlockDetectedError,
-)
-"""The database (or the network) is briefly unavailable: the message itself is fine."""
-
 _OUTAGE_PATIENCE_S = 60.0
-
-
-async def preflight(settings: Settings) -> None:
-    """Fail fast, with one clear line, when the database cannot serve a worker."""
-    url = settings.database_url.get_secret_value()
-    await probe_database(url, settings.db_connect_timeout_s)
-    await check_schema_current(url)
 
 
 async def _decode(msg: RabbitMessageType) -> RabbitMessageType:
@@ -106,26 +75,18 @@ class Worker:
             after_shutdown=[self._stop_background],
         )
         self._background: list[asyncio.Task[None]] = []
-        self.last_errors = LastErrors()
         self._subscribe()
 
     def _subscribe(self) -> None:
-        settings = self.system.settings
-        prefix = settings.exchange_prefix
-        channel = Channel(prefetch_count=settings.prefetch)
-        for definition in self.system.registry:
-            queue = saga_queue_name(prefix, definition.name)
-
-            async def on_event(inbound: InboundMessage, d: Any = definition) -> Handled:
-                return await self.system.handle_event(d, inbound)
-
-            self._consume(queue, channel, on_event)
-        port_queues = {port: port_queue_name(prefix, port) for port in self.system.registry.ports()}
-        for port, port_queue in port_queues.items():
-            self._consume(port_queue, channel, self.gate.guard(port, self.system.run_step))
+        channel = Channel(prefetch_count=self.system.settings.prefetch)
+        port_queues: dict[str, str] = {}
+        for route in self.system.routes():
+            handle = route.handle
+            if route.port is not None:
+                handle = self.gate.guard(route.port, handle)
+                port_queues[route.port] = route.queue
+            self._consume(route.queue, channel, handle)
         self.gate.bind(self.broker, port_queues)
-        dead_letters, ingest = dead_letter_ingestion(self.system, self.last_errors)
-        self._consume(dead_letters, channel, ingest)
 
     def _consume(
         self,
@@ -133,6 +94,8 @@ class Worker:
         channel: Channel,
         use_case: Callable[[InboundMessage], Awaitable[Handled]],
     ) -> None:
+        transient = self.system.transient_errors
+
         @self.broker.subscriber(
             RabbitQueue(queue, declare=False),
             channel=channel,
@@ -146,9 +109,9 @@ class Worker:
                 message_id=inbound.message_id, correlation_id=inbound.correlation_id
             )
             try:
-                handled = await _patiently(use_case, inbound)
+                handled = await _patiently(use_case, inbound, transient)
             except Exception as error:  # noqa: BLE001 - any other failure: requeue, never leave unsettled
-                self.last_errors.remember(queue, inbound.message_id, error)
+                self.system.last_errors.remember(queue, inbound.message_id, error)
                 _log.exception(
                     "handler failed; message requeued (the delivery limit dead-letters it)",
                     queue=queue,
@@ -213,18 +176,9 @@ class Worker:
 
     async def _sweep_outbox(self) -> None:
         interval = self.system.settings.outbox_sweep_interval_s
-        engine = self.system.engine
-        notified = (
-            outbox_notifications(engine) if engine is not None else contextlib.nullcontext(None)
-        )
-        async with notified as woken:
+        async with self.system.outbox_wake_ups.listen() as woken:
             while True:
-                if woken is not None:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(woken.wait(), interval)
-                    woken.clear()
-                else:
-                    await asyncio.sleep(interval)
+                await woken.wait(interval)
                 await self._guard("outbox sweep", self.system.relay.sweep())
                 await asyncio.sleep(min(interval, 0.5))
 
@@ -275,15 +229,17 @@ class Worker:
 
 
 async def _patiently(
-    use_case: Callable[[InboundMessage], Awaitable[Handled]], inbound: InboundMessage
+    use_case: Callable[[InboundMessage], Awaitable[Handled]],
+    inbound: InboundMessage,
+    transient: tuple[type[BaseException], ...],
 ) -> Handled:
-    """Run the use case, waiting out a database outage rather than burning deliveries."""
+    """Run the use case, waiting out an infrastructure outage rather than burning deliveries."""
     try:  # the common case pays for no retry machinery
         return await use_case(inbound)
-    except TRANSIENT_INFRASTRUCTURE_ERRORS:
+    except transient:
         await asyncio.sleep(0.1)
     retrying = AsyncRetrying(
-        retry=retry_if_exception_type(TRANSIENT_INFRASTRUCTURE_ERRORS),
+        retry=retry_if_exception_type(transient),
         stop=stop_after_delay(_OUTAGE_PATIENCE_S),
         wait=wait_exponential_jitter(multiplier=0.1, max=5.0),
         reraise=True,

@@ -10,6 +10,7 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import asyncpg
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
@@ -19,6 +20,7 @@ from sagaworks.adapters.postgres.errors import DatabaseUnreachable
 from sagaworks.settings import Settings
 
 __all__ = [
+    "TRANSIENT_DATABASE_ERRORS",
     "connect",
     "create_engine",
     "create_engine_from_settings",
@@ -27,6 +29,16 @@ __all__ = [
     "sqlstate",
     "to_asyncpg_url",
 ]
+
+TRANSIENT_DATABASE_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.DeadlockDetectedError,
+)
+"""The database is briefly unavailable or lost a race: the work itself is fine, try it again."""
 
 _ASYNCPG_SCHEME = "postgresql+asyncpg://"
 _ACCEPTED_SCHEMES = (_ASYNCPG_SCHEME, "postgresql://", "postgres://")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, cast
@@ -12,23 +13,40 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sagaworks.adapters.postgres.tables import OUTBOX_CHANNEL
 
-__all__ = ["outbox_notifications"]
+__all__ = ["PostgresOutboxWakeUps"]
 
 
-@asynccontextmanager
-async def outbox_notifications(engine: AsyncEngine) -> AsyncIterator[asyncio.Event]:
-    """An event set on every outbox notification; the holder clears it after each sweep."""
-    woken = asyncio.Event()
+class _Notified:
+    """Set by every notification; cleared each time the sweeper is woken."""
 
-    def on_notify(*_: Any) -> None:
-        woken.set()
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
 
-    async with engine.connect() as conn:
-        raw = await conn.get_raw_connection()
-        pg = cast(asyncpg.Connection, raw.driver_connection)
-        await pg.add_listener(OUTBOX_CHANNEL, on_notify)
-        try:
-            yield woken
-        finally:
-            if not pg.is_closed():
-                await pg.remove_listener(OUTBOX_CHANNEL, on_notify)
+    async def wait(self, timeout_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.event.wait(), timeout_s)
+        self.event.clear()
+
+
+class PostgresOutboxWakeUps:
+    """Implements `OutboxWakeUps` with a listening connection of the engine's pool."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    @asynccontextmanager
+    async def listen(self) -> AsyncIterator[_Notified]:
+        notified = _Notified()
+
+        def on_notify(*_: Any) -> None:
+            notified.event.set()
+
+        async with self._engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            pg = cast(asyncpg.Connection, raw.driver_connection)
+            await pg.add_listener(OUTBOX_CHANNEL, on_notify)
+            try:
+                yield notified
+            finally:
+                if not pg.is_closed():
+                    await pg.remove_listener(OUTBOX_CHANNEL, on_notify)

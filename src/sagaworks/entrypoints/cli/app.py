@@ -115,10 +115,9 @@ def db_downgrade(
 @topology_app.command("apply")
 def topology_apply() -> None:
     """Declare exchanges, queues and bindings for the configured sagas (idempotent)."""
-    from sagaworks.adapters.rabbitmq.connection import connect
     from sagaworks.adapters.rabbitmq.topology import apply_topology
     from sagaworks.application.registry import SagaRegistry
-    from sagaworks.bootstrap import topology_for
+    from sagaworks.bootstrap import bootstrap_tools, topology_for
     from sagaworks.entrypoints.cli.loading import load_sagas
 
     settings = load_settings()
@@ -128,13 +127,12 @@ def topology_apply() -> None:
         loaded = load_sagas(settings, with_ports=False)
         spec = topology_for(settings, SagaRegistry(loaded.definitions))
         with quiet_first_connect():
-            connection = await connect(
-                settings.amqp_url.get_secret_value(), timeout_s=settings.amqp_connect_timeout_s
-            )
+            tools = await bootstrap_tools(settings, broker=True)
         try:
-            return (await apply_topology(connection, spec)).summary()
+            assert tools.connection is not None
+            return (await apply_topology(tools.connection, spec)).summary()
         finally:
-            await connection.close()
+            await tools.aclose()
 
     _echo(run_async(go()))
 
@@ -142,10 +140,10 @@ def topology_apply() -> None:
 @app.command("worker")
 def worker() -> None:
     """Consume and drive sagas until SIGTERM/SIGINT, then stop gracefully (exit 0)."""
-    from sagaworks.bootstrap import bootstrap
+    from sagaworks.bootstrap import bootstrap, preflight
     from sagaworks.entrypoints.cli.loading import load_sagas
     from sagaworks.entrypoints.gc_tuning import tune_for_throughput
-    from sagaworks.entrypoints.worker import Worker, preflight
+    from sagaworks.entrypoints.worker import Worker
 
     settings = load_settings()
     configure_logging(settings.log_format, settings.log_level)

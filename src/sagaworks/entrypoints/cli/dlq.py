@@ -55,8 +55,8 @@ from sagaworks.entrypoints.cli.loading import load_sagas
 from sagaworks.settings import DEFAULT_SECRETS_DIR, Settings
 
 if TYPE_CHECKING:
-    from sagaworks.adapters.postgres.dead_letters import PostgresDeadLetters
-    from sagaworks.adapters.rabbitmq.publisher import RabbitPublisher
+    from sagaworks.application.dead_letter_ports import DeadLetterRepository
+    from sagaworks.application.ports import Publisher
 
 __all__ = ["dlq_app"]
 
@@ -220,36 +220,22 @@ def _run(coroutine: Coroutine[Any, Any, T]) -> T:
 @dataclass
 class _Context:
     settings: Settings
-    repo: PostgresDeadLetters
-    publisher: RabbitPublisher | None
+    repo: DeadLetterRepository
+    publisher: Publisher | None
 
 
 @asynccontextmanager
 async def _context(*, publisher: bool = False) -> AsyncIterator[_Context]:
     # Imported here, as in app.py, so that `sagaworks --help` stays quick.
-    from sagaworks.adapters.postgres.dead_letters import PostgresDeadLetters
-    from sagaworks.adapters.postgres.engine import create_engine_from_settings
-    from sagaworks.adapters.rabbitmq.connection import connect
-    from sagaworks.adapters.rabbitmq.publisher import RabbitPublisher
+    from sagaworks.bootstrap import bootstrap_tools
 
     settings = _settings()
-    engine = create_engine_from_settings(settings)
-    connection = None
+    tools = await bootstrap_tools(settings, dead_letters=True, replay_publisher=publisher)
     try:
-        rabbit = None
-        if publisher:
-            connection = await connect(
-                settings.amqp_url.get_secret_value(), timeout_s=settings.amqp_connect_timeout_s
-            )
-            # Mandatory on the default exchange: a replay to a queue that is gone must fail.
-            rabbit = RabbitPublisher(connection, {""})
-        yield _Context(settings, PostgresDeadLetters(engine), rabbit)
-        if rabbit is not None:
-            await rabbit.close()
+        assert tools.dead_letters is not None
+        yield _Context(settings, tools.dead_letters, tools.replay_publisher)
     finally:
-        if connection is not None:
-            await connection.close()
-        await engine.dispose()
+        await tools.aclose()
 
 
 def _text(body: bytes) -> str:
