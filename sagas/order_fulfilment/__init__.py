@@ -15,7 +15,7 @@ from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sagas.order_fulfilment.saga import order_fulfilment
-from sagas.order_fulfilment.simulated import Simulation, simulated_ports
+from sagas.order_fulfilment.simulation.participants import Simulation, simulated_ports
 from sagaworks import DefinitionError
 
 __all__ = ["SAGA", "SimulationSettings", "build_ports", "order_fulfilment"]

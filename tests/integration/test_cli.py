@@ -24,7 +24,7 @@ import pytest
 from broker_tools import AMQP_URL, delete_prefixed, rabbitmqctl
 
 from sagas.order_fulfilment.messages import OrderLine, OrderPlaced
-from sagas.order_fulfilment.participants import publish
+from sagas.order_fulfilment.simulation.shop import publish
 from sagaworks.adapters.postgres.migrations_runner import current, head
 from sagaworks.adapters.rabbitmq.topology import (
     dead_letter_queue_name,

@@ -29,7 +29,12 @@ from typer.testing import CliRunner
 
 from sagas.order_fulfilment import order_fulfilment
 from sagas.order_fulfilment.ports import ReserveStock, StockReservation
-from sagas.order_fulfilment.simulated import Ledger, SimulatedInventory, Simulation, simulated_ports
+from sagas.order_fulfilment.simulation.participants import (
+    Ledger,
+    SimulatedInventory,
+    Simulation,
+    simulated_ports,
+)
 from sagaworks.adapters.postgres.dead_letters import PostgresDeadLetters
 from sagaworks.adapters.postgres.engine import create_engine
 from sagaworks.adapters.rabbitmq.connection import connect

@@ -34,7 +34,7 @@ from broker_tools import AMQP_URL, delete_prefixed, rabbitmqctl
 from pydantic import ValidationError
 
 from sagas.order_fulfilment.messages import OrderLine, OrderPlaced
-from sagas.order_fulfilment.participants import publish
+from sagas.order_fulfilment.simulation.shop import publish
 from sagaworks.adapters.postgres.errors import DatabaseUnreachable, SchemaBehind
 from sagaworks.adapters.rabbitmq.errors import (
     BrokerAuthenticationFailed,

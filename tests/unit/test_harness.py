@@ -16,7 +16,7 @@ from sagas.order_fulfilment.messages import (
 )
 from sagas.order_fulfilment.ports import Authorisation, AuthorisePayment
 from sagas.order_fulfilment.saga import order_fulfilment
-from sagas.order_fulfilment.simulated import (
+from sagas.order_fulfilment.simulation.participants import (
     Ledger,
     SimulatedPayments,
     Simulation,

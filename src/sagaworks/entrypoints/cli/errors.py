@@ -16,8 +16,16 @@ from sagaworks.adapters.rabbitmq.errors import RabbitMQError, TopologyConflict
 from sagaworks.application.registry import UnknownSaga
 from sagaworks.domain.errors import DefinitionError
 from sagaworks.entrypoints.cli.loading import SagaModuleError
+from sagaworks.settings import DEFAULT_SECRETS_DIR, Settings
 
-__all__ = ["EXIT_CODES", "fail", "quiet_first_connect", "run_async", "settings_error_lines"]
+__all__ = [
+    "EXIT_CODES",
+    "fail",
+    "load_settings",
+    "quiet_first_connect",
+    "run_async",
+    "settings_error_lines",
+]
 
 T = TypeVar("T")
 
@@ -56,6 +64,14 @@ def quiet_first_connect() -> Iterator[None]:
         yield
     finally:
         logger.disabled = disabled
+
+
+def load_settings() -> Settings:
+    """The settings in effect, or one line and exit code 2 when one is invalid."""
+    try:
+        return Settings.load(secrets_dir=DEFAULT_SECRETS_DIR)
+    except ValidationError as error:
+        fail("invalid settings: " + "; ".join(settings_error_lines(error)), 2)
 
 
 def fail(message: str, code: int) -> NoReturn:
