@@ -206,6 +206,7 @@ async def env(
         "SAGAWORKS_AMQP_URL": settings.amqp_url.get_secret_value(),
         "SAGAWORKS_EXCHANGE_PREFIX": prefix,
         "SAGAWORKS_LOG_FORMAT": "json",
+        "SAGAWORKS_SAGAS": '["sagas.order_fulfilment"]',
     }
     environment = Env(settings, system, connection, db, ledger, inventory, cli_env)
     try:

@@ -134,7 +134,7 @@ def topology_apply() -> None:
 def worker() -> None:
     """Consume and drive sagas until SIGTERM/SIGINT, then stop gracefully (exit 0)."""
     from sagaworks.bootstrap import bootstrap
-    from sagaworks.entrypoints.cli.loading import load_sagas
+    from sagaworks.entrypoints.cli.loading import sagas_to_run
     from sagaworks.entrypoints.gc_tuning import tune_for_throughput
     from sagaworks.entrypoints.worker import Worker, preflight
 
@@ -142,7 +142,7 @@ def worker() -> None:
     configure_logging(settings.log_format, settings.log_level)
 
     async def go() -> None:
-        loaded = load_sagas(settings)
+        loaded = sagas_to_run(settings)
         await preflight(settings)
         with quiet_first_connect():
             system = await bootstrap(settings, loaded.definitions, loaded.ports)

@@ -15,7 +15,7 @@ from sagaworks.adapters.postgres.errors import DatabaseUnreachable, SchemaNotCur
 from sagaworks.adapters.rabbitmq.errors import RabbitMQError, TopologyConflict
 from sagaworks.application.registry import UnknownSaga
 from sagaworks.domain.errors import DefinitionError
-from sagaworks.entrypoints.cli.loading import SagaModuleError
+from sagaworks.entrypoints.cli.loading import NoSagaToRun, SagaModuleError
 from sagaworks.settings import DEFAULT_SECRETS_DIR, Settings
 
 __all__ = [
@@ -38,8 +38,10 @@ EXIT_CODES: dict[type[BaseException], int] = {
     SchemaNotCurrent: 4,
     TopologyConflict: 6,
     RabbitMQError: 5,
+    NoSagaToRun: 7,
 }
-"""2 configuration, 3 database unreachable, 4 schema not current, 5 broker, 6 topology."""
+"""2 configuration, 3 database unreachable, 4 schema not current, 5 broker, 6 topology,
+7 no saga configured for the worker."""
 
 
 def settings_error_lines(error: ValidationError) -> list[str]:
