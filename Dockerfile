@@ -8,4 +8,5 @@ COPY sagas ./sagas
 RUN uv sync --frozen --no-dev && useradd --system --uid 10001 sagaworks
 ENV PATH="/app/.venv/bin:$PATH"
 USER sagaworks
+# The worker runs the saga modules named in SAGAWORKS_SAGAS and refuses to start without one.
 CMD ["sagaworks", "worker"]

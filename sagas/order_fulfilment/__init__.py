@@ -1,47 +1,16 @@
 """Order fulfilment: reserve stock, authorise payment, book and await shipment, capture.
 
-`SAGA` and `build_ports()` are what a worker loads (`SAGAWORKS_SAGAS`).
+The package is the saga definition (`SAGA`); it builds no participants. A
+worker names the module that also wires them in `SAGAWORKS_SAGAS`:
 
-The simulated participants `build_ports()` returns can be made slow or flaky
-from the environment, so that a worker started by `sagaworks worker` behaves
-like one talking to real services:
-
-- `ORDER_FULFILMENT_SIM_LATENCY_S`: seconds every port call takes (default 0);
-- `ORDER_FULFILMENT_SIM_FAILURE_RATE`: share of port calls that fail
-  transiently, in [0, 1) (default 0).
+- `sagas.order_fulfilment.http_ports`: the participants over HTTP
+  (docs/participants-http.md), what a deployment runs;
+- `sagas.order_fulfilment.simulation`: simulated participants in process,
+  for a local stack that has no real services.
 """
 
-from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
-
 from sagas.order_fulfilment.saga import order_fulfilment
-from sagas.order_fulfilment.simulated import Simulation, simulated_ports
-from sagaworks import DefinitionError
 
-__all__ = ["SAGA", "SimulationSettings", "build_ports", "order_fulfilment"]
+__all__ = ["SAGA", "order_fulfilment"]
 
 SAGA = order_fulfilment
-
-
-class SimulationSettings(BaseSettings):
-    """How the simulated participants behave: `ORDER_FULFILMENT_SIM_<FIELD>`."""
-
-    model_config = SettingsConfigDict(env_prefix="ORDER_FULFILMENT_SIM_", frozen=True)
-
-    latency_s: float = Field(default=0.0, ge=0.0, le=600.0)
-    failure_rate: float = Field(default=0.0, ge=0.0, lt=1.0)
-
-
-def build_ports() -> dict[str, object]:
-    """The simulated participants; a deployment replaces this with its real adapters."""
-    try:
-        simulation = SimulationSettings()
-    except ValidationError as error:
-        problems = "; ".join(
-            f"ORDER_FULFILMENT_SIM_{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}"
-            for e in error.errors()
-        )
-        raise DefinitionError(SAGA.name, f"invalid simulation settings: {problems}") from None
-    return simulated_ports(
-        Simulation(latency_s=simulation.latency_s, failure_rate=simulation.failure_rate)
-    )

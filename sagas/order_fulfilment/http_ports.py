@@ -17,7 +17,7 @@ Answers are mapped to what the saga engine understands:
 Base URLs and timeouts come from `ORDER_FULFILMENT_HTTP_<FIELD>`
 (`HttpSettings`). A worker talks to real participants with
 `SAGAWORKS_SAGAS='["sagas.order_fulfilment.http_ports"]'`: this module
-exposes `SAGA` and `build_ports()` like the package does.
+exposes `SAGA` and `build_ports()` as `sagas.order_fulfilment.simulation` does.
 """
 
 from __future__ import annotations

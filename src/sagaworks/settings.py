@@ -131,9 +131,10 @@ class Settings(BaseSettings):
         description="Longest wait between sweeps for outbox rows nobody published.",
     )
     sagas: tuple[str, ...] = Field(
-        default=("sagas.order_fulfilment",),
+        default=(),
         description="Modules whose `SAGA` the worker runs; each also provides `build_ports()`. "
-        'A JSON list in the environment: `["sagas.order_fulfilment"]`.',
+        'A JSON list in the environment: `["sagas.order_fulfilment.http_ports"]`. '
+        "With none set the worker does not start (exit code 7).",
     )
     exchange_prefix: str = Field(
         default="",

@@ -4,7 +4,7 @@
 the shared RabbitMQ and PostgreSQL, under a name prefix and in a database of
 the test's own:
 
-- simulated participants (`sagas.order_fulfilment.simulated`) share one
+- simulated participants (`sagas.order_fulfilment.simulation.participants`) share one
   `Ledger`, so duplicate effects are visible across workers; each port
   method can be held back by a per-method gate (`harness.gates["capture"]`);
 - a simulated `Warehouse` publishes what `harness.plans[order_id]` says once
@@ -42,8 +42,8 @@ from aio_pika.abc import (
 
 from sagas.order_fulfilment import order_fulfilment
 from sagas.order_fulfilment.messages import OrderCancelled, OrderFulfilled
-from sagas.order_fulfilment.participants import Warehouse, publish
-from sagas.order_fulfilment.simulated import Ledger, Simulation, simulated_ports
+from sagas.order_fulfilment.simulation.participants import Ledger, Simulation, simulated_ports
+from sagas.order_fulfilment.simulation.shop import Warehouse, publish
 from sagaworks import Message
 from sagaworks.adapters.rabbitmq.connection import connect
 from sagaworks.adapters.rabbitmq.publisher import RabbitPublisher

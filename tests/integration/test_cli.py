@@ -24,7 +24,7 @@ import pytest
 from broker_tools import AMQP_URL, delete_prefixed, rabbitmqctl
 
 from sagas.order_fulfilment.messages import OrderLine, OrderPlaced
-from sagas.order_fulfilment.participants import publish
+from sagas.order_fulfilment.simulation.shop import publish
 from sagaworks.adapters.postgres.migrations_runner import current, head
 from sagaworks.adapters.rabbitmq.topology import (
     dead_letter_queue_name,
@@ -147,6 +147,7 @@ async def test_config_show_prints_every_setting_with_passwords_masked(
         prefix,
         SAGAWORKS_PREFETCH="7",
         SAGAWORKS_AMQP_URL=f"amqp://svc:{amqp_password}@broker.example:5672/shop",
+        SAGAWORKS_SAGAS='["sagas.order_fulfilment.http_ports", "shop.returns"]',
     )
 
     run = await sagaworks("config", "show", env=env)
@@ -161,7 +162,7 @@ async def test_config_show_prints_every_setting_with_passwords_masked(
     assert shown["SAGAWORKS_AMQP_URL"] == "amqp://svc:***@broker.example:5672/shop"
     assert shown["SAGAWORKS_PREFETCH"] == "7"
     assert shown["SAGAWORKS_EXCHANGE_PREFIX"] == prefix
-    assert shown["SAGAWORKS_SAGAS"] == "sagas.order_fulfilment"
+    assert shown["SAGAWORKS_SAGAS"] == "sagas.order_fulfilment.http_ports,shop.returns"
     for secret in (password, amqp_password):
         assert secret not in run.stdout + run.stderr
 
@@ -181,7 +182,7 @@ async def test_config_show_json_is_one_object(
     assert public["database_url"] == with_password(database_url, "***")
     assert public["delivery_limit"] == 9
     assert public["exchange_prefix"] == prefix
-    assert public["sagas"] == ["sagas.order_fulfilment"]
+    assert public["sagas"] == []
     assert password not in run.stdout + run.stderr
 
 
@@ -256,7 +257,7 @@ async def test_topology_apply_twice_declares_once_and_keeps_messages(
     prefix: str,
     broker: aio_pika.abc.AbstractRobustConnection,
 ) -> None:
-    env = cli_env(await database_factory(), prefix)
+    env = cli_env(await database_factory(), prefix, SAGAWORKS_SAGAS='["sagas.order_fulfilment"]')
     saga_queue = saga_queue_name(prefix, "order_fulfilment")
     expected_queues = {
         saga_queue,

@@ -29,7 +29,12 @@ from typer.testing import CliRunner
 
 from sagas.order_fulfilment import order_fulfilment
 from sagas.order_fulfilment.ports import ReserveStock, StockReservation
-from sagas.order_fulfilment.simulated import Ledger, SimulatedInventory, Simulation, simulated_ports
+from sagas.order_fulfilment.simulation.participants import (
+    Ledger,
+    SimulatedInventory,
+    Simulation,
+    simulated_ports,
+)
 from sagaworks.adapters.postgres.dead_letters import PostgresDeadLetters
 from sagaworks.adapters.postgres.engine import create_engine
 from sagaworks.adapters.rabbitmq.connection import connect
@@ -200,6 +205,7 @@ async def env(
         "SAGAWORKS_AMQP_URL": settings.amqp_url.get_secret_value(),
         "SAGAWORKS_EXCHANGE_PREFIX": prefix,
         "SAGAWORKS_LOG_FORMAT": "json",
+        "SAGAWORKS_SAGAS": '["sagas.order_fulfilment"]',
     }
     environment = Env(settings, system, connection, db, ledger, inventory, cli_env)
     try:

@@ -43,7 +43,7 @@ from sagas.order_fulfilment.messages import (
     OrderPlaced,
     ShipmentDispatched,
 )
-from sagas.order_fulfilment.simulated import DECLINED_CUSTOMER_PREFIX
+from sagas.order_fulfilment.simulation.participants import DECLINED_CUSTOMER_PREFIX
 from sagaworks.application.ports import OutboxRow
 from sagaworks.settings import Settings
 

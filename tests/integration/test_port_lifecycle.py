@@ -17,11 +17,11 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 from broker_tools import AMQP_URL, delete_prefixed
 
-from sagas.order_fulfilment.fake_services import FakeServices
 from sagas.order_fulfilment.http_ports import http_ports
 from sagas.order_fulfilment.messages import OrderLine, OrderPlaced
-from sagas.order_fulfilment.participants import publish
 from sagas.order_fulfilment.saga import order_fulfilment
+from sagas.order_fulfilment.simulation.fake_services import FakeServices
+from sagas.order_fulfilment.simulation.shop import publish
 from sagaworks.adapters.rabbitmq.topology import exchange_name
 from sagaworks.bootstrap import bootstrap
 from sagaworks.entrypoints.worker import Worker

@@ -1,7 +1,7 @@
 """Recoverability against the real broker and database, with fake HTTP participants on loopback.
 
 Each test runs one worker with the HTTP port adapters against the fake
-inventory, payments and shipping services (`sagas.order_fulfilment.fake_services`),
+inventory, payments and shipping services (`sagas.order_fulfilment.simulation.fake_services`),
 breaks a participant the way real ones break (503s, slow answers, refused
 connections, declines, failing compensations, a request it rejects) and
 checks how every saga ends, what reached the participant and what did not.
@@ -26,7 +26,6 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
 from sagas.order_fulfilment import order_fulfilment
-from sagas.order_fulfilment.fake_services import FakeServices
 from sagas.order_fulfilment.http_ports import http_ports
 from sagas.order_fulfilment.messages import (
     OrderCancellationRequested,
@@ -34,7 +33,8 @@ from sagas.order_fulfilment.messages import (
     OrderPlaced,
     ShipmentDispatched,
 )
-from sagas.order_fulfilment.participants import Warehouse, publish
+from sagas.order_fulfilment.simulation.fake_services import FakeServices
+from sagas.order_fulfilment.simulation.shop import Warehouse, publish
 from sagaworks import Message, PortPolicy
 from sagaworks.adapters.rabbitmq.topology import events_exchange_name, exchange_name
 from sagaworks.application.circuit import BreakerChange

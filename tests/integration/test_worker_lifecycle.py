@@ -34,7 +34,7 @@ from broker_tools import AMQP_URL, delete_prefixed, rabbitmqctl
 from pydantic import ValidationError
 
 from sagas.order_fulfilment.messages import OrderLine, OrderPlaced
-from sagas.order_fulfilment.participants import publish
+from sagas.order_fulfilment.simulation.shop import publish
 from sagaworks.adapters.postgres.errors import DatabaseUnreachable, SchemaBehind
 from sagaworks.adapters.rabbitmq.errors import (
     BrokerAuthenticationFailed,
@@ -49,6 +49,7 @@ from sagaworks.adapters.rabbitmq.topology import (
     saga_queue_name,
 )
 from sagaworks.entrypoints.cli.errors import EXIT_CODES
+from sagaworks.entrypoints.cli.loading import NoSagaToRun
 from sagaworks.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -92,6 +93,7 @@ def worker_env(database_url: str, prefix: str, **extra: str) -> dict[str, str]:
     env["SAGAWORKS_DATABASE_URL"] = database_url
     env["SAGAWORKS_EXCHANGE_PREFIX"] = prefix
     env["SAGAWORKS_LOG_FORMAT"] = "json"
+    env["SAGAWORKS_SAGAS"] = '["sagas.order_fulfilment.simulation"]'
     env.update(extra)
     return env
 
@@ -334,7 +336,8 @@ def test_start_up_failures_have_distinct_exit_codes() -> None:
         for kind in (ValidationError, DatabaseUnreachable, SchemaBehind, BrokerUnreachable)
     }
     codes.add(exit_code_of(TopologyConflict))
-    assert len(codes) == 5
+    codes.add(exit_code_of(NoSagaToRun))
+    assert len(codes) == 6
     assert 0 not in codes
     assert 1 not in codes
     assert exit_code_of(BrokerAuthenticationFailed) == exit_code_of(BrokerUnreachable)
@@ -348,6 +351,21 @@ async def test_invalid_settings(spawn: Spawn, prefix: str) -> None:
     assert code == exit_code_of(ValidationError)
     line = assert_one_error_line(stderr)
     assert line.startswith("sagaworks: error: invalid settings: SAGAWORKS_PREFETCH: ")
+    assert stdout == ""
+
+
+async def test_no_saga_configured(spawn: Spawn, prefix: str) -> None:
+    env = worker_env("postgresql://postgres@127.0.0.1:1/unused", prefix)
+    del env["SAGAWORKS_SAGAS"]
+
+    code, stdout, stderr = await start_and_fail(spawn, env)
+
+    assert code == exit_code_of(NoSagaToRun)
+    line = assert_one_error_line(stderr)
+    assert line == (
+        "sagaworks: error: no saga to run: set SAGAWORKS_SAGAS, "
+        """e.g. SAGAWORKS_SAGAS='["sagas.order_fulfilment.http_ports"]'"""
+    )
     assert stdout == ""
 
 

@@ -7,7 +7,7 @@ from types import TracebackType
 import pytest
 
 from sagas.order_fulfilment.saga import order_fulfilment
-from sagas.order_fulfilment.simulated import Simulation, simulated_ports
+from sagas.order_fulfilment.simulation.participants import Simulation, simulated_ports
 from sagaworks.adapters.rabbitmq.topology import (
     dead_letter_queue_name,
     port_queue_name,

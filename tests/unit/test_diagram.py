@@ -39,7 +39,8 @@ def test_the_committed_diagram_is_current() -> None:
     assert len(blocks) == 1, f"{DOC} should hold exactly one ```mermaid block"
     assert blocks[0] == mermaid(order_fulfilment), (
         "docs/sagas/order_fulfilment.md is stale: regenerate it with "
-        "`sagaworks graph order_fulfilment` and paste the output into the mermaid block"
+        "`SAGAWORKS_SAGAS='[\"sagas.order_fulfilment\"]' sagaworks graph order_fulfilment` "
+        "and paste the output into the mermaid block"
     )
 
 
@@ -175,16 +176,17 @@ def test_labels_with_quotes_stay_inside_their_quotes() -> None:
 
 
 runner = CliRunner()
+WITH_THE_SAGA = {"SAGAWORKS_SAGAS": '["sagas.order_fulfilment"]'}
 
 
 def test_the_graph_command_prints_the_diagram() -> None:
-    result = runner.invoke(app, ["graph", "order_fulfilment"])
+    result = runner.invoke(app, ["graph", "order_fulfilment"], env=WITH_THE_SAGA)
     assert result.exit_code == 0, result.output
     assert result.stdout == mermaid(order_fulfilment)
 
 
 def test_the_graph_command_lists_known_sagas_for_an_unknown_name() -> None:
-    result = runner.invoke(app, ["graph", "order_fulfillment"])
+    result = runner.invoke(app, ["graph", "order_fulfillment"], env=WITH_THE_SAGA)
     assert result.exit_code == 2
     assert 'no saga named "order_fulfillment"' in result.stderr
     assert "known: order_fulfilment" in result.stderr

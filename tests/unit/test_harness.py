@@ -29,7 +29,7 @@ from sagas.order_fulfilment.messages import (
 )
 from sagas.order_fulfilment.ports import Authorisation, AuthorisePayment
 from sagas.order_fulfilment.saga import order_fulfilment
-from sagas.order_fulfilment.simulated import (
+from sagas.order_fulfilment.simulation.participants import (
     DECLINED_CUSTOMER_PREFIX,
     Ledger,
     SimulatedPayments,

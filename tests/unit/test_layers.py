@@ -63,6 +63,7 @@ def test_the_project_as_it_is_keeps_every_contract(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 broken" in result.stdout
     assert "The domain imports no I/O library KEPT" in result.stdout
+    assert "The engine does not import the sagas it runs KEPT" in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -115,6 +116,18 @@ def test_the_project_as_it_is_keeps_every_contract(tmp_path: Path) -> None:
             "import sagaworks.bootstrap",
             "Sagas are written against the public API, not adapters or entry points",
             "sagas.order_fulfilment.saga -> sagaworks.bootstrap",
+        ),
+        (
+            "sagas/order_fulfilment/simulation/shop.py",
+            "import sagaworks.bootstrap",
+            "Sagas are written against the public API, not adapters or entry points",
+            "sagas.order_fulfilment.simulation.shop -> sagaworks.bootstrap",
+        ),
+        (
+            "src/sagaworks/entrypoints/cli/app.py",
+            "import sagas.order_fulfilment",
+            "The engine does not import the sagas it runs",
+            "sagaworks.entrypoints.cli.app -> sagas.order_fulfilment",
         ),
     ],
 )

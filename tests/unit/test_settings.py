@@ -33,7 +33,7 @@ def test_defaults_point_at_local_services() -> None:
     )
     assert settings.migration_database_url is None
     assert settings.effective_migration_url() == settings.database_url.get_secret_value()
-    assert settings.sagas == ("sagas.order_fulfilment",)
+    assert settings.sagas == ()
     assert settings.exchange_prefix == ""
 
 

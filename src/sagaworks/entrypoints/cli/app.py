@@ -1,4 +1,8 @@
-"""`sagaworks`: worker, db, topology, config, dlq, demo, bench and graph commands."""
+"""`sagaworks`: the worker, migrations, topology, configuration, dead letters, diagrams.
+
+Further commands (the reference saga's `demo` and `bench`) come from the
+`sagaworks.commands` entry points of installed packages (`plugins.py`).
+"""
 
 from __future__ import annotations
 
@@ -8,24 +12,18 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
 
 from sagaworks.adapters.observability.logging import configure_logging
 from sagaworks.entrypoints.cli.dlq import dlq_app
-from sagaworks.entrypoints.cli.errors import (
-    fail,
-    quiet_first_connect,
-    run_async,
-    settings_error_lines,
-)
-from sagaworks.entrypoints.demo_ports import DemoPorts
-from sagaworks.settings import DEFAULT_SECRETS_DIR, Settings
+from sagaworks.entrypoints.cli.errors import fail, load_settings, quiet_first_connect, run_async
+from sagaworks.entrypoints.cli.plugins import PluginGroup
 
 __all__ = ["app", "main"]
 
 app = typer.Typer(
     name="sagaworks",
     help="Message-driven sagas over RabbitMQ and PostgreSQL.",
+    cls=PluginGroup,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -37,13 +35,6 @@ app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 app.add_typer(topology_app, name="topology")
 app.add_typer(dlq_app, name="dlq")
-
-
-def load_settings() -> Settings:
-    try:
-        return Settings.load(secrets_dir=DEFAULT_SECRETS_DIR)
-    except ValidationError as error:
-        fail("invalid settings: " + "; ".join(settings_error_lines(error)), 2)
 
 
 def _echo(text: str) -> None:
@@ -141,7 +132,7 @@ def topology_apply() -> None:
 def worker() -> None:
     """Consume and drive sagas until SIGTERM/SIGINT, then stop gracefully (exit 0)."""
     from sagaworks.bootstrap import bootstrap, preflight
-    from sagaworks.entrypoints.cli.loading import load_sagas
+    from sagaworks.entrypoints.cli.loading import sagas_to_run
     from sagaworks.entrypoints.gc_tuning import tune_for_throughput
     from sagaworks.entrypoints.worker import Worker
 
@@ -149,7 +140,7 @@ def worker() -> None:
     configure_logging(settings.log_format, settings.log_level)
 
     async def go() -> None:
-        loaded = load_sagas(settings)
+        loaded = sagas_to_run(settings)
         await preflight(settings)
         with quiet_first_connect():
             system = await bootstrap(settings, loaded.definitions, loaded.ports)
@@ -160,100 +151,6 @@ def worker() -> None:
             await system.aclose()
 
     run_async(go())
-
-
-@app.command("demo")
-def demo(
-    orders: Annotated[int, typer.Option(min=1, max=100_000, help="Orders to place.")] = 200,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object, no progress.")] = False,
-    timeout_s: Annotated[
-        float, typer.Option("--timeout", min=1.0, help="Seconds to wait for every saga to end.")
-    ] = 180.0,
-    seed: Annotated[int, typer.Option(help="Seed of the order mix.")] = 7,
-    ports: Annotated[
-        DemoPorts,
-        typer.Option(help="Participants: in process, or fake HTTP services on loopback."),
-    ] = DemoPorts.SIMULATED,
-) -> None:
-    """Drive ORDERS orders through the order-fulfilment saga over RabbitMQ and PostgreSQL.
-
-    Exits 1 when a saga did not end or a participant saw an effect twice.
-    """
-    from sagaworks.entrypoints.cli.render import DemoProgress, print_demo_report
-    from sagaworks.entrypoints.demo import run_demo
-
-    settings = load_settings()
-    configure_logging(
-        settings.log_format, "WARNING" if settings.log_level == "INFO" else settings.log_level
-    )
-    if as_json:
-        report = run_async(run_demo(settings, orders, timeout_s=timeout_s, seed=seed, ports=ports))
-        _echo(json.dumps(report.as_dict()))
-    else:
-        with DemoProgress(orders) as progress:
-            report = run_async(
-                run_demo(
-                    settings,
-                    orders,
-                    timeout_s=timeout_s,
-                    seed=seed,
-                    progress=progress.update,
-                    ports=ports,
-                )
-            )
-        print_demo_report(report)
-    if not report.ok:
-        raise typer.Exit(1)
-
-
-@app.command("bench")
-def bench(
-    workers: Annotated[int, typer.Option(min=1, max=64, help="Worker processes.")] = 1,
-    latency_ms: Annotated[
-        float, typer.Option(min=0.0, max=10_000.0, help="Latency of every simulated port call.")
-    ] = 0.0,
-    sagas: Annotated[
-        int, typer.Option(min=1, max=1_000_000, help="Sagas to start at most.")
-    ] = 2000,
-    duration_s: Annotated[
-        float, typer.Option("--duration", min=0.1, help="Seconds to keep starting sagas at most.")
-    ] = 20.0,
-    rate: Annotated[
-        float | None,
-        typer.Option(min=0.1, help="Sagas started per second (open loop); default: full speed."),
-    ] = None,
-    in_flight: Annotated[
-        int, typer.Option(min=1, max=1_000_000, help="Sagas running at once at most.")
-    ] = 100,
-    reference: Annotated[
-        bool, typer.Option(help="Also run the hand-written reference pipeline.")
-    ] = True,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
-) -> None:
-    """Benchmark the engine against a hand-written pipeline on this machine.
-
-    See docs/performance.md for what is measured and how to read it.
-
-    Exits 1 when a run did not verify: a saga did not end or something happened twice.
-    """
-    from sagaworks.entrypoints.bench import BenchConfig, format_report, run_bench
-
-    settings = load_settings()
-    configure_logging(settings.log_format, "WARNING")
-    config = BenchConfig(
-        workers=workers,
-        latency_s=latency_ms / 1000,
-        sagas=sagas,
-        duration_s=duration_s,
-        rate=rate,
-        in_flight=in_flight,
-        reference=reference,
-    )
-    say = None if as_json else (lambda text: typer.echo(text, err=True))
-    report = run_async(run_bench(settings, config, progress=say))
-    _echo(json.dumps(report.as_dict()) if as_json else format_report(report))
-    if not report.verified:
-        raise typer.Exit(1)
 
 
 @app.command("graph")

@@ -15,9 +15,17 @@ from sagaworks.adapters.postgres.errors import DatabaseUnreachable, SchemaNotCur
 from sagaworks.adapters.rabbitmq.errors import RabbitMQError, TopologyConflict
 from sagaworks.application.registry import UnknownSaga
 from sagaworks.domain.errors import DefinitionError
-from sagaworks.entrypoints.cli.loading import SagaModuleError
+from sagaworks.entrypoints.cli.loading import NoSagaToRun, SagaModuleError
+from sagaworks.settings import DEFAULT_SECRETS_DIR, Settings
 
-__all__ = ["EXIT_CODES", "fail", "quiet_first_connect", "run_async", "settings_error_lines"]
+__all__ = [
+    "EXIT_CODES",
+    "fail",
+    "load_settings",
+    "quiet_first_connect",
+    "run_async",
+    "settings_error_lines",
+]
 
 T = TypeVar("T")
 
@@ -30,8 +38,10 @@ EXIT_CODES: dict[type[BaseException], int] = {
     SchemaNotCurrent: 4,
     TopologyConflict: 6,
     RabbitMQError: 5,
+    NoSagaToRun: 7,
 }
-"""2 configuration, 3 database unreachable, 4 schema not current, 5 broker, 6 topology."""
+"""2 configuration, 3 database unreachable, 4 schema not current, 5 broker, 6 topology,
+7 no saga configured for the worker."""
 
 
 def settings_error_lines(error: ValidationError) -> list[str]:
@@ -56,6 +66,14 @@ def quiet_first_connect() -> Iterator[None]:
         yield
     finally:
         logger.disabled = disabled
+
+
+def load_settings() -> Settings:
+    """The settings in effect, or one line and exit code 2 when one is invalid."""
+    try:
+        return Settings.load(secrets_dir=DEFAULT_SECRETS_DIR)
+    except ValidationError as error:
+        fail("invalid settings: " + "; ".join(settings_error_lines(error)), 2)
 
 
 def fail(message: str, code: int) -> NoReturn:

@@ -1,9 +1,10 @@
 """Finding the sagas a worker runs: modules named in `SAGAWORKS_SAGAS`.
 
 Each module exposes `SAGA` (a `SagaDefinition`) and `build_ports()`, which
-returns the port adapters by port name. Port names are shared by the whole
-worker: two modules may name the same port only with the very same adapter,
-never silently replace each other's.
+returns the port adapters by port name. The setting has no default: which
+participants a worker talks to (real or simulated) is always named. Port
+names are shared by the whole worker: two modules may name the same port
+only with the very same adapter, never silently replace each other's.
 """
 
 from __future__ import annotations
@@ -15,11 +16,21 @@ from typing import Any
 from sagaworks.domain.definition import SagaDefinition
 from sagaworks.settings import Settings
 
-__all__ = ["LoadedSagas", "SagaModuleError", "load_sagas"]
+__all__ = ["LoadedSagas", "NoSagaToRun", "SagaModuleError", "load_sagas", "sagas_to_run"]
 
 
 class SagaModuleError(Exception):
     pass
+
+
+class NoSagaToRun(Exception):
+    """`SAGAWORKS_SAGAS` is empty: a worker would consume nothing, so it does not start."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "no saga to run: set SAGAWORKS_SAGAS, "
+            """e.g. SAGAWORKS_SAGAS='["sagas.order_fulfilment.http_ports"]'"""
+        )
 
 
 @dataclass(frozen=True)
@@ -62,3 +73,10 @@ def load_sagas(settings: Settings, *, with_ports: bool = True) -> LoadedSagas:
                 ports[port] = adapter
                 port_owners.setdefault(port, name)
     return LoadedSagas(tuple(definitions), ports)
+
+
+def sagas_to_run(settings: Settings) -> LoadedSagas:
+    """The sagas and ports a worker runs; at least one saga must be configured."""
+    if not settings.sagas:
+        raise NoSagaToRun
+    return load_sagas(settings)

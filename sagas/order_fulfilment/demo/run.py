@@ -22,15 +22,15 @@ from typing import Any
 import aio_pika
 
 from sagas.order_fulfilment import order_fulfilment
+from sagas.order_fulfilment.demo.participants import DemoPorts, demo_participants
 from sagas.order_fulfilment.messages import OrderPlaced
-from sagas.order_fulfilment.participants import OrderService, Warehouse
-from sagas.order_fulfilment.scenario import OrderPlan, plan_orders
+from sagas.order_fulfilment.simulation.order_mix import OrderPlan, plan_orders
+from sagas.order_fulfilment.simulation.shop import OrderService, Warehouse
 from sagaworks.adapters.postgres.migrations_runner import upgrade
 from sagaworks.adapters.postgres.queries import dead_letter_reasons, saga_status_counts
 from sagaworks.adapters.rabbitmq.topology import exchange_name
 from sagaworks.bootstrap import bootstrap, preflight
 from sagaworks.domain.messages import Message
-from sagaworks.entrypoints.demo_ports import DemoPorts, demo_participants
 from sagaworks.entrypoints.worker import Worker
 from sagaworks.settings import Settings
 

@@ -4,9 +4,9 @@ Both runs drive happy-path order-fulfilment sagas of `STEPS_PER_SAGA` steps
 through real RabbitMQ and PostgreSQL, from this process (the driver), and
 are served by separate processes:
 
-- **engine**: `--workers` processes of `bench_worker` (the real `Worker` with
+- **engine**: `--workers` processes of `bench.worker` (the real `Worker` with
   simulated participants whose latency is `--latency-ms`);
-- **reference**: as many processes of `bench_reference`, the minimal
+- **reference**: as many processes of `bench.reference`, the minimal
   consume → transaction → confirmed publish → ack pipeline.
 
 A *step* is one consumed message that causes one committed transition; a
@@ -43,14 +43,7 @@ import psutil
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from sagas.order_fulfilment import order_fulfilment
-from sagas.order_fulfilment.messages import OrderFulfilled, OrderLine, OrderPlaced
-from sagas.order_fulfilment.participants import publish
-from sagaworks.adapters.postgres.migrations_runner import upgrade
-from sagaworks.adapters.rabbitmq.topology import exchange_name
-from sagaworks.application.registry import SagaRegistry
-from sagaworks.bootstrap import preflight, topology_for
-from sagaworks.domain.instance import saga_id_for
-from sagaworks.entrypoints.bench_reference import (
+from sagas.order_fulfilment.bench.reference import (
     DONE_ROUTING_KEY,
     STEP_ROUTING_KEY,
     drop_reference,
@@ -59,6 +52,13 @@ from sagaworks.entrypoints.bench_reference import (
     reference_names,
     step_message,
 )
+from sagas.order_fulfilment.messages import OrderFulfilled, OrderLine, OrderPlaced
+from sagas.order_fulfilment.simulation.shop import publish
+from sagaworks.adapters.postgres.migrations_runner import upgrade
+from sagaworks.adapters.rabbitmq.topology import exchange_name
+from sagaworks.application.registry import SagaRegistry
+from sagaworks.bootstrap import preflight, topology_for
+from sagaworks.domain.instance import saga_id_for
 from sagaworks.settings import Settings
 
 __all__ = [
@@ -389,7 +389,7 @@ async def _run_engine(settings: Settings, config: BenchConfig, run_id: str) -> R
         [
             sys.executable,
             "-m",
-            "sagaworks.entrypoints.bench_worker",
+            "sagas.order_fulfilment.bench.worker",
             "--latency-s",
             str(config.latency_s),
             "--ledger",
@@ -590,7 +590,7 @@ async def _run_reference(settings: Settings, config: BenchConfig, run_id: str) -
             [
                 sys.executable,
                 "-m",
-                "sagaworks.entrypoints.bench_reference",
+                "sagas.order_fulfilment.bench.reference",
                 "--amqp-url",
                 amqp_url,
                 "--dsn",

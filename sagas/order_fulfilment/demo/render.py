@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from sagaworks.entrypoints.demo import DemoReport
+from sagas.order_fulfilment.demo.run import DemoReport
 
 __all__ = ["DemoProgress", "print_demo_report"]
 

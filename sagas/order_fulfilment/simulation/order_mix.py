@@ -21,7 +21,7 @@ from sagas.order_fulfilment.messages import (
     OrderPlaced,
     ShipmentDispatched,
 )
-from sagas.order_fulfilment.simulated import DECLINED_CUSTOMER_PREFIX
+from sagas.order_fulfilment.simulation.participants import DECLINED_CUSTOMER_PREFIX
 from sagaworks import Message
 
 __all__ = ["KINDS", "Kind", "OrderPlan", "Send", "plan_orders"]

@@ -20,8 +20,8 @@ import aio_pika
 
 from sagas.order_fulfilment import order_fulfilment
 from sagas.order_fulfilment.messages import ShipmentDispatched
-from sagas.order_fulfilment.participants import Warehouse
-from sagas.order_fulfilment.simulated import Ledger, Simulation, simulated_ports
+from sagas.order_fulfilment.simulation.participants import Ledger, Simulation, simulated_ports
+from sagas.order_fulfilment.simulation.shop import Warehouse
 from sagaworks.adapters.observability.logging import configure_logging
 from sagaworks.adapters.rabbitmq.topology import exchange_name
 from sagaworks.bootstrap import bootstrap, preflight

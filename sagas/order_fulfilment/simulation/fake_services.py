@@ -30,7 +30,7 @@ from typing import Any
 from aiohttp import web
 
 from sagas.order_fulfilment.http_ports import IDEMPOTENCY_HEADER, HttpSettings
-from sagas.order_fulfilment.simulated import DECLINED_CUSTOMER_PREFIX
+from sagas.order_fulfilment.simulation.participants import DECLINED_CUSTOMER_PREFIX
 
 __all__ = [
     "SOLD_OUT_SKU_PREFIX",

@@ -34,9 +34,9 @@ async def demo_participants(
     kind: DemoPorts, seed: int, on_booked: Callable[[str, str], None]
 ) -> DemoParticipants:
     # Imported here: the CLI imports `DemoPorts` at start-up, and aiohttp is not light.
-    from sagas.order_fulfilment.fake_services import FakeServices
     from sagas.order_fulfilment.http_ports import http_ports
-    from sagas.order_fulfilment.simulated import Ledger, Simulation, simulated_ports
+    from sagas.order_fulfilment.simulation.fake_services import FakeServices
+    from sagas.order_fulfilment.simulation.participants import Ledger, Simulation, simulated_ports
 
     if kind is DemoPorts.SIMULATED:
         ledger = Ledger()

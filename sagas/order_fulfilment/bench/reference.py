@@ -9,7 +9,7 @@ engine publishes `order.fulfilled`. aio-pika and asyncpg are used directly and
 nothing else is done: no validation, no history, no timers, no framework.
 It is what the engine is measured against, so it must stay this small.
 
-Run as `python -m sagaworks.entrypoints.bench_reference` by the bench (one
+Run as `python -m sagas.order_fulfilment.bench.reference` by the bench (one
 process per engine worker, so both get the same share of the machine).
 """
 
