@@ -59,14 +59,15 @@ from sagaworks.adapters.resilience.breaker import PortBreakers
 from sagaworks.adapters.resilience.caller import ResilientCaller
 from sagaworks.adapters.resilience.policy import PortPolicy, declared_policies
 from sagaworks.application.apply_inputs import ApplyInputs
-from sagaworks.application.circuit import BreakerLog, RecordBreakerChange
-from sagaworks.application.dead_letter_ports import DeadLetterRepository
+from sagaworks.application.circuit import RecordBreakerChange
 from sagaworks.application.dead_letters import IngestDeadLetter, LastErrors, QueueOwner
 from sagaworks.application.handle_event import HandleEvent
 from sagaworks.application.options import EngineOptions
 from sagaworks.application.outbox import OutboxRelay
 from sagaworks.application.ports import (
+    BreakerLog,
     Clock,
+    DeadLetterRepository,
     InboundMessage,
     OutboxWakeUps,
     PortCaller,

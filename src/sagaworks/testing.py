@@ -36,9 +36,8 @@ from sagaworks.adapters.memory.records import HistoryRecord
 from sagaworks.adapters.rabbitmq.inbound import inbound_of
 from sagaworks.adapters.rabbitmq.publisher import amqp_properties
 from sagaworks.adapters.rabbitmq.topology import commands_exchange_name, exchange_name
-from sagaworks.application.dead_letter_ports import StoredDeadLetter
 from sagaworks.application.policy import PortPolicy
-from sagaworks.application.ports import InboundMessage, OutboxRow, PortCaller
+from sagaworks.application.ports import InboundMessage, OutboxRow, PortCaller, StoredDeadLetter
 from sagaworks.application.results import Handled
 from sagaworks.bootstrap import Handler, System, bootstrap, in_memory
 from sagaworks.domain.decide import RunStep, SagaNeedsAttention

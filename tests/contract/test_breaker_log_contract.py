@@ -24,8 +24,8 @@ from sagaworks.adapters.memory.store import InMemoryStore
 from sagaworks.adapters.postgres.breakers import PostgresBreakerLog
 from sagaworks.adapters.postgres.engine import create_engine
 from sagaworks.adapters.postgres.store import PostgresStore
-from sagaworks.application.circuit import BreakerChange, BreakerLog, BreakerState, breaker_event
-from sagaworks.application.ports import Store
+from sagaworks.application.circuit import breaker_event
+from sagaworks.application.ports import BreakerChange, BreakerLog, BreakerState, Store
 from sagaworks.application.wire import Wire
 from sagaworks.bootstrap import bootstrap
 from sagaworks.settings import Settings

@@ -22,12 +22,13 @@ from sagaworks.adapters.memory.store import InMemoryStore
 from sagaworks.adapters.postgres.dead_letters import PostgresDeadLetters
 from sagaworks.adapters.postgres.engine import create_engine
 from sagaworks.adapters.postgres.store import PostgresStore
-from sagaworks.application.dead_letter_ports import (
+from sagaworks.application.ports import (
     AuditRecord,
     DeadLetterFilter,
     DeadLetterRepository,
+    InboundMessage,
+    Store,
 )
-from sagaworks.application.ports import InboundMessage, Store
 from sagaworks.application.stored import dead_letter, fingerprint
 
 T0 = datetime(2030, 5, 1, 12, 0, tzinfo=UTC)

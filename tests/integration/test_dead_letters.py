@@ -47,8 +47,8 @@ from sagaworks.adapters.rabbitmq.topology import (
     queue_arguments,
     saga_queue_name,
 )
-from sagaworks.application.dead_letter_ports import DeadLetterFilter
 from sagaworks.application.dead_letters import REPLAY_HEADER
+from sagaworks.application.ports import DeadLetterFilter
 from sagaworks.application.stored import fingerprint
 from sagaworks.bootstrap import System, bootstrap
 from sagaworks.domain.instance import saga_id_for

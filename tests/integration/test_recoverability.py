@@ -37,8 +37,7 @@ from sagas.order_fulfilment.simulation.fake_services import FakeServices
 from sagas.order_fulfilment.simulation.shop import Warehouse, publish
 from sagaworks import Message, PortPolicy
 from sagaworks.adapters.rabbitmq.topology import events_exchange_name, exchange_name
-from sagaworks.application.circuit import BreakerChange
-from sagaworks.application.ports import InboundMessage
+from sagaworks.application.ports import BreakerChange, InboundMessage
 from sagaworks.application.results import Handled
 from sagaworks.bootstrap import System, bootstrap
 from sagaworks.domain.instance import saga_id_for

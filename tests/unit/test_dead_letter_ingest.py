@@ -9,9 +9,8 @@ from typing import Any
 import pytest
 
 from sagaworks.adapters.memory.store import InMemoryStore
-from sagaworks.application.dead_letter_ports import StoredDeadLetter
 from sagaworks.application.dead_letters import IngestDeadLetter, LastErrors, QueueOwner
-from sagaworks.application.ports import InboundMessage, PriorFailure
+from sagaworks.application.ports import InboundMessage, PriorFailure, StoredDeadLetter
 from sagaworks.application.stored import fingerprint
 from sagaworks.testing import FakeClock
 

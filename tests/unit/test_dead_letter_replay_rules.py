@@ -7,7 +7,6 @@ from datetime import UTC, datetime
 import pytest
 
 from sagaworks.adapters.rabbitmq.publisher import amqp_properties
-from sagaworks.application.dead_letter_ports import StoredDeadLetter
 from sagaworks.application.dead_letters import (
     REPLAY_HEADER,
     DeadLetterError,
@@ -15,7 +14,7 @@ from sagaworks.application.dead_letters import (
     replay_envelope,
     set_path,
 )
-from sagaworks.application.ports import OutboxRow
+from sagaworks.application.ports import OutboxRow, StoredDeadLetter
 
 pytestmark = pytest.mark.unit
 

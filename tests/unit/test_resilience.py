@@ -18,10 +18,10 @@ from sagaworks.adapters.resilience.breaker import PortBreaker
 from sagaworks.adapters.resilience.caller import ResilientCaller
 from sagaworks.adapters.resilience.policy import declared_policies
 from sagaworks.application.apply_inputs import ApplyInputs
-from sagaworks.application.circuit import BreakerChange, CircuitOpen, breaker_event
+from sagaworks.application.circuit import CircuitOpen, breaker_event
 from sagaworks.application.options import EngineOptions
 from sagaworks.application.outbox import OutboxRelay
-from sagaworks.application.ports import InboundMessage
+from sagaworks.application.ports import BreakerChange, InboundMessage
 from sagaworks.application.registry import SagaRegistry
 from sagaworks.application.run_step import RunStepCommand
 from sagaworks.application.wire import Wire

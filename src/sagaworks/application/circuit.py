@@ -13,30 +13,22 @@ event (`sagaworks.breaker.opened|half_open|closed`, routing key
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal, Protocol
 
 from sagaworks.application.outbox import OutboxRelay
-from sagaworks.application.ports import OutboxRow, PendingMessage
+from sagaworks.application.ports import BreakerChange, BreakerLog, BreakerState
 from sagaworks.application.wire import Wire
 from sagaworks.domain.decide import EVENTS_DOMAIN, Outgoing
 from sagaworks.domain.messages import Envelope, Message
 
 __all__ = [
-    "BreakerChange",
     "BreakerClosed",
     "BreakerHalfOpen",
-    "BreakerLog",
     "BreakerOpened",
-    "BreakerState",
     "CircuitOpen",
     "RecordBreakerChange",
     "breaker_event",
 ]
-
-BreakerState = Literal["closed", "open", "half_open"]
 
 
 class CircuitOpen(Exception):
@@ -46,19 +38,6 @@ class CircuitOpen(Exception):
         super().__init__(f'circuit breaker of port "{port}" is open; retry in {retry_in_s:.1f} s')
         self.port = port
         self.retry_in_s = retry_in_s
-
-
-@dataclass(frozen=True, slots=True)
-class BreakerChange:
-    """One breaker of one worker process moved from `previous` to `state`."""
-
-    port: str
-    worker: str
-    previous: BreakerState
-    state: BreakerState
-    failures: int
-    """Consecutive failures counted when the change happened (0 once closed)."""
-    at: datetime
 
 
 class _BreakerEvent(Message):
@@ -104,12 +83,6 @@ def breaker_event(change: BreakerChange) -> Outgoing:
         time=change.at,
     )
     return Outgoing(envelope, EVENTS_DOMAIN, f"breaker.{change.state}.{change.port}", event)
-
-
-class BreakerLog(Protocol):
-    async def record(self, change: BreakerChange, event: PendingMessage) -> Sequence[OutboxRow]:
-        """In one transaction: the port's state for dashboards, and `event` in the outbox."""
-        ...
 
 
 class RecordBreakerChange:

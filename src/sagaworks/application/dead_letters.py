@@ -22,13 +22,17 @@ from uuid import UUID, uuid4
 
 from pydantic import BaseModel, ValidationError
 
-from sagaworks.application.dead_letter_ports import (
+from sagaworks.application.ports import (
     AuditRecord,
+    Clock,
     DeadLetterFilter,
     DeadLetterRepository,
+    InboundMessage,
+    PriorFailure,
+    Publisher,
+    Store,
     StoredDeadLetter,
 )
-from sagaworks.application.ports import Clock, InboundMessage, PriorFailure, Publisher, Store
 from sagaworks.application.registry import SagaRegistry
 from sagaworks.application.results import Handled
 from sagaworks.application.stored import dead_letter

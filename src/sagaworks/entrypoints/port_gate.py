@@ -33,8 +33,8 @@ from faststream.rabbit.subscriber import RabbitSubscriber
 
 from sagaworks.adapters.observability.logging import get_logger
 from sagaworks.adapters.resilience.breaker import PortBreakers
-from sagaworks.application.circuit import BreakerChange, CircuitOpen, RecordBreakerChange
-from sagaworks.application.ports import InboundMessage
+from sagaworks.application.circuit import CircuitOpen, RecordBreakerChange
+from sagaworks.application.ports import BreakerChange, InboundMessage
 from sagaworks.application.results import Handled
 from sagaworks.entrypoints.consumers import cancel_consumer, resume_consumer
 

@@ -7,8 +7,7 @@ from collections.abc import Sequence
 from sagaworks.adapters.memory.locks import Owner, round_trip
 from sagaworks.adapters.memory.records import BreakerRecord, OutboxRecord, as_json, utc
 from sagaworks.adapters.memory.store import InMemoryStore
-from sagaworks.application.circuit import BreakerChange
-from sagaworks.application.ports import OutboxRow, PendingMessage
+from sagaworks.application.ports import BreakerChange, OutboxRow, PendingMessage
 
 __all__ = ["InMemoryBreakerLog"]
 

@@ -15,14 +15,14 @@ from typing import Any
 from sagaworks.adapters.memory.locks import Owner, round_trip
 from sagaworks.adapters.memory.records import OutboxRecord, as_json, utc
 from sagaworks.adapters.memory.store import InMemoryStore
-from sagaworks.application.dead_letter_ports import (
+from sagaworks.application.ports import (
     AuditEntry,
     AuditRecord,
     DeadLetterFilter,
     FailureGroup,
+    OutboxRow,
     StoredDeadLetter,
 )
-from sagaworks.application.ports import OutboxRow
 
 __all__ = ["InMemoryDeadLetters"]
 

@@ -14,8 +14,13 @@ from itertools import count
 from typing import Any, TypeVar
 from uuid import UUID
 
-from sagaworks.application.dead_letter_ports import AuditEntry, StoredDeadLetter
-from sagaworks.application.ports import InboundMessage, OutboxRow, ParkedMessage
+from sagaworks.application.ports import (
+    AuditEntry,
+    InboundMessage,
+    OutboxRow,
+    ParkedMessage,
+    StoredDeadLetter,
+)
 from sagaworks.application.stored import saga_from_row
 from sagaworks.domain.definition import SagaDefinition
 from sagaworks.domain.instance import SagaInstance

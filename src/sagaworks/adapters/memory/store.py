@@ -31,8 +31,7 @@ from sagaworks.adapters.memory.records import (
     utc,
 )
 from sagaworks.adapters.memory.transaction import MemoryTransaction
-from sagaworks.application.dead_letter_ports import StoredDeadLetter
-from sagaworks.application.ports import Clock, OutboxRow
+from sagaworks.application.ports import Clock, OutboxRow, StoredDeadLetter
 from sagaworks.domain.definition import SagaDefinition
 from sagaworks.domain.instance import SagaInstance
 

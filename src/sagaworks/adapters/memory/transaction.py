@@ -28,7 +28,6 @@ from sagaworks.adapters.memory.records import (
     overlay,
     utc,
 )
-from sagaworks.application.dead_letter_ports import StoredDeadLetter
 from sagaworks.application.ports import (
     Clock,
     DeadLetter,
@@ -39,6 +38,7 @@ from sagaworks.application.ports import (
     ParkedMessage,
     SagaChange,
     SagaClaim,
+    StoredDeadLetter,
 )
 from sagaworks.application.stored import lock_key, refuse_repeats
 from sagaworks.domain.decide import Decision

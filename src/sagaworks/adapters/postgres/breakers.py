@@ -9,8 +9,7 @@ from typing import cast
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from sagaworks.application.circuit import BreakerChange
-from sagaworks.application.ports import OutboxRow, PendingMessage
+from sagaworks.application.ports import BreakerChange, OutboxRow, PendingMessage
 
 __all__ = ["PostgresBreakerLog"]
 

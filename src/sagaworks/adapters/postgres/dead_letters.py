@@ -16,14 +16,14 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from sagaworks.adapters.postgres.tables import dead_letter_audit, dead_letters, outbox
-from sagaworks.application.dead_letter_ports import (
+from sagaworks.application.ports import (
     AuditEntry,
     AuditRecord,
     DeadLetterFilter,
     FailureGroup,
+    OutboxRow,
     StoredDeadLetter,
 )
-from sagaworks.application.ports import OutboxRow
 
 __all__ = ["PostgresDeadLetters"]
 

@@ -31,8 +31,9 @@ from typing import Any, TypeVar
 
 import pybreaker
 
-from sagaworks.application.circuit import BreakerChange, BreakerState, CircuitOpen
+from sagaworks.application.circuit import CircuitOpen
 from sagaworks.application.policy import PortPolicy
+from sagaworks.application.ports import BreakerChange, BreakerState
 from sagaworks.domain.errors import BusinessFailure, PortUnavailable
 
 __all__ = ["TRANSIENT", "PortBreaker", "PortBreakers", "worker_name"]

@@ -31,12 +31,6 @@ from rich.syntax import Syntax
 from rich.table import Table
 
 from sagaworks.adapters.observability.logging import configure_logging
-from sagaworks.application.dead_letter_ports import (
-    AuditEntry,
-    DeadLetterFilter,
-    FailureGroup,
-    StoredDeadLetter,
-)
 from sagaworks.application.dead_letters import (
     DeadLetterError,
     EditDeadLetter,
@@ -48,15 +42,20 @@ from sagaworks.application.dead_letters import (
     resolve_selection,
     set_path,
 )
-from sagaworks.application.ports import OutboxRow
+from sagaworks.application.ports import (
+    AuditEntry,
+    DeadLetterFilter,
+    FailureGroup,
+    OutboxRow,
+    StoredDeadLetter,
+)
 from sagaworks.application.registry import SagaRegistry
 from sagaworks.entrypoints.cli.errors import fail, run_async, settings_error_lines
 from sagaworks.entrypoints.cli.loading import load_sagas
 from sagaworks.settings import DEFAULT_SECRETS_DIR, Settings
 
 if TYPE_CHECKING:
-    from sagaworks.application.dead_letter_ports import DeadLetterRepository
-    from sagaworks.application.ports import Publisher
+    from sagaworks.application.ports import DeadLetterRepository, Publisher
 
 __all__ = ["dlq_app"]
 

@@ -1,7 +1,7 @@
 """What the dead-letter use cases need from the store, as a Protocol and plain records.
 
-Kept apart from `ports.py` because only operators' tools use it: the hot path
-writes dead letters through `SagaTransaction.dead_letter` and never reads them.
+Only operators' tools read dead letters: the hot path writes them through
+`SagaTransaction.dead_letter` and never reads them.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any, Protocol
 from uuid import UUID
 
-from sagaworks.application.ports import OutboxRow
+from sagaworks.application.ports.messages import OutboxRow
 
 __all__ = [
     "AuditEntry",

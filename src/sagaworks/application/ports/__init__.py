@@ -1,0 +1,65 @@
+"""The engine's ports: every Protocol the use cases need, and the records they pass.
+
+Grouped by role (messages in and out, the saga store, calls and time, dead
+letters, breaker changes); import them from here. Adapters implement them,
+use cases see nothing else of the outside world.
+"""
+
+from sagaworks.application.ports.breakers import BreakerChange, BreakerLog, BreakerState
+from sagaworks.application.ports.calls import Clock, PortCaller
+from sagaworks.application.ports.dead_letters import (
+    AuditEntry,
+    AuditRecord,
+    DeadLetterFilter,
+    DeadLetterRepository,
+    FailureGroup,
+    StoredDeadLetter,
+)
+from sagaworks.application.ports.messages import (
+    InboundMessage,
+    OutboxRow,
+    OutboxWakeUp,
+    OutboxWakeUps,
+    PendingMessage,
+    PriorFailure,
+    Publisher,
+)
+from sagaworks.application.ports.store import (
+    DeadLetter,
+    DueTimer,
+    LockedSaga,
+    ParkedMessage,
+    SagaChange,
+    SagaClaim,
+    SagaTransaction,
+    Store,
+)
+
+__all__ = [
+    "AuditEntry",
+    "AuditRecord",
+    "BreakerChange",
+    "BreakerLog",
+    "BreakerState",
+    "Clock",
+    "DeadLetter",
+    "DeadLetterFilter",
+    "DeadLetterRepository",
+    "DueTimer",
+    "FailureGroup",
+    "InboundMessage",
+    "LockedSaga",
+    "OutboxRow",
+    "OutboxWakeUp",
+    "OutboxWakeUps",
+    "ParkedMessage",
+    "PendingMessage",
+    "PortCaller",
+    "PriorFailure",
+    "Publisher",
+    "SagaChange",
+    "SagaClaim",
+    "SagaTransaction",
+    "Store",
+    "StoredDeadLetter",
+]

@@ -1,0 +1,169 @@
+"""The saga store: one transaction per batch of inputs, and the records it reads and writes.
+
+Implemented by the PostgreSQL store and the in-memory one, under one
+contract suite (`tests/contract`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+from uuid import UUID
+
+from sagaworks.application.ports.messages import InboundMessage, OutboxRow, PendingMessage
+from sagaworks.domain.decide import Decision
+from sagaworks.domain.definition import SagaDefinition
+from sagaworks.domain.instance import SagaInstance
+
+__all__ = [
+    "DeadLetter",
+    "DueTimer",
+    "LockedSaga",
+    "ParkedMessage",
+    "SagaChange",
+    "SagaClaim",
+    "SagaTransaction",
+    "Store",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class ParkedMessage:
+    id: int
+    saga_type: str
+    inbound: InboundMessage
+    reason: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class LockedSaga:
+    instance: SagaInstance | None
+    duplicate: bool = False
+    has_parked: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SagaClaim:
+    """One saga a batch locks, and the message (if any) to record in that saga"s inbox."""
+
+    definition: SagaDefinition[Any]
+    saga_id: UUID
+    message_id: str | None = None
+    known: SagaInstance | None = None
+    """The saga as read before (without its lock): returned as is while still at its version."""
+
+
+@dataclass(frozen=True, slots=True)
+class SagaChange:
+    """An applied decision, ready to persist: with the outbox rows it sends, already encoded."""
+
+    definition: SagaDefinition[Any]
+    decision: Decision
+    outbox: tuple[PendingMessage, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DueTimer:
+    id: int
+    saga_type: str
+    saga_id: UUID
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message sagaworks gave up on, with why; goes to the dead-letter store as it is.
+
+    Built by `stored.dead_letter`, which groups it (`fingerprint`) by one rule for every store.
+    """
+
+    inbound: InboundMessage
+    reason: str
+    exception_type: str | None
+    exception_message: str | None
+    handler: str | None
+    saga_type: str | None
+    fingerprint: str
+
+
+class SagaTransaction(Protocol):
+    """One database transaction; every method runs inside it."""
+
+    async def lock_saga(
+        self, definition: SagaDefinition[Any], saga_id: UUID, *, message_id: str | None = None
+    ) -> LockedSaga:
+        """Serialise all work on one saga (even one not created yet), then load it.
+
+        With `message_id`, also record the message in the saga"s inbox;
+        `LockedSaga.duplicate` says it had been processed before.
+        """
+        ...
+
+    async def lock_sagas(self, claims: Sequence[SagaClaim]) -> list[LockedSaga]:
+        """`lock_saga` for several sagas at once, each at most once; results in `claims` order.
+
+        Locks are taken in one global order, so two batches sharing sagas cannot deadlock.
+        """
+        ...
+
+    async def save(self, change: SagaChange) -> None:
+        """Persist an applied decision: instance, history, outbox, timers."""
+        ...
+
+    async def save_all(self, changes: Sequence[SagaChange]) -> None:
+        """`save` for the applied decisions of several sagas, each at most once."""
+        ...
+
+    async def park(
+        self,
+        saga_type: str,
+        saga_id: UUID,
+        correlation_key: str,
+        message: InboundMessage,
+        reason: str,
+        expires_at: datetime,
+    ) -> None:
+        """Keep an event its saga cannot take yet (`no_saga`, `unexpected_event`)."""
+        ...
+
+    async def parked_for(self, saga_id: UUID) -> list[ParkedMessage]:
+        """Events parked for one saga, oldest first, locked for this transaction."""
+        ...
+
+    async def unpark(self, ids: Sequence[int]) -> None: ...
+
+    async def claim_due_timer(self, now: datetime) -> DueTimer | None:
+        """Claim one due timer whose saga nobody else holds (`SKIP LOCKED`), and delete it."""
+        ...
+
+    async def expire_parked(self, now: datetime, limit: int) -> list[ParkedMessage]:
+        """Remove parked messages past their bound (`SKIP LOCKED`) and return them."""
+        ...
+
+    async def dead_letter(self, letter: DeadLetter, now: datetime) -> None: ...
+
+    def written_outbox(self) -> list[OutboxRow]:
+        """Outbox rows this transaction wrote, to publish right after commit."""
+        ...
+
+
+class Store(Protocol):
+    def transaction(self) -> AbstractAsyncContextManager[SagaTransaction]: ...
+
+    async def load_sagas(
+        self, wanted: Sequence[tuple[SagaDefinition[Any], UUID]]
+    ) -> list[SagaInstance | None]:
+        """Read sagas without locking them (to check a command is still current), in order."""
+        ...
+
+    def claim_unpublished(
+        self, limit: int, older_than_s: float
+    ) -> AbstractAsyncContextManager[list[OutboxRow]]:
+        """Lock unpublished outbox rows (`SKIP LOCKED`); they are marked published on exit."""
+        ...
+
+    async def mark_published(self, ids: Sequence[int]) -> None: ...
