@@ -5,7 +5,7 @@ the failures a port raises (a business refusal, a transient outage), and the
 policy a port adapter declares (timeouts, retries, breaker).
 """
 
-from sagaworks.application.policy import PortPolicy
+from sagaworks.application.config import PortPolicy
 from sagaworks.domain.definition import (
     CancelOn,
     Deadline,

@@ -57,12 +57,13 @@ from sagaworks.adapters.rabbitmq.topology import (
 )
 from sagaworks.adapters.resilience.breaker import PortBreakers
 from sagaworks.adapters.resilience.caller import ResilientCaller
-from sagaworks.adapters.resilience.policy import PortPolicy, declared_policies
+from sagaworks.adapters.resilience.declared import declared_policies
 from sagaworks.application.apply_inputs import ApplyInputs
 from sagaworks.application.circuit import RecordBreakerChange
+from sagaworks.application.config import EngineOptions, PortPolicy
 from sagaworks.application.dead_letters import IngestDeadLetter, LastErrors, QueueOwner
 from sagaworks.application.handle_event import HandleEvent
-from sagaworks.application.options import EngineOptions
+from sagaworks.application.handle_step_command import HandleStepCommand
 from sagaworks.application.outbox import OutboxRelay
 from sagaworks.application.ports import (
     BreakerLog,
@@ -77,8 +78,7 @@ from sagaworks.application.ports import (
 from sagaworks.application.published_marks import PublishedMarks
 from sagaworks.application.registry import SagaRegistry
 from sagaworks.application.results import Handled
-from sagaworks.application.run_step import RunStepCommand
-from sagaworks.application.timers import ExpireParked, FireDueTimers
+from sagaworks.application.timers import ExpireParkedEvents, FireDueTimers
 from sagaworks.application.wire import Wire
 from sagaworks.domain.decide import COMMANDS_DOMAIN
 from sagaworks.domain.definition import SagaDefinition
@@ -163,9 +163,9 @@ class System:
     publisher: Publisher
     relay: OutboxRelay
     handle_event: HandleEvent
-    run_step: RunStepCommand
+    handle_step_command: HandleStepCommand
     fire_timers: FireDueTimers
-    expire_parked: ExpireParked
+    expire_parked_events: ExpireParkedEvents
     ingest_dead_letter: IngestDeadLetter
     last_errors: LastErrors
     """What handlers last failed with, for dead letters that arrive without a cause."""
@@ -193,7 +193,7 @@ class System:
 
             table.append(Route(saga_queue_name(prefix, definition.name), on_event))
         for port in self.registry.ports():
-            table.append(Route(port_queue_name(prefix, port), self.run_step, port))
+            table.append(Route(port_queue_name(prefix, port), self.handle_step_command, port))
         table.append(Route(dead_letter_queue_name(prefix), self.ingest_dead_letter))
         return table
 
@@ -306,9 +306,11 @@ async def bootstrap(
         publisher=publisher,
         relay=relay,
         handle_event=HandleEvent(store, apply, clock, options),
-        run_step=RunStepCommand(store, apply, clock, registry, ports, caller, options),
+        handle_step_command=HandleStepCommand(
+            store, apply, clock, registry, ports, caller, options
+        ),
         fire_timers=FireDueTimers(store, relay, clock, registry, wire),
-        expire_parked=ExpireParked(store, clock),
+        expire_parked_events=ExpireParkedEvents(store, clock),
         ingest_dead_letter=IngestDeadLetter(
             store, clock, _queue_owners(settings, registry), last_errors
         ),

@@ -4,7 +4,7 @@ A saga author tests the business process, not a mock of the engine: the system
 is wired by `bootstrap` from the in-memory adapters `in_memory` builds, events
 go through `HandleEvent`, the commands the saga publishes are routed like the
 broker would route them (by the topology and the queue -> use case table of
-the system, as the worker consumes them) to `RunStepCommand`, which calls the
+the system, as the worker consumes them) to `HandleStepCommand`, which calls the
 author's port adapters, and deadlines and delayed retries fire when the fake
 clock is advanced. Nothing connects to RabbitMQ or PostgreSQL
 and nothing waits for wall-clock time.
@@ -36,7 +36,7 @@ from sagaworks.adapters.memory.records import HistoryRecord
 from sagaworks.adapters.rabbitmq.inbound import inbound_of
 from sagaworks.adapters.rabbitmq.publisher import amqp_properties
 from sagaworks.adapters.rabbitmq.topology import commands_exchange_name, exchange_name
-from sagaworks.application.policy import PortPolicy
+from sagaworks.application.config import PortPolicy
 from sagaworks.application.ports import InboundMessage, OutboxRow, PortCaller, StoredDeadLetter
 from sagaworks.application.results import Handled
 from sagaworks.bootstrap import Handler, System, bootstrap, in_memory
@@ -249,7 +249,7 @@ class SagaHarness(Generic[S]):
         fired = 0
         while True:
             now_fired = await system.fire_timers()
-            while await system.expire_parked():
+            while await system.expire_parked_events():
                 pass
             await self.run_until_idle()
             fired += now_fired

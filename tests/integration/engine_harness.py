@@ -316,7 +316,8 @@ class EngineHarness:
         index = len(self.systems)
         self.systems.append(system)
         system.handle_event = _Recorder(system.handle_event, "handle_event", index, self.handled)  # type: ignore[assignment]
-        system.run_step = _Recorder(system.run_step, "run_step", index, self.handled)  # type: ignore[assignment]
+        recorder = _Recorder(system.handle_step_command, "handle_step_command", index, self.handled)
+        system.handle_step_command = recorder  # type: ignore[assignment]
         worker = Worker(system)
         await worker.start()
         self.workers.append(worker)

@@ -293,7 +293,7 @@ async def test_delivery_limit_and_unexpected_event_are_stored_and_replay_complet
     )
     await eventually(lambda: env.db.fetchval("SELECT count(*) FROM parked_messages"))
     await asyncio.sleep(1.1)
-    assert await env.system.expire_parked() == 1
+    assert await env.system.expire_parked_events() == 1
     early = await env.letter(reason="unexpected_event")
     assert early["queue"] == saga_queue_name(env.prefix, SAGA)
     assert (early["exchange"], early["routing_key"]) == (
@@ -512,7 +512,7 @@ async def test_no_saga_replays_once_the_saga_exists_and_reaches_only_the_failed_
     await env.publish("orders", "order.cancellation_requested", {"order_id": "o-5"}, "cancel-o-5")
     await eventually(lambda: env.db.fetchval("SELECT count(*) FROM parked_messages"))
     await asyncio.sleep(1.1)
-    assert await env.system.expire_parked() == 1
+    assert await env.system.expire_parked_events() == 1
     letter = await env.letter(reason="no_saga")
     assert (letter["queue"], letter["routing_key"], letter["message_id"]) == (
         saga_queue_name(env.prefix, SAGA),
@@ -542,7 +542,7 @@ async def test_replay_killed_mid_batch_then_run_again_loses_nothing_and_doubles_
         lambda: env.db.fetchval("SELECT count(*) = 12 FROM parked_messages"), timeout_s=30
     )
     await asyncio.sleep(1.1)
-    assert await env.system.expire_parked() == 12
+    assert await env.system.expire_parked_events() == 12
     for order in orders:
         await env.publish("orders", "order.placed", placed(order), f"p-{order}")
     for order in orders:

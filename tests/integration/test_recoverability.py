@@ -210,13 +210,13 @@ async def rig_factory(
         rig = Rig(settings, services, system, Worker.__new__(Worker), db, client, channel)
         assert system.breakers is not None
         system.breakers.listen(lambda change: rig.changes.append(Seen(time.monotonic(), change)))
-        run_step = system.run_step
+        handle_step_command = system.handle_step_command
 
         async def recorded(inbound: InboundMessage) -> Handled:
             rig.deliveries.append((inbound.message_id, inbound.delivery_count))
-            return await run_step(inbound)
+            return await handle_step_command(inbound)
 
-        system.run_step = recorded  # type: ignore[assignment]
+        system.handle_step_command = recorded  # type: ignore[assignment]
         rig.worker = Worker(system)
         await rig.worker.start()
         events = await channel.declare_queue(exclusive=True)

@@ -20,7 +20,7 @@ from sagas.order_fulfilment.saga import order_fulfilment
 from sagaworks.adapters.memory.publisher import InMemoryPublisher
 from sagaworks.adapters.memory.store import InMemoryStore
 from sagaworks.application.apply_inputs import ApplyInputs, Arrival
-from sagaworks.application.options import EngineOptions
+from sagaworks.application.config import EngineOptions
 from sagaworks.application.outbox import OutboxRelay
 from sagaworks.application.ports import InboundMessage, SagaChange, SagaTransaction
 from sagaworks.application.wire import Wire

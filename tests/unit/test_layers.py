@@ -88,10 +88,10 @@ def test_the_project_as_it_is_keeps_every_contract(tmp_path: Path) -> None:
             "sagaworks.application.handle_event -> aio_pika",
         ),
         (
-            "src/sagaworks/application/policy.py",
+            "src/sagaworks/application/config.py",
             "import tenacity",
             "Resilience, logging and settings libraries stay out of the application",
-            "sagaworks.application.policy -> tenacity",
+            "sagaworks.application.config -> tenacity",
         ),
         (
             "src/sagaworks/application/handle_event.py",

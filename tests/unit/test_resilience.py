@@ -16,14 +16,14 @@ from sagas.order_fulfilment.state import OrderState
 from sagaworks import BusinessFailure, PortPolicy, PortUnavailable
 from sagaworks.adapters.resilience.breaker import PortBreaker
 from sagaworks.adapters.resilience.caller import ResilientCaller
-from sagaworks.adapters.resilience.policy import declared_policies
+from sagaworks.adapters.resilience.declared import declared_policies
 from sagaworks.application.apply_inputs import ApplyInputs
 from sagaworks.application.circuit import CircuitOpen, breaker_event
-from sagaworks.application.options import EngineOptions
+from sagaworks.application.config import EngineOptions
+from sagaworks.application.handle_step_command import HandleStepCommand
 from sagaworks.application.outbox import OutboxRelay
 from sagaworks.application.ports import BreakerChange, InboundMessage
 from sagaworks.application.registry import SagaRegistry
-from sagaworks.application.run_step import RunStepCommand
 from sagaworks.application.wire import Wire
 from sagaworks.domain.decide import RunStep
 from sagaworks.domain.instance import InFlight, SagaInstance, Status
@@ -447,7 +447,7 @@ async def test_run_step_lets_circuit_open_through_without_recording_a_failure() 
         port="payments",
     )
     options = EngineOptions(park_for=timedelta(seconds=1), max_message_bytes=1024)
-    run_step = RunStepCommand(
+    handle_step_command = HandleStepCommand(
         Store(),  # type: ignore[arg-type]
         ApplyInputs(Store(), OutboxRelay(Store(), None), FakeWallClock(), options, Wire(str)),  # type: ignore[arg-type]
         FakeWallClock(),
@@ -467,7 +467,7 @@ async def test_run_step_lets_circuit_open_through_without_recording_a_failure() 
     )
 
     with pytest.raises(CircuitOpen):
-        await run_step(inbound)
+        await handle_step_command(inbound)
 
 
 class FakeWallClock:

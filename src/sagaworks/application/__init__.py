@@ -1,1 +1,23 @@
-"""Use cases and the ports (Protocols) they need; adapters implement the ports."""
+"""Use cases and the ports they need; adapters implement the ports, entry points call the cases.
+
+Use cases (each a class named for what it does, called with one input):
+    handle_event.py         HandleEvent: an event from another service reaches its saga
+    handle_step_command.py  HandleStepCommand: run a step's action or compensation on its port
+    apply_inputs.py         ApplyInputs: the one route from an input to `decide()` to a write
+    timers.py               FireDueTimers, ExpireParkedEvents: what the clock sets off
+    dead_letters.py         IngestDeadLetter, ReplayDeadLetters, EditDeadLetter,
+                            ArchiveDeadLetters, PurgeDeadLetters
+    circuit.py              RecordBreakerChange, and CircuitOpen: a call a breaker refused
+
+What they share:
+    ports/                  every port (Protocol) and the records that cross it
+    config.py               EngineOptions and PortPolicy: limits and per-port patience
+    results.py              Handled: what became of one delivery, the one result type
+    parsing.py              a delivery to a typed message, or the reason it is rejected
+    wire.py                 outgoing messages in neutral outbox form
+    stored.py               rules every store shares (failure groups, lock order, saga rows)
+    outbox.py               OutboxRelay: publishes committed rows, now and by the sweeper
+    published_marks.py      marks published rows in batches
+    batching.py             group commit: requests arriving together share a transaction
+    registry.py             the sagas this process runs and the ports they use
+"""

@@ -17,20 +17,33 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from datetime import datetime
+from typing import Any
 from uuid import UUID
 
 from sagaworks.application.batching import Batcher
-from sagaworks.application.options import EngineOptions
+from sagaworks.application.config import EngineOptions
 from sagaworks.application.outbox import OutboxRelay
-from sagaworks.application.ports import Clock, InboundMessage, SagaClaim, Store
-from sagaworks.application.transition import apply_input
+from sagaworks.application.parsing import Rejected, envelope_of, parse_event
+from sagaworks.application.ports import (
+    Clock,
+    InboundMessage,
+    LockedSaga,
+    SagaClaim,
+    SagaTransaction,
+    Store,
+)
+from sagaworks.application.results import Handled
+from sagaworks.application.stored import dead_letter
 from sagaworks.application.wire import Wire
-from sagaworks.domain.decide import Decision, Input, decide
+from sagaworks.domain.decide import Decision, EventReceived, Input, decide
 from sagaworks.domain.definition import SagaDefinition
 from sagaworks.domain.instance import SagaInstance
 
-__all__ = ["ApplyInputs", "Arrival", "Settled"]
+__all__ = ["ApplyInputs", "Arrival", "apply_to_locked_saga"]
+
+_NO_LIMIT = 1 << 62
+"""Parked events were size-checked when they arrived."""
 
 Published = asyncio.Future[bool]
 """The batch's publish after commit; `OutboxRelay.publish_now` never raises."""
@@ -52,14 +65,6 @@ class Arrival:
     """The saga as read before the port call; spares decoding it again if nothing changed."""
 
 
-@dataclass(frozen=True, slots=True)
-class Settled:
-    """What became of one arrival, after its transaction committed and its outbox was sent."""
-
-    outcome: Literal["applied", "ignored", "parked", "duplicate"]
-    reason: str = ""
-
-
 class ApplyInputs:
     def __init__(
         self, store: Store, relay: OutboxRelay, clock: Clock, options: EngineOptions, wire: Wire
@@ -69,19 +74,19 @@ class ApplyInputs:
         self._clock = clock
         self._options = options
         self._wire = wire
-        self._batches: Batcher[Arrival, tuple[Settled, Published]] = Batcher(
+        self._batches: Batcher[Arrival, tuple[Handled, Published]] = Batcher(
             self._apply,
             size=options.batch_size,
             concurrency=options.batch_concurrency,
             key=lambda arrival: arrival.saga_id,
         )
 
-    async def __call__(self, arrival: Arrival) -> Settled:
+    async def __call__(self, arrival: Arrival) -> Handled:
         settled, published = await self._batches.submit(arrival)
         await asyncio.shield(published)
         return settled
 
-    async def _apply(self, arrivals: Sequence[Arrival]) -> list[tuple[Settled, Published]]:
+    async def _apply(self, arrivals: Sequence[Arrival]) -> list[tuple[Handled, Published]]:
         async with self._store.transaction() as tx:
             claims = [SagaClaim(a.definition, a.saga_id, a.message_id, a.known) for a in arrivals]
             locked = await tx.lock_sagas(claims)
@@ -99,7 +104,7 @@ class ApplyInputs:
                 await tx.save_all(applied)
             for i, (arrival, saga) in enumerate(zip(arrivals, locked, strict=True)):
                 if saga.has_parked and not saga.duplicate:  # rare: replays what it unblocks
-                    decisions[i] = await apply_input(
+                    decisions[i] = await apply_to_locked_saga(
                         tx, self._wire, arrival.definition, saga, arrival.given, now
                     )
                 parked = decisions[i]
@@ -114,12 +119,76 @@ class ApplyInputs:
                     )
             rows = tx.written_outbox()
         published = asyncio.ensure_future(self._relay.publish_now(rows))
-        return [(_settled(d), published) for d in decisions]
+        return [(_handled(a, d), published) for a, d in zip(arrivals, decisions, strict=True)]
 
 
-def _settled(decision: Decision | None) -> Settled:
+def _handled(arrival: Arrival, decision: Decision | None) -> Handled:
+    saga_id = str(arrival.saga_id)
     if decision is None:
-        return Settled("duplicate")
+        return Handled("duplicate", saga_id=saga_id)
     if decision.outcome == "park":
-        return Settled("parked", decision.reason)
-    return Settled(decision.outcome, decision.reason)
+        return Handled("parked", decision.reason, saga_id)
+    return Handled(decision.outcome, decision.reason, saga_id)
+
+
+async def apply_to_locked_saga(
+    tx: SagaTransaction,
+    wire: Wire,
+    definition: SagaDefinition[Any],
+    locked: LockedSaga,
+    given: Input,
+    now: datetime,
+) -> Decision:
+    """One input to one saga locked by `tx`: decide and persist, then retry what it unblocks.
+
+    The route for inputs that cannot share a batch statement: due timers, and
+    sagas with parked events, which a transition may make ready.
+    """
+    decision = decide(definition, locked.instance, given, now)
+    if decision.outcome == "applied":
+        await tx.save(wire.change(definition, decision))
+        assert decision.instance is not None
+        if locked.has_parked:
+            await _replay_parked(tx, wire, definition, decision.instance, now)
+    return decision
+
+
+async def _replay_parked(
+    tx: SagaTransaction,
+    wire: Wire,
+    definition: SagaDefinition[Any],
+    instance: SagaInstance,
+    now: datetime,
+) -> None:
+    parked = await tx.parked_for(instance.id)
+    progressed = True
+    while parked and progressed:
+        progressed = False
+        for item in list(parked):
+            message = parse_event(definition, item.inbound, _NO_LIMIT)
+            if isinstance(message, Rejected):
+                await tx.dead_letter(
+                    dead_letter(
+                        item.inbound,
+                        message.reason,
+                        message.exception_type,
+                        message.exception_message,
+                        handler=definition.name,
+                        saga_type=definition.name,
+                    ),
+                    now,
+                )
+                await tx.unpark([item.id])
+                parked.remove(item)
+                continue
+            given = EventReceived(envelope_of(item.inbound, now), message)
+            decision = decide(definition, instance, given, now)
+            if decision.outcome == "park":
+                continue
+            if decision.outcome == "applied":
+                await tx.save(wire.change(definition, decision))
+                assert decision.instance is not None
+                instance = decision.instance
+            await tx.unpark([item.id])
+            parked.remove(item)
+            progressed = True

@@ -1,7 +1,7 @@
 """Circuit breakers as the use cases see them: a refusal, a state change, and its record.
 
 A call refused by an open breaker is not a failure of the step: `CircuitOpen`
-is raised instead of a port error, `RunStepCommand` lets it through untouched
+is raised instead of a port error, `HandleStepCommand` lets it through untouched
 (no `Failure`, so no delayed retry is scheduled and no retry budget is spent),
 and the worker keeps the delivery until the port may be tried again.
 

@@ -41,6 +41,7 @@ from sagaworks.domain.decide import RunStep
 
 __all__ = [
     "REPLAY_HEADER",
+    "ArchiveDeadLetters",
     "DeadLetterError",
     "EditDeadLetter",
     "EmptySelection",
@@ -48,12 +49,11 @@ __all__ = [
     "InvalidBody",
     "LastErrors",
     "NoSchema",
+    "PurgeDeadLetters",
     "QueueOwner",
     "ReplayDeadLetters",
     "ReplayReport",
     "UnknownDeadLetter",
-    "archive_dead_letters",
-    "purge_dead_letters",
     "replay_envelope",
     "resolve_selection",
     "schema_for",
@@ -412,11 +412,21 @@ def _validation_lines(error: ValidationError) -> list[str]:
 # --- archive and purge ------------------------------------------------------------------------
 
 
-async def archive_dead_letters(
-    repo: DeadLetterRepository, ids: Sequence[int], operator: str
-) -> int:
-    return await repo.archive(ids, AuditRecord(operator, "archive", uuid4(), "archived"))
+class ArchiveDeadLetters:
+    """Set letters aside: kept and audited, out of the default list."""
+
+    def __init__(self, repo: DeadLetterRepository) -> None:
+        self._repo = repo
+
+    async def __call__(self, ids: Sequence[int], operator: str) -> int:
+        return await self._repo.archive(ids, AuditRecord(operator, "archive", uuid4(), "archived"))
 
 
-async def purge_dead_letters(repo: DeadLetterRepository, ids: Sequence[int], operator: str) -> int:
-    return await repo.purge(ids, AuditRecord(operator, "purge", uuid4(), "purged"))
+class PurgeDeadLetters:
+    """Delete letters for good; their audit rows remain."""
+
+    def __init__(self, repo: DeadLetterRepository) -> None:
+        self._repo = repo
+
+    async def __call__(self, ids: Sequence[int], operator: str) -> int:
+        return await self._repo.purge(ids, AuditRecord(operator, "purge", uuid4(), "purged"))

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from sagaworks.application.apply_inputs import ApplyInputs, Arrival
-from sagaworks.application.inbound import Rejected, envelope_of, parse_event
-from sagaworks.application.options import EngineOptions
+from sagaworks.application.config import EngineOptions
+from sagaworks.application.parsing import Rejected, envelope_of, parse_event
 from sagaworks.application.ports import Clock, InboundMessage, Store
 from sagaworks.application.results import Handled
 from sagaworks.application.stored import dead_letter
@@ -35,10 +35,9 @@ class HandleEvent:
         key = definition.correlation_key(message)
         saga_id = saga_id_for(definition.name, key)
         given = EventReceived(envelope_of(inbound, self._clock.now()), message)
-        settled = await self._apply(
+        return await self._apply(
             Arrival(definition, saga_id, key, given, inbound.message_id, parkable=inbound)
         )
-        return Handled(settled.outcome, settled.reason, str(saga_id))
 
     async def _reject(
         self, definition: SagaDefinition[Any], inbound: InboundMessage, why: Rejected

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from sagaworks.application.apply_inputs import apply_to_locked_saga
 from sagaworks.application.outbox import OutboxRelay
 from sagaworks.application.ports import Clock, Store
 from sagaworks.application.registry import SagaRegistry
 from sagaworks.application.stored import dead_letter
-from sagaworks.application.transition import apply_input
 from sagaworks.application.wire import Wire
 from sagaworks.domain.decide import TimerFired
 
-__all__ = ["ExpireParked", "FireDueTimers"]
+__all__ = ["ExpireParkedEvents", "FireDueTimers"]
 
 
 class FireDueTimers:
@@ -35,14 +35,16 @@ class FireDueTimers:
                     return fired
                 definition = self._registry.get(timer.saga_type)
                 locked = await tx.lock_saga(definition, timer.saga_id)
-                await apply_input(tx, self._wire, definition, locked, TimerFired(timer.name), now)
+                await apply_to_locked_saga(
+                    tx, self._wire, definition, locked, TimerFired(timer.name), now
+                )
                 rows = tx.written_outbox()
             await self._relay.publish_now(rows)
             fired += 1
         return fired
 
 
-class ExpireParked:
+class ExpireParkedEvents:
     """Events kept past their bound go to the dead-letter store with the reason they waited."""
 
     def __init__(self, store: Store, clock: Clock) -> None:

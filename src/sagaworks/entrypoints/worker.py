@@ -191,7 +191,7 @@ class Worker:
 
     async def _expire_parked(self) -> None:
         while True:
-            await self._guard("parked expiry", self.system.expire_parked())
+            await self._guard("parked expiry", self.system.expire_parked_events())
             await asyncio.sleep(self.system.settings.parked_expiry_interval_s)
 
     async def _guard(self, what: str, work: Awaitable[int]) -> int:

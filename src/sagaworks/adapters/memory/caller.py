@@ -7,7 +7,7 @@ from datetime import datetime
 from random import Random
 from typing import TypeVar
 
-from sagaworks.application.policy import PortPolicy
+from sagaworks.application.config import PortPolicy
 
 __all__ = ["DirectCaller"]
 

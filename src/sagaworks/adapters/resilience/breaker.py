@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import pybreaker
 
 from sagaworks.application.circuit import CircuitOpen
-from sagaworks.application.policy import PortPolicy
+from sagaworks.application.config import PortPolicy
 from sagaworks.application.ports import BreakerChange, BreakerState
 from sagaworks.domain.errors import BusinessFailure, PortUnavailable
 

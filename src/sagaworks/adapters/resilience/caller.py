@@ -23,7 +23,7 @@ from tenacity import (
 )
 
 from sagaworks.adapters.resilience.breaker import TRANSIENT, PortBreakers
-from sagaworks.application.policy import PortPolicy
+from sagaworks.application.config import PortPolicy
 
 __all__ = ["ResilientCaller"]
 

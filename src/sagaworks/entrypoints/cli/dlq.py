@@ -16,7 +16,7 @@ import re
 import shlex
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
@@ -32,12 +32,12 @@ from rich.table import Table
 
 from sagaworks.adapters.observability.logging import configure_logging
 from sagaworks.application.dead_letters import (
+    ArchiveDeadLetters,
     DeadLetterError,
     EditDeadLetter,
+    PurgeDeadLetters,
     ReplayDeadLetters,
     ReplayReport,
-    archive_dead_letters,
-    purge_dead_letters,
     replay_envelope,
     resolve_selection,
     set_path,
@@ -659,7 +659,7 @@ def _confirmed_ids(selection: DeadLetterFilter, verb: str, yes: bool) -> list[in
 def _act_on(
     selection: DeadLetterFilter,
     verb: str,
-    action: Callable[[Any, list[int], str], Awaitable[int]],
+    action: Callable[[DeadLetterRepository], ArchiveDeadLetters | PurgeDeadLetters],
     *,
     every: bool,
     yes: bool,
@@ -672,7 +672,7 @@ def _act_on(
 
     async def go() -> int:
         async with _context() as ctx:
-            return await action(ctx.repo, chosen, who)
+            return await action(ctx.repo)(chosen, who)
 
     typer.echo(f"{verb}d {_run(go())} dead letter(s)")
 
@@ -686,7 +686,7 @@ def archive(
     operator: Operator = None,
 ) -> None:
     """Set dead letters aside (status archived): kept and auditable, out of the default list."""
-    _act_on(selection, "archive", archive_dead_letters, every=every, yes=yes, operator=operator)
+    _act_on(selection, "archive", ArchiveDeadLetters, every=every, yes=yes, operator=operator)
 
 
 @dlq_app.command("purge")
@@ -698,4 +698,4 @@ def purge(
     operator: Operator = None,
 ) -> None:
     """Delete dead letters for good (by default archived ones); their audit rows remain."""
-    _act_on(selection, "purge", purge_dead_letters, every=every, yes=yes, operator=operator)
+    _act_on(selection, "purge", PurgeDeadLetters, every=every, yes=yes, operator=operator)

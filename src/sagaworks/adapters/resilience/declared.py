@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from sagaworks.application.policy import PortPolicy
+from sagaworks.application.config import PortPolicy
 
-__all__ = ["PortPolicy", "declared_policies"]
+__all__ = ["declared_policies"]
 
 
 def declared_policies(ports: Mapping[str, object]) -> dict[str, PortPolicy]:

@@ -1,8 +1,9 @@
-"""Per-port call policy: timeout, immediate retries, delayed retries, circuit breaker.
+"""How the engine is tuned: the limits the use cases enforce, and each port's call policy.
 
-Declared with the port adapter (never in a saga definition): how patient to
-be with a participant is a property of that participant. It lives in the
-application layer so that sagas can declare it through the public API
+`EngineOptions` is set from `Settings` by the bootstrap. `PortPolicy` is
+declared with a port adapter (never in a saga definition): how patient to be
+with a participant is a property of that participant. Both live in the
+application layer so that sagas can declare a policy through the public API
 without importing an adapter.
 """
 
@@ -12,7 +13,19 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from random import Random
 
-__all__ = ["PortPolicy"]
+__all__ = ["EngineOptions", "PortPolicy"]
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOptions:
+    park_for: timedelta = timedelta(minutes=5)
+    """How long an event that arrived too early (or before its saga) is kept."""
+    max_message_bytes: int = 256 * 1024
+    """Larger bodies are dead-lettered as `oversized` on first delivery."""
+    batch_size: int = 256
+    """At most this many messages share one transaction (1: one transaction per message)."""
+    batch_concurrency: int = 1
+    """Transactions of batched messages in flight at once, each on its own connection."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ again with the same idempotency key, so the participant sees one effect.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 from uuid import UUID
 
@@ -15,7 +16,7 @@ from pydantic import ValidationError
 
 from sagaworks.application.apply_inputs import ApplyInputs, Arrival
 from sagaworks.application.batching import Batcher
-from sagaworks.application.options import EngineOptions
+from sagaworks.application.config import EngineOptions
 from sagaworks.application.ports import Clock, InboundMessage, PortCaller, Store
 from sagaworks.application.registry import SagaRegistry, UnknownSaga
 from sagaworks.application.results import Handled
@@ -25,10 +26,10 @@ from sagaworks.domain.definition import SagaDefinition, StepInput
 from sagaworks.domain.errors import BusinessFailure, PortUnavailable
 from sagaworks.domain.instance import SagaInstance
 
-__all__ = ["RunStepCommand"]
+__all__ = ["HandleStepCommand"]
 
 
-class RunStepCommand:
+class HandleStepCommand:
     def __init__(
         self,
         store: Store,
@@ -60,7 +61,7 @@ class RunStepCommand:
         if instance is None or not _is_current(instance, command):
             return Handled("stale", saga_id=str(command.saga_id))
         finished = await self._call_port(definition, instance, command, inbound.message_id)
-        settled = await self._apply(
+        handled = await self._apply(
             Arrival(
                 definition,
                 command.saga_id,
@@ -70,8 +71,9 @@ class RunStepCommand:
                 known=instance,
             )
         )
-        outcome = settled.outcome if settled.outcome in {"applied", "duplicate"} else "ignored"
-        return Handled(outcome, settled.reason, str(command.saga_id))
+        if handled.outcome in {"applied", "duplicate"}:
+            return handled
+        return replace(handled, outcome="ignored")
 
     async def _call_port(
         self,
