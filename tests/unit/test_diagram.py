@@ -190,3 +190,9 @@ def test_the_graph_command_lists_known_sagas_for_an_unknown_name() -> None:
     assert result.exit_code == 2
     assert 'no saga named "order_fulfillment"' in result.stderr
     assert "known: order_fulfilment" in result.stderr
+
+
+def test_the_graph_command_with_no_saga_configured_names_the_setting() -> None:
+    result = runner.invoke(app, ["graph", "order_fulfilment"], env={"SAGAWORKS_SAGAS": "[]"})
+    assert result.exit_code == 2
+    assert "set SAGAWORKS_SAGAS" in result.stderr

@@ -161,9 +161,11 @@ def graph(
     from sagaworks.application.registry import SagaRegistry, UnknownSaga
     from sagaworks.domain.diagram import mermaid
     from sagaworks.domain.errors import DefinitionError
-    from sagaworks.entrypoints.cli.loading import SagaModuleError, load_sagas
+    from sagaworks.entrypoints.cli.loading import NoSagaToRun, SagaModuleError, load_sagas
 
     settings = load_settings()
+    if not settings.sagas:
+        fail(str(NoSagaToRun()), 2)
     try:
         definition = SagaRegistry(load_sagas(settings, with_ports=False).definitions).get(saga)
     except (UnknownSaga, SagaModuleError, DefinitionError) as error:
