@@ -231,15 +231,6 @@ async def prefix(run_id: str, broker: AbstractRobustConnection) -> AsyncIterator
     await delete_prefixed(broker, test_prefix)
 
 
-@pytest.fixture
-async def db(migrated_database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(dsn(migrated_database_url))
-    try:
-        yield conn
-    finally:
-        await conn.close()
-
-
 async def queue_state(connection: AbstractRobustConnection, name: str) -> tuple[int, int]:
     """(ready messages, consumers) of queue `name`, which must exist."""
     async with connection.channel() as channel:
