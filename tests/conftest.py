@@ -14,8 +14,10 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
+import aio_pika
 import asyncpg
 import pytest
+from aio_pika.abc import AbstractRobustConnection
 
 from sagaworks.settings import Settings
 
@@ -135,3 +137,11 @@ async def silent_port() -> AsyncIterator[int]:
     finally:
         server.close()
         await server.wait_closed()
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[AbstractRobustConnection]:
+    """A robust connection to the configured RabbitMQ, closed after the test."""
+    connection = await aio_pika.connect_robust(BASE.amqp_url.get_secret_value())
+    yield connection
+    await connection.close()

@@ -11,10 +11,9 @@ import asyncio
 import secrets
 from collections.abc import AsyncIterator, Callable
 
-import aio_pika
 import pytest
 from aio_pika.abc import AbstractRobustConnection
-from broker_tools import AMQP_URL, delete_prefixed
+from broker_tools import delete_prefixed
 from order_service import publish_orders
 
 from sagas.order_fulfilment.http_ports import http_ports
@@ -25,13 +24,6 @@ from sagaworks.entrypoints.worker import Worker
 from sagaworks.settings import Settings
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def broker() -> AsyncIterator[AbstractRobustConnection]:
-    connection = await aio_pika.connect_robust(AMQP_URL)
-    yield connection
-    await connection.close()
 
 
 @pytest.fixture

@@ -214,13 +214,6 @@ def with_port(url: str, port: int, password: str | None = None) -> str:
 
 
 @pytest.fixture
-async def broker() -> AsyncIterator[AbstractRobustConnection]:
-    connection = await aio_pika.connect_robust(AMQP_URL)
-    yield connection
-    await connection.close()
-
-
-@pytest.fixture
 async def prefix(run_id: str, broker: AbstractRobustConnection) -> AsyncIterator[str]:
     """A name prefix for one test; its queues and exchanges are deleted afterwards."""
     test_prefix = f"{run_id}.wl{secrets.token_hex(3)}."
