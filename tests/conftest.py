@@ -8,13 +8,16 @@ removes them afterwards, so runs never see each other's data.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
+import aio_pika
 import asyncpg
 import pytest
+from aio_pika.abc import AbstractRobustConnection
 
 from sagaworks.settings import Settings
 
@@ -26,9 +29,12 @@ def _with_database(url: str, database: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, f"/{database}", parts.query, parts.fragment))
 
 
-def _admin_dsn() -> str:
-    url = _with_database(BASE.database_url.get_secret_value(), "postgres")
+def _asyncpg_dsn(url: str) -> str:
     return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+def _admin_dsn() -> str:
+    return _asyncpg_dsn(_with_database(BASE.database_url.get_secret_value(), "postgres"))
 
 
 @pytest.fixture(scope="session")
@@ -105,3 +111,37 @@ async def migrated_database_url(database_factory: Callable[[], Awaitable[str]]) 
     url = await database_factory()
     await upgrade(url, "head")
     return url
+
+
+@pytest.fixture
+async def db(migrated_database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A plain asyncpg connection to `migrated_database_url`, closed after the test."""
+    conn = await asyncpg.connect(_asyncpg_dsn(migrated_database_url))
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def silent_port() -> AsyncIterator[int]:
+    """The port of a local server that accepts connections and never answers."""
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[AbstractRobustConnection]:
+    """A robust connection to the configured RabbitMQ, closed after the test."""
+    connection = await aio_pika.connect_robust(BASE.amqp_url.get_secret_value())
+    yield connection
+    await connection.close()

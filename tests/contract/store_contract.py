@@ -13,24 +13,17 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, Protocol
+from datetime import datetime, timedelta
+from typing import Any, Protocol
 from uuid import UUID
 
 import asyncpg
 import pytest
+from scenarios.order_inputs import DISPATCH_BY, RESULTS, T0, Kind, order_placed
 
 from sagas.order_fulfilment.messages import (
     OrderCancellationRequested,
-    OrderLine,
-    OrderPlaced,
     ShipmentDispatched,
-)
-from sagas.order_fulfilment.ports import (
-    Authorisation,
-    PaymentCapture,
-    ShipmentBooking,
-    StockReservation,
 )
 from sagas.order_fulfilment.saga import order_fulfilment
 from sagas.order_fulfilment.state import OrderState
@@ -63,16 +56,7 @@ from sagaworks.domain.messages import Envelope, Message
 __all__ = ["Backend", "DeadLetterRow", "HistoryRow", "Probe", "StoreContract", "TimerRow"]
 
 SAGA = order_fulfilment
-T0 = datetime(2030, 5, 1, 12, 0, tzinfo=UTC)
-DISPATCH_BY = T0 + timedelta(days=2)
 DEADLINE = deadline_timer("await_dispatch")
-
-RESULTS: dict[str, Any] = {
-    "reserve_stock": StockReservation(reservation_id="res-1"),
-    "authorise_payment": Authorisation(authorisation_id="auth-1"),
-    "book_shipment": ShipmentBooking(shipment_id="shp-1"),
-    "capture_payment": PaymentCapture(capture_id="cap-1"),
-}
 
 
 # --- what a backend gives the cases ----------------------------------------------------------
@@ -143,15 +127,7 @@ def _received(message: Message, message_id: str, at: datetime = T0) -> EventRece
 
 
 def placed(order_id: str) -> EventReceived:
-    order = OrderPlaced(
-        order_id=order_id,
-        customer_id="c-1",
-        lines=(OrderLine(sku="sku-1", quantity=2),),
-        amount_cents=4_200,
-        currency="EUR",
-        dispatch_by=DISPATCH_BY,
-    )
-    return _received(order, f"placed-{order_id}")
+    return _received(order_placed(order_id), f"placed-{order_id}")
 
 
 def dispatched(order_id: str) -> EventReceived:
@@ -162,9 +138,6 @@ def dispatched(order_id: str) -> EventReceived:
 
 def cancellation(order_id: str) -> EventReceived:
     return _received(OrderCancellationRequested(order_id=order_id), f"cancel-{order_id}")
-
-
-Kind = Literal["action", "compensation"]
 
 
 def succeeded(step: str, *, kind: Kind = "action", attempt: int = 1) -> StepFinished:

@@ -145,18 +145,14 @@ class _Recorder:
         try:
             handled: Handled = await self._use_case(*args)
         except BaseException as error:
-            self._log.append(
-                HandledRecord(
-                    self._worker,
-                    self._name,
-                    inbound.message_id,
-                    inbound.message_type,
-                    inbound.delivery_count,
-                    None,
-                    f"{type(error).__name__}: {error}",
-                )
-            )
+            self._record(inbound, None, f"{type(error).__name__}: {error}")
             raise
+        self._record(inbound, handled)
+        return handled
+
+    def _record(
+        self, inbound: InboundMessage, handled: Handled | None, error: str | None = None
+    ) -> None:
         self._log.append(
             HandledRecord(
                 self._worker,
@@ -165,9 +161,9 @@ class _Recorder:
                 inbound.message_type,
                 inbound.delivery_count,
                 handled,
+                error,
             )
         )
-        return handled
 
 
 class _Gated:

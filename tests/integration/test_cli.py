@@ -96,13 +96,6 @@ def dsn(url: str) -> str:
 
 
 @pytest.fixture
-async def broker() -> AsyncIterator[aio_pika.abc.AbstractRobustConnection]:
-    connection = await aio_pika.connect_robust(AMQP_URL)
-    yield connection
-    await connection.close()
-
-
-@pytest.fixture
 async def prefix(run_id: str, broker: aio_pika.abc.AbstractRobustConnection) -> AsyncIterator[str]:
     """A name prefix for one test; its queues and exchanges are deleted afterwards."""
     test_prefix = f"{run_id}.cli{secrets.token_hex(3)}."

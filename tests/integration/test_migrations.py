@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -60,15 +60,6 @@ async def functions_in(url: str) -> set[str]:
         "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
         "WHERE n.nspname = 'public'",
     )
-
-
-@pytest.fixture
-async def db(migrated_database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(dsn(migrated_database_url))
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 async def insert_saga(conn: asyncpg.Connection) -> uuid.UUID:
@@ -236,6 +227,15 @@ async def test_history_is_append_only(db: asyncpg.Connection) -> None:
     assert await db.fetchval("SELECT count(*) FROM saga_history WHERE saga_id = $1", saga_id) == 0
 
 
+async def insert_outbox_row(db: asyncpg.Connection) -> None:
+    await db.execute(
+        "INSERT INTO outbox (message_id, exchange, routing_key, body) "
+        "VALUES ($1, 'orders', 'order.fulfilled', $2)",
+        str(uuid.uuid4()),
+        b"{}",
+    )
+
+
 async def test_outbox_insert_notifies_the_relay(
     db: asyncpg.Connection, migrated_database_url: str
 ) -> None:
@@ -248,12 +248,7 @@ async def test_outbox_insert_notifies_the_relay(
     try:
         await listener.add_listener(OUTBOX_CHANNEL, on_notify)
         async with db.transaction():
-            await db.execute(
-                "INSERT INTO outbox (message_id, exchange, routing_key, body) "
-                "VALUES ($1, 'orders', 'order.fulfilled', $2)",
-                str(uuid.uuid4()),
-                b"{}",
-            )
+            await insert_outbox_row(db)
             await asyncio.sleep(0.1)
             assert notifications.empty(), "NOTIFY must wait for the commit"
 
@@ -269,21 +264,11 @@ async def test_outbox_insert_notifies_the_relay(
 
         async with db.transaction():
             await db.execute("SELECT set_config('sagaworks.publishes_own_outbox', 'on', true)")
-            await db.execute(
-                "INSERT INTO outbox (message_id, exchange, routing_key, body) "
-                "VALUES ($1, 'orders', 'order.fulfilled', $2)",
-                str(uuid.uuid4()),
-                b"{}",
-            )
+            await insert_outbox_row(db)
         await asyncio.sleep(0.2)
         assert notifications.empty(), "a transaction that publishes its own rows wakes nobody"
 
-        await db.execute(
-            "INSERT INTO outbox (message_id, exchange, routing_key, body) "
-            "VALUES ($1, 'orders', 'order.fulfilled', $2)",
-            str(uuid.uuid4()),
-            b"{}",
-        )
+        await insert_outbox_row(db)
         assert await asyncio.wait_for(notifications.get(), timeout=5) == (OUTBOX_CHANNEL, ""), (
             "the setting is local to its transaction"
         )
@@ -360,16 +345,7 @@ async def test_probe_database_with_an_unknown_role_says_login_refused(
     assert ":pw@" not in str(refused.value)
 
 
-async def test_probe_database_on_a_silent_server_times_out() -> None:
-    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()
-        writer.close()
-
-    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        with pytest.raises(DatabaseUnreachable, match=f"127.0.0.1:{port} did not answer in time"):
-            await probe_database(f"postgresql://postgres@127.0.0.1:{port}/x", timeout_s=0.5)
-    finally:
-        server.close()
-        await server.wait_closed()
+async def test_probe_database_on_a_silent_server_times_out(silent_port: int) -> None:
+    port = silent_port
+    with pytest.raises(DatabaseUnreachable, match=f"127.0.0.1:{port} did not answer in time"):
+        await probe_database(f"postgresql://postgres@127.0.0.1:{port}/x", timeout_s=0.5)

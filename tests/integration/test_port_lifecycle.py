@@ -10,31 +10,20 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime, timedelta
 
-import aio_pika
 import pytest
 from aio_pika.abc import AbstractRobustConnection
-from broker_tools import AMQP_URL, delete_prefixed
+from broker_tools import delete_prefixed
+from order_service import publish_orders
 
 from sagas.order_fulfilment.http_ports import http_ports
-from sagas.order_fulfilment.messages import OrderLine, OrderPlaced
 from sagas.order_fulfilment.saga import order_fulfilment
 from sagas.order_fulfilment.simulation.fake_services import FakeServices
-from sagas.order_fulfilment.simulation.shop import publish
-from sagaworks.adapters.rabbitmq.topology import exchange_name
 from sagaworks.bootstrap import bootstrap
 from sagaworks.entrypoints.worker import Worker
 from sagaworks.settings import Settings
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def broker() -> AsyncIterator[AbstractRobustConnection]:
-    connection = await aio_pika.connect_robust(AMQP_URL)
-    yield connection
-    await connection.close()
 
 
 @pytest.fixture
@@ -46,22 +35,7 @@ async def services() -> AsyncIterator[FakeServices]:
 
 
 async def place_order(connection: AbstractRobustConnection, prefix: str, order_id: str) -> None:
-    async with connection.channel(publisher_confirms=True, on_return_raises=True) as channel:
-        exchange = await channel.get_exchange(exchange_name(prefix, OrderPlaced.domain))
-        await publish(
-            exchange,
-            OrderPlaced(
-                order_id=order_id,
-                customer_id=f"customer-{order_id}",
-                lines=(OrderLine(sku="sku-1", quantity=1),),
-                amount_cents=1999,
-                currency="EUR",
-                dispatch_by=datetime.now(UTC) + timedelta(days=7),
-            ),
-            f"placed-{order_id}",
-            source="tests/order-service",
-            correlation_id=order_id,
-        )
+    await publish_orders(connection, prefix, [order_id], quantity=1)
 
 
 async def test_stopping_the_worker_closes_the_http_clients_of_its_ports(

@@ -139,6 +139,15 @@ async def wait_for_message(
             await asyncio.sleep(0.05)
 
 
+def newest_death(dead: AbstractIncomingMessage) -> dict[str, Any]:
+    """The newest `x-death` record RabbitMQ wrote on a dead letter."""
+    death = dead.headers["x-death"]
+    assert isinstance(death, list)
+    newest = death[0]
+    assert isinstance(newest, dict)
+    return newest
+
+
 async def test_applying_twice_changes_nothing_and_keeps_messages(
     connection: AbstractRobustConnection, prefix: str, settings: Settings
 ) -> None:
@@ -298,10 +307,7 @@ async def test_rejected_message_is_dead_lettered_with_its_origin(
 
     assert dead.body == b"rejected-1"
     assert dead.message_id == "rejected-1"
-    death = dead.headers["x-death"]
-    assert isinstance(death, list)
-    newest = death[0]
-    assert isinstance(newest, dict)
+    newest = newest_death(dead)
     assert newest["queue"] == saga_queue
     assert newest["reason"] == "rejected"
     assert newest["exchange"] == orders
@@ -337,10 +343,7 @@ async def test_message_delivered_past_the_limit_is_dead_lettered(
     # x-delivery-limit counts returns: the first delivery plus `limit` redeliveries.
     assert deliveries == limit + 1
     assert dead.body == b"poison"
-    death = dead.headers["x-death"]
-    assert isinstance(death, list)
-    newest = death[0]
-    assert isinstance(newest, dict)
+    newest = newest_death(dead)
     assert newest["queue"] == saga_queue
     assert newest["reason"] == "delivery_limit"
 
@@ -368,20 +371,11 @@ async def test_closed_port_is_unreachable_at_once() -> None:
     assert "SAGAWORKS_AMQP_URL (amqp://guest:***@127.0.0.1:1/)" in text
 
 
-async def test_silent_server_is_unreachable_after_the_timeout() -> None:
-    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()
-        writer.close()
-
-    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        async with asyncio.timeout(10):
-            with pytest.raises(BrokerUnreachable) as caught:
-                await connect(f"amqp://guest:guest@127.0.0.1:{port}/", timeout_s=0.5)
-    finally:
-        server.close()
-        await server.wait_closed()
+async def test_silent_server_is_unreachable_after_the_timeout(silent_port: int) -> None:
+    port = silent_port
+    async with asyncio.timeout(10):
+        with pytest.raises(BrokerUnreachable) as caught:
+            await connect(f"amqp://guest:guest@127.0.0.1:{port}/", timeout_s=0.5)
 
     assert f"127.0.0.1:{port}" in str(caught.value)
     assert "no AMQP session within 0.5 s" in str(caught.value)

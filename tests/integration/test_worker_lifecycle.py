@@ -21,7 +21,6 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -31,10 +30,9 @@ import asyncpg
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 from broker_tools import AMQP_URL, delete_prefixed, rabbitmqctl
+from order_service import publish_orders
 from pydantic import ValidationError
 
-from sagas.order_fulfilment.messages import OrderLine, OrderPlaced
-from sagas.order_fulfilment.simulation.shop import publish
 from sagaworks.adapters.postgres.errors import DatabaseUnreachable, SchemaBehind
 from sagaworks.adapters.rabbitmq.errors import (
     BrokerAuthenticationFailed,
@@ -44,7 +42,6 @@ from sagaworks.adapters.rabbitmq.errors import (
 from sagaworks.adapters.rabbitmq.topology import (
     dead_letter_exchange_name,
     dead_letter_queue_name,
-    exchange_name,
     port_queue_name,
     saga_queue_name,
 )
@@ -217,27 +214,11 @@ def with_port(url: str, port: int, password: str | None = None) -> str:
 
 
 @pytest.fixture
-async def broker() -> AsyncIterator[AbstractRobustConnection]:
-    connection = await aio_pika.connect_robust(AMQP_URL)
-    yield connection
-    await connection.close()
-
-
-@pytest.fixture
 async def prefix(run_id: str, broker: AbstractRobustConnection) -> AsyncIterator[str]:
     """A name prefix for one test; its queues and exchanges are deleted afterwards."""
     test_prefix = f"{run_id}.wl{secrets.token_hex(3)}."
     yield test_prefix
     await delete_prefixed(broker, test_prefix)
-
-
-@pytest.fixture
-async def db(migrated_database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(dsn(migrated_database_url))
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 async def queue_state(connection: AbstractRobustConnection, name: str) -> tuple[int, int]:
@@ -279,23 +260,7 @@ async def place_orders(connection: AbstractRobustConnection, prefix: str, count:
     """Publish `count` orders as the order service would; returns their order ids."""
     run = secrets.token_hex(3)
     order_ids = {f"wl-{run}-{n}" for n in range(count)}
-    async with connection.channel(publisher_confirms=True, on_return_raises=True) as channel:
-        exchange = await channel.get_exchange(exchange_name(prefix, OrderPlaced.domain))
-        for order_id in sorted(order_ids):
-            await publish(
-                exchange,
-                OrderPlaced(
-                    order_id=order_id,
-                    customer_id=f"customer-{order_id}",
-                    lines=(OrderLine(sku="sku-1", quantity=2),),
-                    amount_cents=1999,
-                    currency="EUR",
-                    dispatch_by=datetime.now(UTC) + timedelta(days=7),
-                ),
-                f"placed-{order_id}",
-                source="tests/order-service",
-                correlation_id=order_id,
-            )
+    await publish_orders(connection, prefix, sorted(order_ids), quantity=2)
     return order_ids
 
 

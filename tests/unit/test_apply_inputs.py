@@ -9,11 +9,10 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from scenarios.order_inputs import order_placed
 
 from sagas.order_fulfilment.messages import (
     OrderCancellationRequested,
-    OrderLine,
-    OrderPlaced,
     ShipmentDispatched,
 )
 from sagas.order_fulfilment.saga import order_fulfilment
@@ -108,14 +107,7 @@ T0 = FakeClock().now()
 
 
 def placed(order_id: str, message_id: str | None = None) -> Arrival:
-    order = OrderPlaced(
-        order_id=order_id,
-        customer_id="c-1",
-        lines=(OrderLine(sku="sku-1", quantity=1),),
-        amount_cents=100,
-        currency="EUR",
-        dispatch_by=T0 + timedelta(days=1),
-    )
+    order = order_placed(order_id, quantity=1, amount_cents=100, dispatch_by=T0 + timedelta(days=1))
     return event(order, order_id, message_id or f"placed-{order_id}")
 
 

@@ -4,25 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 from pydantic import BaseModel
+from scenarios.order_inputs import DISPATCH_BY, RESULTS, T0, Kind, order_placed
 
 from sagas.order_fulfilment.messages import (
     OrderCancellationRequested,
     OrderCancelled,
     OrderFulfilled,
-    OrderLine,
     OrderPlaced,
     ShipmentDispatched,
-)
-from sagas.order_fulfilment.ports import (
-    Authorisation,
-    PaymentCapture,
-    ShipmentBooking,
-    StockReservation,
 )
 from sagas.order_fulfilment.saga import order_fulfilment
 from sagas.order_fulfilment.state import OrderState
@@ -51,34 +45,15 @@ from sagaworks.domain.messages import Envelope, Message
 
 pytestmark = pytest.mark.unit
 
-Kind = Literal["action", "compensation"]
-
-T0 = datetime(2030, 5, 1, 12, 0, tzinfo=UTC)
-DISPATCH_BY = T0 + timedelta(days=2)
 ORDER = "o-1"
 SAGA_ID = saga_id_for("order_fulfilment", ORDER)
 DEADLINE = deadline_timer("await_dispatch")
-
-RESULTS: dict[str, BaseModel] = {
-    "reserve_stock": StockReservation(reservation_id="res-1"),
-    "authorise_payment": Authorisation(authorisation_id="auth-1"),
-    "book_shipment": ShipmentBooking(shipment_id="shp-1"),
-    "capture_payment": PaymentCapture(capture_id="cap-1"),
-}
-
 
 # --- input builders ---------------------------------------------------------------------------
 
 
 def placed(order_id: str = ORDER) -> OrderPlaced:
-    return OrderPlaced(
-        order_id=order_id,
-        customer_id="c-1",
-        lines=(OrderLine(sku="sku-1", quantity=2),),
-        amount_cents=4_200,
-        currency="EUR",
-        dispatch_by=DISPATCH_BY,
-    )
+    return order_placed(order_id)
 
 
 def received(

@@ -12,27 +12,19 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import Literal, Protocol
+from datetime import datetime, timedelta
+from typing import Protocol
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydantic import BaseModel
+from scenarios.order_inputs import RESULTS, T0, Kind, order_placed
 
 from sagas.order_fulfilment.messages import (
     OrderCancellationRequested,
     OrderCancelled,
     OrderFulfilled,
-    OrderLine,
-    OrderPlaced,
     ShipmentDispatched,
-)
-from sagas.order_fulfilment.ports import (
-    Authorisation,
-    PaymentCapture,
-    ShipmentBooking,
-    StockReservation,
 )
 from sagas.order_fulfilment.saga import order_fulfilment
 from sagaworks.domain.decide import (
@@ -52,10 +44,6 @@ from sagaworks.domain.messages import Envelope, Message
 
 pytestmark = pytest.mark.unit
 
-Kind = Literal["action", "compensation"]
-
-T0 = datetime(2030, 5, 1, 12, 0, tzinfo=UTC)
-DISPATCH_BY = T0 + timedelta(days=2)
 ORDER = "o-1"
 PIVOT = "capture_payment"
 ACTIONS = ("reserve_stock", "authorise_payment", "book_shipment", "capture_payment")
@@ -63,12 +51,6 @@ COMPENSABLE = ACTIONS[:3]
 MAX_DELIVERIES = 1_000
 TRANSIENT_ATTEMPTS = 2  # a call may fail transiently on attempts 1 and 2, never on the 3rd
 
-RESULTS: dict[str, BaseModel] = {
-    "reserve_stock": StockReservation(reservation_id="res-1"),
-    "authorise_payment": Authorisation(authorisation_id="auth-1"),
-    "book_shipment": ShipmentBooking(shipment_id="shp-1"),
-    "capture_payment": PaymentCapture(capture_id="cap-1"),
-}
 FULFILLED = OrderFulfilled(order_id=ORDER, shipment_id="shp-1", capture_id="cap-1")
 
 
@@ -79,14 +61,7 @@ def _event(message: Message, id: str) -> EventReceived:
 
 
 PLACED = _event(
-    OrderPlaced(
-        order_id=ORDER,
-        customer_id="c-1",
-        lines=(OrderLine(sku="sku-1", quantity=1),),
-        amount_cents=1_000,
-        currency="EUR",
-        dispatch_by=DISPATCH_BY,
-    ),
+    order_placed(ORDER, quantity=1, amount_cents=1_000),
     "evt-placed",
 )
 DISPATCHED = _event(ShipmentDispatched(order_id=ORDER, shipment_id="wh-1"), "evt-dispatched")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import aiormq
 import pytest
 
 from sagaworks.adapters.rabbitmq.inbound import inbound_of, prior_failures
@@ -127,6 +128,38 @@ class _Placed(Message, type="order.placed", domain="orders"):
     order_id: str
 
 
+SENT_PROPERTIES = (
+    "m-1",
+    "order.placed",
+    "sagaworks/order_fulfilment",
+    "c-1",
+    "application/json",
+    NOW,
+)
+"""The envelope's AMQP properties, as `envelope_properties` lists them."""
+SENT_HEADERS = {
+    "cloudEvents_specversion": "1.0",
+    "cloudEvents_id": "m-1",
+    "cloudEvents_type": "order.placed",
+    "cloudEvents_source": "sagaworks/order_fulfilment",
+    "cloudEvents_time": NOW.isoformat(),
+    "cloudEvents_datacontenttype": "application/json",
+    "cloudEvents_correlationid": "c-1",
+}
+"""The same envelope as `cloudEvents_*` headers (without a causation id)."""
+
+
+def envelope_properties(properties: aiormq.spec.Basic.Properties) -> tuple[Any, ...]:
+    return (
+        properties.message_id,
+        properties.message_type,
+        properties.app_id,
+        properties.correlation_id,
+        properties.content_type,
+        properties.timestamp,
+    )
+
+
 def test_a_fresh_outbox_row_is_published_as_cloudevents_on_amqp() -> None:
     envelope = Envelope(
         id="m-1",
@@ -145,27 +178,9 @@ def test_a_fresh_outbox_row_is_published_as_cloudevents_on_amqp() -> None:
         1, pending.message_id, pending.exchange, pending.routing_key, pending.headers, pending.body
     )
     properties = amqp_properties(row)
-    assert (properties.message_id, properties.message_type, properties.app_id) == (
-        "m-1",
-        "order.placed",
-        "sagaworks/order_fulfilment",
-    )
-    assert (properties.correlation_id, properties.content_type, properties.timestamp) == (
-        "c-1",
-        "application/json",
-        NOW,
-    )
+    assert envelope_properties(properties) == SENT_PROPERTIES
     assert properties.delivery_mode == 2
-    assert properties.headers == {
-        "cloudEvents_specversion": "1.0",
-        "cloudEvents_id": "m-1",
-        "cloudEvents_type": "order.placed",
-        "cloudEvents_source": "sagaworks/order_fulfilment",
-        "cloudEvents_time": NOW.isoformat(),
-        "cloudEvents_datacontenttype": "application/json",
-        "cloudEvents_correlationid": "c-1",
-        "cloudEvents_causationid": "cause-1",
-    }
+    assert properties.headers == {**SENT_HEADERS, "cloudEvents_causationid": "cause-1"}
     # What a consumer reads back is the envelope that was sent.
     inbound = delivered(
         properties.headers or {},
@@ -186,15 +201,6 @@ def test_a_fresh_outbox_row_is_published_as_cloudevents_on_amqp() -> None:
 
 def test_an_outbox_row_written_in_the_earlier_amqp_form_publishes_as_before() -> None:
     """Rows committed before an upgrade held AMQP properties; they must go out unchanged."""
-    ce = {
-        "cloudEvents_specversion": "1.0",
-        "cloudEvents_id": "m-1",
-        "cloudEvents_type": "order.placed",
-        "cloudEvents_source": "sagaworks/order_fulfilment",
-        "cloudEvents_time": NOW.isoformat(),
-        "cloudEvents_datacontenttype": "application/json",
-        "cloudEvents_correlationid": "c-1",
-    }
     earlier = {
         "message_id": "m-1",
         "type": "order.placed",
@@ -202,18 +208,9 @@ def test_an_outbox_row_written_in_the_earlier_amqp_form_publishes_as_before() ->
         "timestamp": NOW.isoformat(),
         "correlation_id": "c-1",
         "content_type": "application/json",
-        "headers": ce,
+        "headers": SENT_HEADERS,
     }
     properties = amqp_properties(OutboxRow(1, "m-1", "x.orders", "order.placed", earlier, b"{}"))
-    assert (properties.message_id, properties.message_type, properties.app_id) == (
-        "m-1",
-        "order.placed",
-        "sagaworks/order_fulfilment",
-    )
-    assert (properties.correlation_id, properties.content_type, properties.timestamp) == (
-        "c-1",
-        "application/json",
-        NOW,
-    )
-    assert properties.headers == ce
+    assert envelope_properties(properties) == SENT_PROPERTIES
+    assert properties.headers == SENT_HEADERS
     assert properties.delivery_mode == 2

@@ -100,6 +100,30 @@ async def open_breaker(breaker: PortBreaker) -> None:
         await breaker.call(Port(down()))
 
 
+async def due_for_trial(clock: FakeClock) -> tuple[PortBreaker, list[str]]:
+    """A breaker opened and then left for its reset timeout: the next call is the trial."""
+    breaker, changes = make_breaker(clock)
+    await open_breaker(breaker)
+    clock.now += POLICY.breaker_reset_s
+    return breaker, changes
+
+
+class HeldPort:
+    """Counts calls; each waits for `release`, then answers `answer` (raised if an exception)."""
+
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+        self.release = asyncio.Event()
+        self.calls = 0
+
+    async def __call__(self) -> Any:
+        self.calls += 1
+        await self.release.wait()
+        if isinstance(self.answer, BaseException):
+            raise self.answer
+        return self.answer
+
+
 # --- breaker -----------------------------------------------------------------------------------
 
 
@@ -166,61 +190,38 @@ async def test_a_bug_in_the_adapter_and_a_cancellation_say_nothing_about_the_por
 
 
 async def test_after_the_reset_timeout_exactly_one_trial_runs_and_its_success_closes() -> None:
-    clock = FakeClock()
-    breaker, changes = make_breaker(clock)
-    await open_breaker(breaker)
-    clock.now += POLICY.breaker_reset_s
-    release = asyncio.Event()
-    calls = 0
+    breaker, changes = await due_for_trial(FakeClock())
+    port = HeldPort("ok")
 
-    async def slow_success() -> str:
-        nonlocal calls
-        calls += 1
-        await release.wait()
-        return "ok"
-
-    callers = [asyncio.create_task(breaker.call(slow_success)) for _ in range(5)]
+    callers = [asyncio.create_task(breaker.call(port)) for _ in range(5)]
     for _ in range(5):
         await asyncio.sleep(0)
 
-    assert (breaker.state, calls) == ("half_open", 1)
-    release.set()
+    assert (breaker.state, port.calls) == ("half_open", 1)
+    port.release.set()
     assert await asyncio.gather(*callers) == ["ok"] * 5
-    assert calls == 5
+    assert port.calls == 5
     assert states(changes) == [("closed", "open"), ("open", "half_open"), ("half_open", "closed")]
 
 
 async def test_a_failed_trial_reopens_and_the_waiting_callers_are_refused_without_calling() -> None:
-    clock = FakeClock()
-    breaker, changes = make_breaker(clock)
-    await open_breaker(breaker)
-    clock.now += POLICY.breaker_reset_s
-    release = asyncio.Event()
-    calls = 0
+    breaker, changes = await due_for_trial(FakeClock())
+    port = HeldPort(down())
 
-    async def slow_failure() -> str:
-        nonlocal calls
-        calls += 1
-        await release.wait()
-        raise down()
-
-    callers = [asyncio.create_task(breaker.call(slow_failure)) for _ in range(4)]
+    callers = [asyncio.create_task(breaker.call(port)) for _ in range(4)]
     for _ in range(5):
         await asyncio.sleep(0)
-    release.set()
+    port.release.set()
     results = await asyncio.gather(*callers, return_exceptions=True)
 
-    assert calls == 1
+    assert port.calls == 1
     assert all(isinstance(r, CircuitOpen) for r in results)
     assert breaker.state == "open"
     assert states(changes)[-2:] == [("open", "half_open"), ("half_open", "open")]
 
 
 async def test_a_cancelled_trial_lets_the_next_caller_be_the_trial() -> None:
-    clock = FakeClock()
-    breaker, _ = make_breaker(clock)
-    await open_breaker(breaker)
-    clock.now += POLICY.breaker_reset_s
+    breaker, _ = await due_for_trial(FakeClock())
     started = asyncio.Event()
 
     async def hangs() -> str:

@@ -88,17 +88,17 @@ def step_message(saga: str, step: int, steps: int, stamps: list[float]) -> aio_p
 
 
 async def prepare_reference(dsn: str) -> None:
-    conn = await asyncpg.connect(plain_dsn(dsn))
-    try:
-        await conn.execute(_DDL)
-    finally:
-        await conn.close()
+    await _execute(dsn, _DDL)
 
 
 async def drop_reference(dsn: str) -> None:
+    await _execute(dsn, _DROP)
+
+
+async def _execute(dsn: str, sql: str) -> None:
     conn = await asyncpg.connect(plain_dsn(dsn))
     try:
-        await conn.execute(_DROP)
+        await conn.execute(sql)
     finally:
         await conn.close()
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-__all__ = ["CE_PREFIX", "SPEC_VERSION", "is_broker_owned", "read_attribute"]
+__all__ = ["CE_PREFIX", "SPEC_VERSION", "is_broker_owned", "parse_time", "read_attribute"]
 
 CE_PREFIX = "cloudEvents_"
 SPEC_VERSION = "1.0"
@@ -36,3 +36,13 @@ def read_attribute(name: str, headers: Mapping[str, Any], prop: object | None = 
         if value not in (None, ""):
             return value.decode() if isinstance(value, bytes) else str(value)
     return None
+
+
+def parse_time(value: str | None) -> datetime | None:
+    """The `time` attribute as a datetime; None when absent or not ISO 8601, never an error."""
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        return None

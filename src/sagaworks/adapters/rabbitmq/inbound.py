@@ -15,7 +15,7 @@ from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from sagaworks.adapters.rabbitmq.cloudevents import CE_PREFIX
+from sagaworks.adapters.rabbitmq.cloudevents import CE_PREFIX, parse_time
 from sagaworks.application.ports import InboundMessage, PriorFailure
 
 __all__ = ["inbound_of", "prior_failures", "to_inbound"]
@@ -77,7 +77,7 @@ def inbound_of(
         exchange=exchange,
         routing_key=routing_key,
         source=_attribute("source", headers, app_id) or "",
-        time=_parse_time(time),
+        time=parse_time(time),
         correlation_id=_attribute("correlationid", headers, correlation_id),
         causation_id=_attribute("causationid", headers, None),
         user_id=user_id,
@@ -97,7 +97,7 @@ def _attribute(name: str, headers: dict[str, Any], prop: object | None) -> str |
     if prop in (None, ""):
         return in_headers
     found = prop.isoformat() if isinstance(prop, datetime) else str(prop)
-    if in_headers is None and (name != "time" or _parse_time(found) is not None):
+    if in_headers is None and (name != "time" or parse_time(found) is not None):
         headers[f"{CE_PREFIX}{name}"] = found
     return found
 
@@ -129,18 +129,9 @@ def _failure(death: Mapping[str, Any]) -> PriorFailure:
         exchange=_text(death.get("exchange")),
         routing_keys=tuple(k for k in keys if isinstance(k, str)) if isinstance(keys, list) else (),
         count=count if isinstance(count, int) and not isinstance(count, bool) else 0,
-        time=_parse_time(when) if isinstance(when, str) else None,
+        time=parse_time(when) if isinstance(when, str) else None,
     )
 
 
 def _text(value: Any) -> str:
     return value if isinstance(value, str) else ""
-
-
-def _parse_time(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        return datetime.fromisoformat(value)
-    except ValueError:
-        return None

@@ -21,6 +21,7 @@ from sagaworks.adapters.rabbitmq.cloudevents import (
     CE_PREFIX,
     SPEC_VERSION,
     is_broker_owned,
+    parse_time,
     read_attribute,
 )
 from sagaworks.application.ports import OutboxRow
@@ -78,19 +79,10 @@ def _resent(
         app_id=read_attribute("source", headers),
         correlation_id=read_attribute("correlationid", headers),
         content_type=read_attribute("datacontenttype", headers) or _JSON,
-        timestamp=_time(time),
+        timestamp=parse_time(time),
         headers=headers,
         delivery_mode=_PERSISTENT,
     )
-
-
-def _time(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        return datetime.fromisoformat(value)
-    except ValueError:
-        return None
 
 
 class RabbitPublisher:

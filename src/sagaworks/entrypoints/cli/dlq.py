@@ -87,6 +87,7 @@ Operator = Annotated[
     str | None, typer.Option(help="Who is acting, for the audit trail; default: the OS user.")
 ]
 Yes = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+Every = Annotated[bool, typer.Option("--all", help="Select every letter of --status.")]
 
 _AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
@@ -454,7 +455,7 @@ def _require_selection(selection: DeadLetterFilter, every: bool, verb: str) -> N
 @_filtered()
 def replay(
     selection: DeadLetterFilter,
-    every: Annotated[bool, typer.Option("--all", help="Select every letter of --status.")] = False,
+    every: Every = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Show what would be sent where; send nothing.")
     ] = False,
@@ -681,7 +682,7 @@ def _act_on(
 @_filtered()
 def archive(
     selection: DeadLetterFilter,
-    every: Annotated[bool, typer.Option("--all", help="Select every letter of --status.")] = False,
+    every: Every = False,
     yes: Yes = False,
     operator: Operator = None,
 ) -> None:
@@ -693,7 +694,7 @@ def archive(
 @_filtered(status="archived")
 def purge(
     selection: DeadLetterFilter,
-    every: Annotated[bool, typer.Option("--all", help="Select every letter of --status.")] = False,
+    every: Every = False,
     yes: Yes = False,
     operator: Operator = None,
 ) -> None:
