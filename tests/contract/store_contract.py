@@ -19,7 +19,8 @@ from uuid import UUID
 
 import asyncpg
 import pytest
-from scenarios.order_inputs import DISPATCH_BY, RESULTS, T0, Kind, order_placed
+import scenarios.order_inputs as inputs
+from scenarios.order_inputs import DISPATCH_BY, T0, Kind, order_placed
 
 from sagas.order_fulfilment.messages import (
     OrderCancellationRequested,
@@ -40,7 +41,6 @@ from sagaworks.application.wire import Wire
 from sagaworks.domain.decide import (
     Decision,
     EventReceived,
-    Failure,
     Input,
     RunStep,
     StepFinished,
@@ -141,26 +141,22 @@ def cancellation(order_id: str) -> EventReceived:
 
 
 def succeeded(step: str, *, kind: Kind = "action", attempt: int = 1) -> StepFinished:
-    result = RESULTS.get(step) if kind == "action" else None
-    return StepFinished(step, kind, attempt, result, message_id=f"cmd-{step}-{kind}-{attempt}")
+    return inputs.succeeded(
+        step, kind=kind, attempt=attempt, message_id=_command(step, kind, attempt)
+    )
 
 
 def failed(
-    step: str,
-    reason: str,
-    *,
-    business: bool,
-    retry_at: datetime | None = None,
-    kind: Kind = "action",
-    attempt: int = 1,
+    step: str, reason: str, *, kind: Kind = "action", attempt: int = 1, **why: Any
 ) -> StepFinished:
-    return StepFinished(
-        step,
-        kind,
-        attempt,
-        failure=Failure(reason, business=business, retry_at=retry_at),
-        message_id=f"cmd-{step}-{kind}-{attempt}",
+    """A failure carrying the id of the command it answers, as a worker records it."""
+    return inputs.failed(
+        step, reason, kind=kind, attempt=attempt, message_id=_command(step, kind, attempt), **why
     )
+
+
+def _command(step: str, kind: Kind, attempt: int) -> str:
+    return f"cmd-{step}-{kind}-{attempt}"
 
 
 def inbound(message_id: str, **overrides: Any) -> InboundMessage:

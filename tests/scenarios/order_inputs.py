@@ -18,8 +18,9 @@ from sagas.order_fulfilment.ports import (
     ShipmentBooking,
     StockReservation,
 )
+from sagaworks.domain.decide import Failure, StepFinished
 
-__all__ = ["DISPATCH_BY", "RESULTS", "T0", "Kind", "order_placed"]
+__all__ = ["DISPATCH_BY", "RESULTS", "T0", "Kind", "failed", "order_placed", "succeeded"]
 
 Kind = Literal["action", "compensation"]
 
@@ -51,3 +52,26 @@ def order_placed(
         currency="EUR",
         dispatch_by=dispatch_by,
     )
+
+
+def succeeded(
+    step: str, *, kind: Kind = "action", attempt: int = 1, message_id: str | None = None
+) -> StepFinished:
+    """The step's port answered: an action with its result, a compensation with none."""
+    result = RESULTS.get(step) if kind == "action" else None
+    return StepFinished(step, kind, attempt, result=result, message_id=message_id)
+
+
+def failed(
+    step: str,
+    reason: str,
+    *,
+    business: bool,
+    retry_at: datetime | None = None,
+    kind: Kind = "action",
+    attempt: int = 1,
+    message_id: str | None = None,
+) -> StepFinished:
+    """The step's port refused (`business`) or could not be reached."""
+    failure = Failure(reason, business=business, retry_at=retry_at)
+    return StepFinished(step, kind, attempt, failure=failure, message_id=message_id)

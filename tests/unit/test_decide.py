@@ -9,7 +9,14 @@ from typing import Any
 
 import pytest
 from pydantic import BaseModel
-from scenarios.order_inputs import DISPATCH_BY, RESULTS, T0, Kind, order_placed
+from scenarios.order_inputs import (
+    DISPATCH_BY,
+    T0,
+    Kind,
+    failed,
+    order_placed,
+    succeeded,
+)
 
 from sagas.order_fulfilment.messages import (
     OrderCancellationRequested,
@@ -26,13 +33,11 @@ from sagaworks.domain.decide import (
     EVENTS_DOMAIN,
     Decision,
     EventReceived,
-    Failure,
     HistoryEntry,
     Input,
     Outgoing,
     RunStep,
     SagaNeedsAttention,
-    StepFinished,
     TimerFired,
     TimerSpec,
     deadline_timer,
@@ -75,25 +80,6 @@ def dispatched(order_id: str = ORDER) -> EventReceived:
 
 def cancellation(order_id: str = ORDER) -> EventReceived:
     return received(OrderCancellationRequested(order_id=order_id))
-
-
-def succeeded(
-    step: str, *, kind: Kind = "action", attempt: int = 1, message_id: str | None = None
-) -> StepFinished:
-    result = RESULTS.get(step) if kind == "action" else None
-    return StepFinished(step, kind, attempt, result=result, message_id=message_id)
-
-
-def failed(
-    step: str,
-    reason: str,
-    *,
-    business: bool,
-    retry_at: datetime | None = None,
-    kind: Kind = "action",
-    attempt: int = 1,
-) -> StepFinished:
-    return StepFinished(step, kind, attempt, failure=Failure(reason, business, retry_at))
 
 
 # --- a hand-cranked saga ----------------------------------------------------------------------
