@@ -11,11 +11,25 @@ from urllib.parse import unquote, urlsplit
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
+from sagas.order_fulfilment.simulation.shop import simulated_publishers
+from sagaworks.bootstrap import own_user
 from sagaworks.settings import Settings
 
-__all__ = ["AMQP_URL", "delete_prefixed", "rabbitmqctl", "vhost_of"]
+__all__ = [
+    "AMQP_URL",
+    "PUBLISHERS_JSON",
+    "USER",
+    "delete_prefixed",
+    "rabbitmqctl",
+    "vhost_of",
+]
 
-AMQP_URL = Settings.load(secrets_dir=None).amqp_url.get_secret_value()
+_BASE = Settings.load(secrets_dir=None)
+AMQP_URL = _BASE.amqp_url.get_secret_value()
+USER = own_user(_BASE)
+"""The tests' broker user: what they publish as (`user_id`)."""
+PUBLISHERS_JSON = json.dumps(simulated_publishers(_BASE, USER).publishers)
+"""`SAGAWORKS_PUBLISHERS` for a worker the tests publish to as `USER`."""
 
 
 def vhost_of(url: str) -> str:

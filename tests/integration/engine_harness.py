@@ -39,6 +39,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from broker_tools import USER
 
 from sagas.order_fulfilment import order_fulfilment
 from sagas.order_fulfilment.messages import OrderCancelled, OrderFulfilled
@@ -288,6 +289,7 @@ class EngineHarness:
             self._channel,
             lambda domain: exchange_name(self.prefix, domain),
             lambda order_id, _shipment_id: list(self.plans.get(order_id, ())),
+            USER,
         )
 
     async def start_worker(self, *, publisher_wrapper: Any = None) -> Worker:
@@ -405,6 +407,7 @@ class EngineHarness:
             message,
             message_id,
             source=f"tests/{message.domain}",
+            user_id=USER,
             correlation_id=correlation_id,
         )
 
@@ -428,6 +431,7 @@ class EngineHarness:
                 message_id=message_id,
                 type=message_type,
                 app_id=f"tests/{domain}",
+                user_id=USER,
                 content_type="application/json",
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                 headers={"cloudEvents_specversion": "1.0"},
@@ -444,6 +448,7 @@ class EngineHarness:
                 message_id=message_id,
                 type=message.message_type,
                 app_id="tests/replay",
+                user_id=USER,
                 content_type="application/json",
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                 headers={"cloudEvents_specversion": "1.0"},

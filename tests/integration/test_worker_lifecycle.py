@@ -30,7 +30,7 @@ import aio_pika
 import asyncpg
 import pytest
 from aio_pika.abc import AbstractRobustConnection
-from broker_tools import AMQP_URL, delete_prefixed, rabbitmqctl
+from broker_tools import AMQP_URL, PUBLISHERS_JSON, USER, delete_prefixed, rabbitmqctl
 from pydantic import ValidationError
 
 from sagas.order_fulfilment.messages import OrderLine, OrderPlaced
@@ -92,6 +92,7 @@ def worker_env(database_url: str, prefix: str, **extra: str) -> dict[str, str]:
     env["SAGAWORKS_AMQP_URL"] = AMQP_URL
     env["SAGAWORKS_DATABASE_URL"] = database_url
     env["SAGAWORKS_EXCHANGE_PREFIX"] = prefix
+    env["SAGAWORKS_PUBLISHERS"] = PUBLISHERS_JSON
     env["SAGAWORKS_LOG_FORMAT"] = "json"
     env["SAGAWORKS_SAGAS"] = '["sagas.order_fulfilment.simulation"]'
     env.update(extra)
@@ -294,6 +295,7 @@ async def place_orders(connection: AbstractRobustConnection, prefix: str, count:
                 ),
                 f"placed-{order_id}",
                 source="tests/order-service",
+                user_id=USER,
                 correlation_id=order_id,
             )
     return order_ids
