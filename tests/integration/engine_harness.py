@@ -417,21 +417,25 @@ class EngineHarness:
         routing_key: str,
         body: bytes,
         *,
-        message_id: str,
+        message_id: str | None,
         message_type: str,
+        user_id: str | None = USER,
+        channel: AbstractChannel | None = None,
     ) -> None:
-        """Publish any body with any type; unroutable messages fail (on_return_raises)."""
-        assert self._channel is not None
-        exchange = await self._channel.get_exchange(
-            exchange_name(self.prefix, domain), ensure=False
-        )
+        """Publish any body with any type, id and user (on `channel`: another connection's).
+
+        Unroutable messages fail (on_return_raises).
+        """
+        channel = channel or self._channel
+        assert channel is not None
+        exchange = await channel.get_exchange(exchange_name(self.prefix, domain), ensure=False)
         await exchange.publish(
             aio_pika.Message(
                 body,
                 message_id=message_id,
                 type=message_type,
                 app_id=f"tests/{domain}",
-                user_id=USER,
+                user_id=user_id,
                 content_type="application/json",
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                 headers={"cloudEvents_specversion": "1.0"},
