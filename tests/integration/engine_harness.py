@@ -54,7 +54,7 @@ from sagaworks.adapters.rabbitmq.topology import (
 )
 from sagaworks.application.ports import InboundMessage, OutboxRow, Publisher
 from sagaworks.application.results import Handled
-from sagaworks.bootstrap import System, bootstrap
+from sagaworks.bootstrap import System, bootstrap, own_user
 from sagaworks.domain.decide import COMMANDS_DOMAIN
 from sagaworks.domain.instance import saga_id_for
 from sagaworks.entrypoints.worker import Worker
@@ -307,7 +307,9 @@ class EngineHarness:
                 self.settings.amqp_url.get_secret_value(),
                 timeout_s=self.settings.amqp_connect_timeout_s,
             )
-            real = RabbitPublisher(connection, {exchange_name(self.prefix, COMMANDS_DOMAIN)})
+            real = RabbitPublisher(
+                connection, {exchange_name(self.prefix, COMMANDS_DOMAIN)}, own_user(self.settings)
+            )
             publisher = publisher_wrapper(real)
             self._extra_closers.append(real.close)
         system = await bootstrap(self.settings, [order_fulfilment], gated, publisher=publisher)

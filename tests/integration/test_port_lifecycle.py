@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractRobustConnection
-from broker_tools import AMQP_URL, delete_prefixed
+from broker_tools import AMQP_URL, USER, delete_prefixed
 
 from sagas.order_fulfilment.http_ports import http_ports
 from sagas.order_fulfilment.messages import OrderLine, OrderPlaced
@@ -60,6 +60,7 @@ async def place_order(connection: AbstractRobustConnection, prefix: str, order_i
             ),
             f"placed-{order_id}",
             source="tests/order-service",
+            user_id=USER,
             correlation_id=order_id,
         )
 

@@ -101,7 +101,10 @@ def _time(value: str | None) -> datetime | None:
 
 
 class RabbitPublisher:
-    """Implements the `Publisher` port on one confirming channel.
+    """Implements the `Publisher` port on one confirming channel, as broker user `user_id`.
+
+    `user_id` must be the connection's user (RabbitMQ refuses any other), and
+    consumers accept step commands only from sagaworks' own user.
 
     Rows go straight to the channel's `basic_publish`: an `aio_pika.Message` and
     an exchange object per message would only be copied into these properties.
@@ -111,7 +114,7 @@ class RabbitPublisher:
         self,
         connection: AbstractRobustConnection,
         mandatory_exchanges: set[str],
-        user_id: str | None = None,
+        user_id: str,
     ) -> None:
         self._connection = connection
         self._mandatory = mandatory_exchanges
