@@ -19,6 +19,8 @@ import asyncpg
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
+from sagas.order_fulfilment.simulation.shop import simulated_publishers
+from sagaworks.bootstrap import own_user
 from sagaworks.settings import Settings
 
 BASE = Settings.load(secrets_dir=None)
@@ -98,7 +100,11 @@ def settings_factory(run_id: str) -> Callable[..., Settings]:
     def make(**overrides: object) -> Settings:
         values: dict[str, object] = {"exchange_prefix": f"{run_id}."}
         values.update(overrides)
-        return Settings.load(secrets_dir=None, **values)
+        settings = Settings.load(secrets_dir=None, **values)
+        if "publishers" in overrides:
+            return settings
+        # The simulated services publish as the tests' broker user.
+        return simulated_publishers(settings, own_user(settings))
 
     return make
 

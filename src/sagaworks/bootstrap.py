@@ -30,6 +30,7 @@ from sagaworks.adapters.memory.clock import FakeClock
 from sagaworks.adapters.memory.publisher import InMemoryPublisher
 from sagaworks.adapters.memory.store import InMemoryStore
 from sagaworks.adapters.memory.wakeups import IntervalWakeUps
+from sagaworks.adapters.observability.logging import get_logger
 from sagaworks.adapters.postgres.breakers import PostgresBreakerLog
 from sagaworks.adapters.postgres.dead_letters import PostgresDeadLetters
 from sagaworks.adapters.postgres.engine import (
@@ -41,7 +42,7 @@ from sagaworks.adapters.postgres.migrations_runner import check_schema_current
 from sagaworks.adapters.postgres.notify import PostgresOutboxWakeUps
 from sagaworks.adapters.postgres.pool import ConnectionPool
 from sagaworks.adapters.postgres.store import PostgresStore
-from sagaworks.adapters.rabbitmq.connection import connect
+from sagaworks.adapters.rabbitmq.connection import broker_user, connect
 from sagaworks.adapters.rabbitmq.publisher import RabbitPublisher
 from sagaworks.adapters.rabbitmq.topology import (
     Binding,
@@ -59,6 +60,12 @@ from sagaworks.adapters.resilience.breaker import PortBreakers
 from sagaworks.adapters.resilience.caller import ResilientCaller
 from sagaworks.adapters.resilience.declared import declared_policies
 from sagaworks.application.apply_inputs import ApplyInputs
+from sagaworks.application.boundary import (
+    Boundary,
+    UnconfiguredPublishers,
+    allow_list,
+    unconfigured,
+)
 from sagaworks.application.circuit import RecordBreakerChange
 from sagaworks.application.config import EngineOptions, PortPolicy
 from sagaworks.application.dead_letters import IngestDeadLetter, LastErrors, QueueOwner
@@ -93,10 +100,14 @@ __all__ = [
     "SystemClock",
     "bootstrap",
     "bootstrap_tools",
+    "boundary_for",
     "in_memory",
+    "own_user",
     "preflight",
     "topology_for",
 ]
+
+_log = get_logger("sagaworks.bootstrap")
 
 Handler = Callable[[InboundMessage], Awaitable[Handled]]
 """A use case as a consumer calls it: one inbound message in, what became of it out."""
@@ -280,10 +291,11 @@ async def bootstrap(
         breaker_log = InMemoryBreakerLog(store)
     if outbox_wake_ups is None:
         outbox_wake_ups = IntervalWakeUps() if engine is None else PostgresOutboxWakeUps(engine)
+    boundary = boundary_for(settings, registry)
     if publisher is None:
         connection = await _connect(settings)
         commands = exchange_name(settings.exchange_prefix, COMMANDS_DOMAIN)
-        publisher = RabbitPublisher(connection, {commands})
+        publisher = RabbitPublisher(connection, {commands}, own_user(settings))
     options = EngineOptions(
         park_for=timedelta(seconds=settings.park_for_s),
         max_message_bytes=settings.max_message_bytes,
@@ -305,9 +317,9 @@ async def bootstrap(
         store=store,
         publisher=publisher,
         relay=relay,
-        handle_event=HandleEvent(store, apply, clock, options),
+        handle_event=HandleEvent(store, apply, clock, options, boundary),
         handle_step_command=HandleStepCommand(
-            store, apply, clock, registry, ports, caller, options
+            store, apply, clock, registry, ports, caller, options, boundary
         ),
         fire_timers=FireDueTimers(store, relay, clock, registry, wire),
         expire_parked_events=ExpireParkedEvents(store, clock),
@@ -372,11 +384,39 @@ async def bootstrap_tools(
             tools.connection = await _connect(settings)
         if replay_publisher:
             assert tools.connection is not None
-            tools.replay_publisher = RabbitPublisher(tools.connection, {""})
+            tools.replay_publisher = RabbitPublisher(tools.connection, {""}, own_user(settings))
     except BaseException:
         await tools.aclose()
         raise
     return tools
+
+
+def own_user(settings: Settings) -> str:
+    """The broker user sagaworks publishes as: the user of `SAGAWORKS_AMQP_URL`."""
+    return broker_user(settings.amqp_url.get_secret_value())
+
+
+def boundary_for(settings: Settings, registry: SagaRegistry) -> Boundary:
+    """Who may publish each consumed event; warns, or refuses in production, where nobody said.
+
+    Raises `UnconfiguredPublishers` with `SAGAWORKS_PROFILE=production` while a
+    consumed event type has no allowed publishers.
+    """
+    allowed = allow_list(registry, settings.publishers)
+    missing = unconfigured(registry, allowed)
+    if missing:
+        if settings.profile == "production":
+            raise UnconfiguredPublishers(missing)
+        _log.warning(
+            "no allowed publishers for some consumed event types: any broker user that sets "
+            "user_id may publish them; declare publishers=(...) on their message classes or "
+            "set SAGAWORKS_PUBLISHERS (a production profile refuses to start like this)",
+            event_types=missing,
+        )
+    prefix = settings.exchange_prefix
+    return Boundary(
+        lambda domain: exchange_name(prefix, domain), allowed, frozenset({own_user(settings)})
+    )
 
 
 def _wire(settings: Settings) -> Wire:

@@ -141,12 +141,34 @@ class Settings(BaseSettings):
         pattern=r"^[A-Za-z0-9_.\-]*$",
         description="Prepended to every exchange and queue name (one broker, several tenants).",
     )
+    publishers: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict,
+        description="Who may publish each consumed event type: broker users (the AMQP `user_id`) "
+        "by type, replacing what the message class declares (`publishers=`). A JSON object: "
+        '`{"order.placed": ["order-service"]}`. See docs/security.md.',
+    )
+    profile: Literal["development", "production"] = Field(
+        default="development",
+        description="`production`: the worker refuses to start while a consumed event type has "
+        "no allowed publishers; otherwise it warns at start-up.",
+    )
     log_format: Literal["auto", "json", "console"] = Field(
         default="auto", description="`auto`: console on a terminal, JSON otherwise."
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Threshold for sagaworks and library loggers."
     )
+
+    @field_validator("publishers")
+    @classmethod
+    def _named_publishers(cls, value: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        for message_type, users in value.items():
+            if not users or not all(users):
+                raise ValueError(
+                    f'SAGAWORKS_PUBLISHERS: "{message_type}" needs at least one broker user name, '
+                    'e.g. {"order.placed": ["order-service"]}'
+                )
+        return value
 
     @field_validator("amqp_url")
     @classmethod
@@ -217,12 +239,12 @@ def reference_markdown() -> str:
         "|---|---|---|",
     ]
     for name, info in Settings.model_fields.items():
-        default = info.default
+        default = info.get_default(call_default_factory=True)
         if isinstance(default, SecretStr):
             default = mask_url(default.get_secret_value())
         if isinstance(default, tuple):
             default = ",".join(default)
-        shown = "(none)" if default in (None, "") else f"`{default}`"
+        shown = "(none)" if default in (None, "", {}) else f"`{default}`"
         description = (info.description or "").replace("|", "\\|")
         lines.append(f"| `SAGAWORKS_{name.upper()}` | {shown} | {description} |")
     return "\n".join(lines) + "\n"

@@ -39,7 +39,7 @@ from sagaworks.adapters.rabbitmq.topology import commands_exchange_name, exchang
 from sagaworks.application.config import PortPolicy
 from sagaworks.application.ports import InboundMessage, OutboxRow, PortCaller, StoredDeadLetter
 from sagaworks.application.results import Handled
-from sagaworks.bootstrap import Handler, System, bootstrap, in_memory
+from sagaworks.bootstrap import Handler, System, bootstrap, in_memory, own_user
 from sagaworks.domain.decide import RunStep, SagaNeedsAttention
 from sagaworks.domain.definition import SagaDefinition
 from sagaworks.domain.instance import SagaInstance, Status, saga_id_for
@@ -79,9 +79,9 @@ def _topic_matches(pattern: str, routing_key: str) -> bool:
     return match(0, 0)
 
 
-def _as_delivered(row: OutboxRow, queue: str) -> InboundMessage:
+def _as_delivered(row: OutboxRow, queue: str, user_id: str) -> InboundMessage:
     """What a consumer of `queue` receives for an outbox row: as RabbitMQ would deliver it."""
-    props = amqp_properties(row)
+    props = amqp_properties(row, user_id)
     return inbound_of(
         props.headers or {},
         row.body,
@@ -93,6 +93,7 @@ def _as_delivered(row: OutboxRow, queue: str) -> InboundMessage:
         app_id=props.app_id,
         timestamp=props.timestamp,
         correlation_id=props.correlation_id,
+        user_id=props.user_id,
     )
 
 
@@ -181,12 +182,14 @@ class SagaHarness(Generic[S]):
         message_id: str | None = None,
         correlation_id: str | None = None,
         source: str = "tests",
+        user_id: str | None = None,
         settle: bool = True,
     ) -> Handled:
         """Deliver `event` as another service would publish it; then, by default, run until idle.
 
         Returns what the saga did with the event (`applied`, `parked`,
-        `duplicate`...). Reuse a `message_id` to deliver a duplicate.
+        `duplicate`...). Reuse a `message_id` to deliver a duplicate. The
+        publisher (`user_id`) is by default one the event type allows.
         """
         await self.system()
         exchange = exchange_name(self.settings.exchange_prefix, event.domain)
@@ -207,6 +210,7 @@ class SagaHarness(Generic[S]):
             app_id=source,
             timestamp=self.clock.now(),
             correlation_id=correlation_id,
+            user_id=user_id or self._publisher_of(event),
         )
         handled = [await self._deliver(queue, replace(inbound, queue=queue)) for queue in queues]
         if settle:
@@ -353,7 +357,13 @@ class SagaHarness(Generic[S]):
         for row in rows:
             for queue in self._queues_for(row.exchange, row.routing_key):
                 if queue in self._handlers:
-                    self._pending.append((queue, _as_delivered(row, queue)))
+                    delivered = _as_delivered(row, queue, own_user(self.settings))
+                    self._pending.append((queue, delivered))
+
+    def _publisher_of(self, event: Message) -> str:
+        """A broker user allowed to publish `event` (by settings, else its class), else "tests"."""
+        allowed = self.settings.publishers.get(event.message_type, event.publishers)
+        return sorted(allowed)[0] if allowed else "tests"
 
     async def _deliver(self, queue: str, inbound: InboundMessage) -> Handled:
         handler = self._handlers[queue]

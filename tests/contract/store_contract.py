@@ -560,6 +560,26 @@ class StoreContract:
         assert (await asyncio.wait_for(waiting, 5)).instance is None
         assert await backend.probe.inbox() == inbox_before | {(SAGA.name, "m-2")}
 
+    async def test_lock_sagas_reports_the_body_hash_recorded_with_a_repeated_id(
+        self, backend: Backend
+    ) -> None:
+        one, two = (saga_id_for(SAGA.name, f"o-{n}") for n in (1, 2))
+        async with backend.store.transaction() as tx:
+            first = await tx.lock_sagas(
+                [SagaClaim(SAGA, one, "m-1", body_hash=b"h-1"), SagaClaim(SAGA, two, "m-2")]
+            )
+        assert [(s.duplicate, s.first_body_hash) for s in first] == [(False, None)] * 2
+
+        async with backend.store.transaction() as tx:
+            again = await tx.lock_sagas(
+                [
+                    SagaClaim(SAGA, one, "m-1", body_hash=b"h-other"),
+                    SagaClaim(SAGA, two, "m-2", body_hash=b"h-2"),
+                ]
+            )
+        # The hash recorded first, whatever the repeat carries; none recorded: unknown.
+        assert [(s.duplicate, s.first_body_hash) for s in again] == [(True, b"h-1"), (True, None)]
+
     async def test_lock_sagas_returns_a_known_saga_only_while_it_is_at_that_version(
         self, backend: Backend
     ) -> None:

@@ -39,6 +39,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from broker_tools import USER
 
 from sagas.order_fulfilment import order_fulfilment
 from sagas.order_fulfilment.messages import OrderCancelled, OrderFulfilled
@@ -53,7 +54,7 @@ from sagaworks.adapters.rabbitmq.topology import (
 )
 from sagaworks.application.ports import InboundMessage, OutboxRow, Publisher
 from sagaworks.application.results import Handled
-from sagaworks.bootstrap import System, bootstrap
+from sagaworks.bootstrap import System, bootstrap, own_user
 from sagaworks.domain.decide import COMMANDS_DOMAIN
 from sagaworks.domain.instance import saga_id_for
 from sagaworks.entrypoints.worker import Worker
@@ -284,6 +285,7 @@ class EngineHarness:
             self._channel,
             lambda domain: exchange_name(self.prefix, domain),
             lambda order_id, _shipment_id: list(self.plans.get(order_id, ())),
+            USER,
         )
 
     async def start_worker(self, *, publisher_wrapper: Any = None) -> Worker:
@@ -301,7 +303,9 @@ class EngineHarness:
                 self.settings.amqp_url.get_secret_value(),
                 timeout_s=self.settings.amqp_connect_timeout_s,
             )
-            real = RabbitPublisher(connection, {exchange_name(self.prefix, COMMANDS_DOMAIN)})
+            real = RabbitPublisher(
+                connection, {exchange_name(self.prefix, COMMANDS_DOMAIN)}, own_user(self.settings)
+            )
             publisher = publisher_wrapper(real)
             self._extra_closers.append(real.close)
         system = await bootstrap(self.settings, [order_fulfilment], gated, publisher=publisher)
@@ -401,6 +405,7 @@ class EngineHarness:
             message,
             message_id,
             source=f"tests/{message.domain}",
+            user_id=USER,
             correlation_id=correlation_id,
         )
 
@@ -410,20 +415,25 @@ class EngineHarness:
         routing_key: str,
         body: bytes,
         *,
-        message_id: str,
+        message_id: str | None,
         message_type: str,
+        user_id: str | None = USER,
+        channel: AbstractChannel | None = None,
     ) -> None:
-        """Publish any body with any type; unroutable messages fail (on_return_raises)."""
-        assert self._channel is not None
-        exchange = await self._channel.get_exchange(
-            exchange_name(self.prefix, domain), ensure=False
-        )
+        """Publish any body with any type, id and user (on `channel`: another connection's).
+
+        Unroutable messages fail (on_return_raises).
+        """
+        channel = channel or self._channel
+        assert channel is not None
+        exchange = await channel.get_exchange(exchange_name(self.prefix, domain), ensure=False)
         await exchange.publish(
             aio_pika.Message(
                 body,
                 message_id=message_id,
                 type=message_type,
                 app_id=f"tests/{domain}",
+                user_id=user_id,
                 content_type="application/json",
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                 headers={"cloudEvents_specversion": "1.0"},
@@ -440,6 +450,7 @@ class EngineHarness:
                 message_id=message_id,
                 type=message.message_type,
                 app_id="tests/replay",
+                user_id=USER,
                 content_type="application/json",
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                 headers={"cloudEvents_specversion": "1.0"},

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
 from aio_pika.abc import AbstractRobustConnection
+from broker_tools import USER
 
 from sagas.order_fulfilment.messages import OrderLine, OrderPlaced
 from sagas.order_fulfilment.simulation.shop import publish
@@ -17,7 +18,7 @@ __all__ = ["publish_orders"]
 async def publish_orders(
     connection: AbstractRobustConnection, prefix: str, order_ids: Iterable[str], *, quantity: int
 ) -> None:
-    """Publish one `OrderPlaced` per order id, in the given order, with confirms."""
+    """Publish one `OrderPlaced` per order id, in order, with confirms, as the tests' user."""
     async with connection.channel(publisher_confirms=True, on_return_raises=True) as channel:
         exchange = await channel.get_exchange(exchange_name(prefix, OrderPlaced.domain))
         for order_id in order_ids:
@@ -33,5 +34,6 @@ async def publish_orders(
                 ),
                 f"placed-{order_id}",
                 source="tests/order-service",
+                user_id=USER,
                 correlation_id=order_id,
             )

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aio_pika
 import asyncpg
 import pytest
-from broker_tools import AMQP_URL, delete_prefixed, rabbitmqctl
+from broker_tools import AMQP_URL, PUBLISHERS_JSON, USER, delete_prefixed, rabbitmqctl
 
 from sagas.order_fulfilment.messages import OrderLine, OrderPlaced
 from sagas.order_fulfilment.simulation.shop import publish
@@ -74,6 +74,7 @@ def cli_env(database_url: str, prefix: str, **extra: str) -> dict[str, str]:
     env["SAGAWORKS_AMQP_URL"] = AMQP_URL
     env["SAGAWORKS_DATABASE_URL"] = database_url
     env["SAGAWORKS_EXCHANGE_PREFIX"] = prefix
+    env["SAGAWORKS_PUBLISHERS"] = PUBLISHERS_JSON
     env["SAGAWORKS_LOG_FORMAT"] = "json"
     env.update(extra)
     return env
@@ -287,6 +288,7 @@ async def test_topology_apply_twice_declares_once_and_keeps_messages(
             ),
             "cli-kept-1",
             source="tests/cli",
+            user_id=USER,
         )
     assert await queue_depth(broker, saga_queue) == 1
 

@@ -25,6 +25,7 @@ import aio_pika
 import asyncpg
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from broker_tools import USER
 from typer.testing import CliRunner
 
 from sagas.order_fulfilment import order_fulfilment
@@ -105,6 +106,7 @@ class Env:
                     message_id=message_id,
                     type=message_type,
                     app_id="test-shop",
+                    user_id=USER,
                     correlation_id=f"corr-{message_id}",
                     content_type="application/json",
                     headers={"cloudEvents_specversion": "1.0"},

@@ -24,6 +24,7 @@ import aio_pika
 import asyncpg
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from broker_tools import USER
 
 from sagas.order_fulfilment import order_fulfilment
 from sagas.order_fulfilment.http_ports import http_ports
@@ -110,7 +111,14 @@ class Rig:
         exchange = await self.channel.get_exchange(
             exchange_name(self.prefix, message.domain), ensure=False
         )
-        await publish(exchange, message, message_id, source="tests", correlation_id=correlation_id)
+        await publish(
+            exchange,
+            message,
+            message_id,
+            source="tests",
+            user_id=USER,
+            correlation_id=correlation_id,
+        )
 
     async def status(self, order_id: str) -> str | None:
         status: str | None = await self.db.fetchval(
@@ -200,6 +208,7 @@ async def rig_factory(
                 if not order_id.startswith("keep-")
                 else []
             ),
+            USER,
         )
         services = FakeServices(on_booked=warehouse.on_booked)
         await services.start()

@@ -29,7 +29,7 @@ import aio_pika
 import asyncpg
 import pytest
 from aio_pika.abc import AbstractRobustConnection
-from broker_tools import AMQP_URL, delete_prefixed, rabbitmqctl
+from broker_tools import AMQP_URL, PUBLISHERS_JSON, delete_prefixed, rabbitmqctl
 from order_service import publish_orders
 from pydantic import ValidationError
 
@@ -89,6 +89,7 @@ def worker_env(database_url: str, prefix: str, **extra: str) -> dict[str, str]:
     env["SAGAWORKS_AMQP_URL"] = AMQP_URL
     env["SAGAWORKS_DATABASE_URL"] = database_url
     env["SAGAWORKS_EXCHANGE_PREFIX"] = prefix
+    env["SAGAWORKS_PUBLISHERS"] = PUBLISHERS_JSON
     env["SAGAWORKS_LOG_FORMAT"] = "json"
     env["SAGAWORKS_SAGAS"] = '["sagas.order_fulfilment.simulation"]'
     env.update(extra)

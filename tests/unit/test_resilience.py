@@ -18,6 +18,7 @@ from sagaworks.adapters.resilience.breaker import PortBreaker
 from sagaworks.adapters.resilience.caller import ResilientCaller
 from sagaworks.adapters.resilience.declared import declared_policies
 from sagaworks.application.apply_inputs import ApplyInputs
+from sagaworks.application.boundary import Boundary
 from sagaworks.application.circuit import CircuitOpen, breaker_event
 from sagaworks.application.config import EngineOptions
 from sagaworks.application.handle_step_command import HandleStepCommand
@@ -456,6 +457,7 @@ async def test_run_step_lets_circuit_open_through_without_recording_a_failure() 
         {"payments": object()},
         RefusingCaller(),
         options,
+        Boundary(str, own_users=frozenset({"sagaworks"})),
     )
     inbound = InboundMessage(
         message_id="m-1",
@@ -465,6 +467,7 @@ async def test_run_step_lets_circuit_open_through_without_recording_a_failure() 
         queue="q",
         exchange="x",
         routing_key="port.payments",
+        user_id="sagaworks",
     )
 
     with pytest.raises(CircuitOpen):

@@ -57,7 +57,7 @@ from sagas.order_fulfilment.simulation.shop import publish
 from sagaworks.adapters.postgres.migrations_runner import upgrade
 from sagaworks.adapters.rabbitmq.topology import exchange_name
 from sagaworks.application.registry import SagaRegistry
-from sagaworks.bootstrap import preflight, topology_for
+from sagaworks.bootstrap import own_user, preflight, topology_for
 from sagaworks.domain.instance import saga_id_for
 from sagaworks.settings import Settings
 
@@ -413,6 +413,7 @@ async def _run_engine(settings: Settings, config: BenchConfig, run_id: str) -> R
 
         await outcomes.consume(on_outcome, no_ack=True)
         dispatch_by = datetime.now(UTC) + timedelta(hours=1)
+        user = own_user(settings)
 
         async def start(key: str) -> None:
             placed = OrderPlaced(
@@ -424,7 +425,12 @@ async def _run_engine(settings: Settings, config: BenchConfig, run_id: str) -> R
                 dispatch_by=dispatch_by,
             )
             await publish(
-                orders, placed, f"{key}/placed", source="bench/order-service", correlation_id=key
+                orders,
+                placed,
+                f"{key}/placed",
+                source="bench/order-service",
+                user_id=user,
+                correlation_id=key,
             )
 
         meter = _Meter([w.pid for w in workers], _database_name(dsn))

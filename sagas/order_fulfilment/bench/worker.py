@@ -21,10 +21,10 @@ import aio_pika
 from sagas.order_fulfilment import order_fulfilment
 from sagas.order_fulfilment.messages import ShipmentDispatched
 from sagas.order_fulfilment.simulation.participants import Ledger, Simulation, simulated_ports
-from sagas.order_fulfilment.simulation.shop import Warehouse
+from sagas.order_fulfilment.simulation.shop import Warehouse, simulated_publishers
 from sagaworks.adapters.observability.logging import configure_logging
 from sagaworks.adapters.rabbitmq.topology import exchange_name
-from sagaworks.bootstrap import bootstrap, preflight
+from sagaworks.bootstrap import bootstrap, own_user, preflight
 from sagaworks.domain.messages import Message
 from sagaworks.entrypoints.gc_tuning import tune_for_throughput
 from sagaworks.entrypoints.worker import Worker
@@ -47,9 +47,13 @@ async def run_bench_worker(settings: Settings, latency_s: float) -> Ledger:
         loop.add_signal_handler(sig, stop.set)
     ledger = Ledger()
     prefix = settings.exchange_prefix
+    user = own_user(settings)
+    settings = simulated_publishers(settings, user)
     connection = await aio_pika.connect_robust(settings.amqp_url.get_secret_value())
     channel = await connection.channel(publisher_confirms=True)
-    warehouse = Warehouse(channel, lambda domain: exchange_name(prefix, domain), _dispatch_at_once)
+    warehouse = Warehouse(
+        channel, lambda domain: exchange_name(prefix, domain), _dispatch_at_once, user
+    )
     ports = simulated_ports(Simulation(latency_s=latency_s), ledger, warehouse.on_booked)
     system = await bootstrap(settings, [order_fulfilment], ports)
     worker = Worker(system)

@@ -25,11 +25,11 @@ from sagas.order_fulfilment import order_fulfilment
 from sagas.order_fulfilment.demo.participants import DemoPorts, demo_participants
 from sagas.order_fulfilment.messages import OrderPlaced
 from sagas.order_fulfilment.simulation.order_mix import OrderPlan, plan_orders
-from sagas.order_fulfilment.simulation.shop import OrderService, Warehouse
+from sagas.order_fulfilment.simulation.shop import OrderService, Warehouse, simulated_publishers
 from sagaworks.adapters.postgres.migrations_runner import upgrade
 from sagaworks.adapters.postgres.queries import dead_letter_reasons, saga_status_counts
 from sagaworks.adapters.rabbitmq.topology import exchange_name
-from sagaworks.bootstrap import bootstrap, preflight
+from sagaworks.bootstrap import bootstrap, own_user, preflight
 from sagaworks.domain.messages import Message
 from sagaworks.entrypoints.worker import Worker
 from sagaworks.settings import Settings
@@ -97,18 +97,21 @@ async def run_demo(
     )
     by_order = {p.order_id: p for p in plans}
     prefix = settings.exchange_prefix
+    user = own_user(settings)
+    settings = simulated_publishers(settings, user)
     connection = await aio_pika.connect_robust(settings.amqp_url.get_secret_value())
     channel = await connection.channel(publisher_confirms=True)
     warehouse = Warehouse(
         channel,
         lambda domain: exchange_name(prefix, domain),
         lambda order_id, _shipment: _warehouse_sends(by_order, order_id),
+        user,
     )
     participants = await demo_participants(ports, seed, warehouse.on_booked)
     system = await bootstrap(settings, [order_fulfilment], participants.ports)
     worker = Worker(system)
     started = time.monotonic()
-    order_service = OrderService(channel, exchange_name(prefix, OrderPlaced.domain))
+    order_service = OrderService(channel, exchange_name(prefix, OrderPlaced.domain), user)
     try:
         await worker.start()
         await order_service.start()

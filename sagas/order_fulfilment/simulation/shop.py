@@ -2,7 +2,9 @@
 
 `OrderService` publishes `order.placed` and cancellation requests and listens
 for the outcome events; `Warehouse` publishes `shipment.dispatched` once a
-shipment was booked. Both set CloudEvents attributes as AMQP properties.
+shipment was booked. Both set CloudEvents attributes as AMQP properties, and
+their broker user as `user_id`: run on one connection, they publish as its
+user, which `simulated_publishers` adds to the allowed publishers.
 """
 
 from __future__ import annotations
@@ -14,10 +16,27 @@ from datetime import UTC, datetime
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 
-from sagas.order_fulfilment.messages import OrderCancelled, OrderFulfilled
+from sagas.order_fulfilment.messages import (
+    OrderCancellationRequested,
+    OrderCancelled,
+    OrderFulfilled,
+    OrderPlaced,
+    ShipmentDispatched,
+)
 from sagaworks import Message
+from sagaworks.settings import Settings
 
-__all__ = ["OrderService", "Outcome", "Warehouse", "publish"]
+__all__ = ["OrderService", "Outcome", "Warehouse", "publish", "simulated_publishers"]
+
+
+def simulated_publishers(settings: Settings, user: str) -> Settings:
+    """`settings` with `user` (the simulation's broker user) allowed to publish what it sends."""
+    allowed = dict(settings.publishers)
+    for event in (OrderPlaced, OrderCancellationRequested, ShipmentDispatched):
+        users = allowed.get(event.message_type, event.publishers)
+        allowed[event.message_type] = tuple(dict.fromkeys((*users, user)))
+    return settings.model_copy(update={"publishers": allowed})
+
 
 Outcome = tuple[str, str]
 """(outcome event type, reason or shipment id) per order id."""
@@ -29,15 +48,20 @@ async def publish(
     message_id: str,
     *,
     source: str,
+    user_id: str,
     correlation_id: str | None = None,
 ) -> None:
-    """Publish like a well-behaved service: persistent, confirmed, CloudEvents attributes."""
+    """Publish like a well-behaved service: persistent, confirmed, CloudEvents attributes.
+
+    `user_id` must be the connection's broker user: RabbitMQ verifies it.
+    """
     await exchange.publish(
         aio_pika.Message(
             message.model_dump_json().encode(),
             message_id=message_id,
             type=message.message_type,
             app_id=source,
+            user_id=user_id,
             correlation_id=correlation_id,
             timestamp=datetime.now(UTC),
             content_type="application/json",
@@ -51,8 +75,9 @@ async def publish(
 class OrderService:
     """Places orders and records how each one ended, from the events sagaworks publishes."""
 
-    def __init__(self, channel: AbstractChannel, orders_exchange: str) -> None:
+    def __init__(self, channel: AbstractChannel, orders_exchange: str, user_id: str) -> None:
         self._channel = channel
+        self._user_id = user_id
         self._exchange_name = orders_exchange
         self.exchange: AbstractExchange | None = None
         self.outcomes: dict[str, Outcome] = {}
@@ -83,6 +108,7 @@ class OrderService:
             message,
             message_id,
             source="demo/order-service",
+            user_id=self._user_id,
             correlation_id=correlation_id,
         )
 
@@ -99,8 +125,10 @@ class Warehouse:
         channel: AbstractChannel,
         exchange_for: Callable[[str], str],
         plan: Callable[[str, str], list[tuple[float, Message, str]]],
+        user_id: str,
     ) -> None:
         self._channel = channel
+        self._user_id = user_id
         self._exchange_for = exchange_for
         self._plan = plan
         self._pending: set[asyncio.Task[None]] = set()
@@ -118,7 +146,7 @@ class Warehouse:
         exchange = await self._channel.get_exchange(
             self._exchange_for(message.domain), ensure=False
         )
-        await publish(exchange, message, message_id, source="demo/warehouse")
+        await publish(exchange, message, message_id, source="demo/warehouse", user_id=self._user_id)
         self.published += 1
 
     async def stop(self) -> None:

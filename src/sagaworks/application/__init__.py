@@ -14,6 +14,7 @@ What they share:
     config.py               EngineOptions and PortPolicy: limits and per-port patience
     results.py              Handled: what became of one delivery, the one result type
     parsing.py              a delivery to a typed message, or the reason it is rejected
+    boundary.py             who may publish each event type, and from which exchange
     wire.py                 outgoing messages in neutral outbox form
     stored.py               rules every store shares (failure groups, lock order, saga rows)
     outbox.py               OutboxRelay: publishes committed rows, now and by the sweeper

@@ -27,6 +27,7 @@ from sagaworks.application.outbox import OutboxRelay
 from sagaworks.application.parsing import Rejected, envelope_of, parse_event
 from sagaworks.application.ports import (
     Clock,
+    DeadLetter,
     InboundMessage,
     LockedSaga,
     SagaClaim,
@@ -43,7 +44,7 @@ from sagaworks.domain.instance import SagaInstance
 __all__ = ["ApplyInputs", "Arrival", "apply_to_locked_saga"]
 
 _NO_LIMIT = 1 << 62
-"""Parked events were size-checked when they arrived."""
+"""Parked events were size- and boundary-checked when they arrived."""
 
 Published = asyncio.Future[bool]
 """The batch's publish after commit; `OutboxRelay.publish_now` never raises."""
@@ -63,6 +64,10 @@ class Arrival:
     """An event kept for later when its saga cannot take it yet; None for a port's result."""
     known: SagaInstance | None = None
     """The saga as read before the port call; spares decoding it again if nothing changed."""
+    body_hash: bytes | None = None
+    """Recorded with `message_id`: the same id again with another hash is an `id_conflict`."""
+    delivery: InboundMessage | None = None
+    """The delivery that carried the input: dead-lettered if its id conflicts."""
 
 
 class ApplyInputs:
@@ -88,12 +93,19 @@ class ApplyInputs:
 
     async def _apply(self, arrivals: Sequence[Arrival]) -> list[tuple[Handled, Published]]:
         async with self._store.transaction() as tx:
-            claims = [SagaClaim(a.definition, a.saga_id, a.message_id, a.known) for a in arrivals]
+            claims = [
+                SagaClaim(a.definition, a.saga_id, a.message_id, a.known, a.body_hash)
+                for a in arrivals
+            ]
             locked = await tx.lock_sagas(claims)
             now = self._clock.now()
             decisions: list[Decision | None] = [None] * len(arrivals)
+            conflicts: set[int] = set()
             applied = []
             for i, (arrival, saga) in enumerate(zip(arrivals, locked, strict=True)):
+                if saga.duplicate and _conflicts(arrival, saga):
+                    conflicts.add(i)
+                    await tx.dead_letter(_id_conflict(arrival, saga), now)
                 if saga.duplicate or saga.has_parked:
                     continue
                 decision = decide(arrival.definition, saga.instance, arrival.given, now)
@@ -119,11 +131,40 @@ class ApplyInputs:
                     )
             rows = tx.written_outbox()
         published = asyncio.ensure_future(self._relay.publish_now(rows))
-        return [(_handled(a, d), published) for a, d in zip(arrivals, decisions, strict=True)]
+        return [
+            (_handled(a, d, conflicting=i in conflicts), published)
+            for i, (a, d) in enumerate(zip(arrivals, decisions, strict=True))
+        ]
 
 
-def _handled(arrival: Arrival, decision: Decision | None) -> Handled:
+def _conflicts(arrival: Arrival, saga: LockedSaga) -> bool:
+    """A repeated id whose body differs from the one processed first (unknown hash: no)."""
+    first = saga.first_body_hash
+    return first is not None and arrival.body_hash is not None and first != arrival.body_hash
+
+
+def _id_conflict(arrival: Arrival, saga: LockedSaga) -> DeadLetter:
+    """The conflicting delivery as the letter's body; the first body's hash in its message."""
+    assert arrival.delivery is not None, "an arrival with a body hash carries its delivery"
+    assert saga.first_body_hash is not None
+    assert arrival.body_hash is not None
+    return dead_letter(
+        arrival.delivery,
+        "id_conflict",
+        "MessageIdConflict",
+        f'message id "{arrival.message_id}" was processed before with another body '
+        f"(blake2b-128 of the first body: {saga.first_body_hash.hex()}; of this body: "
+        f"{arrival.body_hash.hex()}); this body was not applied. A publisher must give "
+        "every distinct message its own id",
+        handler=arrival.definition.name,
+        saga_type=arrival.definition.name,
+    )
+
+
+def _handled(arrival: Arrival, decision: Decision | None, *, conflicting: bool) -> Handled:
     saga_id = str(arrival.saga_id)
+    if conflicting:
+        return Handled("dead_lettered", "id_conflict", saga_id)
     if decision is None:
         return Handled("duplicate", saga_id=saga_id)
     if decision.outcome == "park":
@@ -165,7 +206,7 @@ async def _replay_parked(
     while parked and progressed:
         progressed = False
         for item in list(parked):
-            message = parse_event(definition, item.inbound, _NO_LIMIT)
+            message = parse_event(definition, item.inbound, _NO_LIMIT, None)
             if isinstance(message, Rejected):
                 await tx.dead_letter(
                     dead_letter(

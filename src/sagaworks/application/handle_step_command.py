@@ -16,11 +16,13 @@ from pydantic import ValidationError
 
 from sagaworks.application.apply_inputs import ApplyInputs, Arrival
 from sagaworks.application.batching import Batcher
+from sagaworks.application.boundary import Boundary
 from sagaworks.application.config import EngineOptions
+from sagaworks.application.parsing import Rejected, missing_id
 from sagaworks.application.ports import Clock, InboundMessage, PortCaller, Store
 from sagaworks.application.registry import SagaRegistry, UnknownSaga
 from sagaworks.application.results import Handled
-from sagaworks.application.stored import dead_letter
+from sagaworks.application.stored import body_hash, dead_letter
 from sagaworks.domain.decide import Failure, RunStep, StepFinished, idempotency_key
 from sagaworks.domain.definition import SagaDefinition, StepInput
 from sagaworks.domain.errors import BusinessFailure, PortUnavailable
@@ -39,8 +41,10 @@ class HandleStepCommand:
         ports: Mapping[str, object],
         caller: PortCaller,
         options: EngineOptions,
+        boundary: Boundary,
     ) -> None:
         self._store = store
+        self._own_users = boundary.own_users
         self._apply = apply
         self._clock = clock
         self._registry = registry
@@ -52,11 +56,17 @@ class HandleStepCommand:
         )
 
     async def __call__(self, inbound: InboundMessage) -> Handled:
+        refused = self._refused(inbound)
+        if refused is not None:
+            return await self._dead_letter(inbound, refused)
         try:
             command = RunStep.model_validate_json(inbound.body)
             definition = self._registry.get(command.saga_type)
         except (ValidationError, UnknownSaga) as error:
-            return await self._reject(inbound, error)
+            reason = "unknown_saga" if isinstance(error, UnknownSaga) else "schema_invalid"
+            return await self._dead_letter(
+                inbound, Rejected(reason, type(error).__name__, str(error))
+            )
         instance = await self._reads.submit((definition, command.saga_id))
         if instance is None or not _is_current(instance, command):
             return Handled("stale", saga_id=str(command.saga_id))
@@ -69,9 +79,11 @@ class HandleStepCommand:
                 finished,
                 inbound.message_id,
                 known=instance,
+                body_hash=body_hash(inbound.body),
+                delivery=inbound,
             )
         )
-        if handled.outcome in {"applied", "duplicate"}:
+        if handled.outcome in {"applied", "duplicate", "dead_lettered"}:
             return handled
         return replace(handled, outcome="ignored")
 
@@ -106,12 +118,28 @@ class HandleStepCommand:
             return _finished(command, message_id, failure=failure)
         return _finished(command, message_id, result=result)
 
-    async def _reject(self, inbound: InboundMessage, error: Exception) -> Handled:
-        reason = "unknown_saga" if isinstance(error, UnknownSaga) else "schema_invalid"
-        letter = dead_letter(inbound, reason, type(error).__name__, str(error), handler="run_step")
+    def _refused(self, inbound: InboundMessage) -> Rejected | None:
+        """Step commands carry an id and come from sagaworks' own broker users only."""
+        if not inbound.message_id:
+            return missing_id()
+        if inbound.user_id in self._own_users:
+            return None
+        who = f'user "{inbound.user_id}"' if inbound.user_id else "a publisher that set no user_id"
+        own = ", ".join(sorted(self._own_users)) or "(none)"
+        return Rejected(
+            "unauthorised_publisher",
+            "UnauthorisedPublisher",
+            f"{who} may not send step commands; only sagaworks' own broker users ({own}: "
+            "the user of SAGAWORKS_AMQP_URL) may",
+        )
+
+    async def _dead_letter(self, inbound: InboundMessage, why: Rejected) -> Handled:
+        letter = dead_letter(
+            inbound, why.reason, why.exception_type, why.exception_message, handler="run_step"
+        )
         async with self._store.transaction() as tx:
             await tx.dead_letter(letter, self._clock.now())
-        return Handled("dead_lettered", reason)
+        return Handled("dead_lettered", why.reason)
 
 
 def _is_current(instance: SagaInstance, command: RunStep) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 from uuid import UUID
 
@@ -18,7 +19,14 @@ from sagaworks.application.ports import DeadLetter, InboundMessage
 from sagaworks.domain.definition import SagaDefinition
 from sagaworks.domain.instance import InFlight, SagaInstance, Status
 
-__all__ = ["dead_letter", "fingerprint", "lock_key", "refuse_repeats", "saga_from_row"]
+__all__ = [
+    "body_hash",
+    "dead_letter",
+    "fingerprint",
+    "lock_key",
+    "refuse_repeats",
+    "saga_from_row",
+]
 
 _VOLATILE = re.compile(r"[0-9a-f]{8,}|\d+")
 
@@ -32,6 +40,11 @@ def fingerprint(
     return hashlib.sha1(raw.encode(), usedforsecurity=False).hexdigest()[:16]
 
 
+def body_hash(body: bytes) -> bytes:
+    """What the inbox keeps of a body: the same message id with another hash is a conflict."""
+    return hashlib.blake2b(body, digest_size=16).digest()
+
+
 def dead_letter(
     inbound: InboundMessage,
     reason: str,
@@ -41,7 +54,14 @@ def dead_letter(
     handler: str | None = None,
     saga_type: str | None = None,
 ) -> DeadLetter:
-    """A complete dead letter: the delivery, why it failed, and the group it falls in."""
+    """A complete dead letter: the delivery, why it failed, and the group it falls in.
+
+    A delivery without an id is kept under its content key, so no id-less
+    letter overwrites another and the same one delivered twice is one letter.
+    """
+    if not inbound.message_id:
+        key = inbound.content_key or f"no-id:{hashlib.sha256(inbound.body).hexdigest()}"
+        inbound = replace(inbound, message_id=key)
     return DeadLetter(
         inbound,
         reason,

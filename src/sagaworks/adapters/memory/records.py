@@ -28,6 +28,7 @@ from sagaworks.domain.instance import SagaInstance
 __all__ = [
     "BreakerRecord",
     "HistoryRecord",
+    "InboxRecord",
     "OutboxRecord",
     "ParkedRecord",
     "SagaRecord",
@@ -179,13 +180,21 @@ class BreakerRecord:
     changed_at: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class InboxRecord:
+    """A processed message: the saga it was for, and its body hash (None: not recorded)."""
+
+    saga_id: UUID | None
+    body_hash: bytes | None = None
+
+
 @dataclass
 class Tables:
     """Committed rows. Dead letters are unique per (queue, message_id), as in PostgreSQL."""
 
     sagas: dict[UUID, SagaRecord] = field(default_factory=dict)
     history: dict[UUID, list[HistoryRecord]] = field(default_factory=dict)
-    inbox: dict[tuple[str, str], UUID | None] = field(default_factory=dict)
+    inbox: dict[tuple[str, str], InboxRecord] = field(default_factory=dict)
     outbox: dict[int, OutboxRecord] = field(default_factory=dict)
     outbox_ids: dict[str, int] = field(default_factory=dict)
     timers: dict[tuple[UUID, str], TimerRecord] = field(default_factory=dict)

@@ -141,4 +141,4 @@ class InMemoryStore:
 
     def inbox(self) -> dict[tuple[str, str], UUID | None]:
         """Processed (consumer, message_id) pairs and the saga each was for."""
-        return dict(self.tables.inbox)
+        return {key: record.saga_id for key, record in self.tables.inbox.items()}

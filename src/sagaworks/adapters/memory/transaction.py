@@ -17,6 +17,7 @@ from uuid import UUID
 from sagaworks.adapters.memory.locks import Locks, Owner, round_trip
 from sagaworks.adapters.memory.records import (
     HistoryRecord,
+    InboxRecord,
     OutboxRecord,
     ParkedRecord,
     SagaRecord,
@@ -56,7 +57,7 @@ class _Changes:
 
     sagas: dict[UUID, SagaRecord] = field(default_factory=dict)
     history: dict[UUID, list[HistoryRecord]] = field(default_factory=dict)
-    inbox: dict[tuple[str, str], UUID | None] = field(default_factory=dict)
+    inbox: dict[tuple[str, str], InboxRecord] = field(default_factory=dict)
     forgotten: set[tuple[str, str]] = field(default_factory=set)
     """Inbox rows deleted: a parked message that expired was never applied."""
     outbox: dict[int, OutboxRecord] = field(default_factory=dict)
@@ -83,10 +84,10 @@ class MemoryTransaction(Owner):
     def _saga(self, saga_id: UUID) -> SagaRecord | None:
         return self._changes.sagas.get(saga_id) or self._tables.sagas.get(saga_id)
 
-    def _inbox_has(self, key: tuple[str, str]) -> bool:
+    def _inbox(self, key: tuple[str, str]) -> InboxRecord | None:
         if key in self._changes.forgotten:
-            return False
-        return key in self._changes.inbox or key in self._tables.inbox
+            return None
+        return self._changes.inbox.get(key) or self._tables.inbox.get(key)
 
     def _timers(self) -> dict[tuple[UUID, str], TimerRecord]:
         return overlay(self._tables.timers, self._changes.timers)
@@ -125,23 +126,29 @@ class MemoryTransaction(Owner):
     # -- SagaTransaction ------------------------------------------------------------------------
 
     async def lock_saga(
-        self, definition: SagaDefinition[Any], saga_id: UUID, *, message_id: str | None = None
+        self,
+        definition: SagaDefinition[Any],
+        saga_id: UUID,
+        *,
+        message_id: str | None = None,
+        body_hash: bytes | None = None,
     ) -> LockedSaga:
         await self._enter()
         try:
             await self._locks.acquire(("advisory", saga_id), self)
-            duplicate = False
+            first: InboxRecord | None = None
             if message_id is not None:
                 key = (definition.name, message_id)
                 await self._locks.acquire(("inbox", *key), self)
-                duplicate = self._inbox_has(key)
-                if not duplicate:
-                    self._changes.inbox[key] = saga_id
+                first = self._inbox(key)
+                if first is None:
+                    self._changes.inbox[key] = InboxRecord(saga_id, body_hash)
                     self._changes.forgotten.discard(key)
             record = self._saga(saga_id)
             has_parked = any(p.saga_id == saga_id for p in self._parked().values())
             instance = None if record is None else instance_of(definition, record)
-            return LockedSaga(instance, duplicate, has_parked)
+            first_hash = None if first is None else first.body_hash
+            return LockedSaga(instance, first is not None, has_parked, first_hash)
         finally:
             self._leave()
 
@@ -150,7 +157,10 @@ class MemoryTransaction(Owner):
         locked: dict[UUID, LockedSaga] = {}
         for claim in sorted(claims, key=lambda c: (lock_key(c.saga_id), c.saga_id)):
             locked[claim.saga_id] = await self.lock_saga(
-                claim.definition, claim.saga_id, message_id=claim.message_id
+                claim.definition,
+                claim.saga_id,
+                message_id=claim.message_id,
+                body_hash=claim.body_hash,
             )
         return [locked[c.saga_id] for c in claims]
 

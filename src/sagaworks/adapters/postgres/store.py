@@ -52,11 +52,13 @@ FROM unnest($1::bigint[]) AS k
 
 # A statement of its own after the locks: its snapshot then sees every write they waited for.
 # A saga still at the version the caller already knows is not sent back (`SagaClaim.known`).
+# The inbox read sees the statement's snapshot, not its own insert: a hash only for a duplicate.
 _CLAIM_AND_LOAD = """
 WITH claimed AS (
-  INSERT INTO inbox (consumer, message_id, saga_id)
-  SELECT c.consumer, c.message_id, c.saga_id
-  FROM unnest($1::uuid[], $2::text[], $3::text[]) AS c(saga_id, consumer, message_id)
+  INSERT INTO inbox (consumer, message_id, saga_id, body_hash)
+  SELECT c.consumer, c.message_id, c.saga_id, c.body_hash
+  FROM unnest($1::uuid[], $2::text[], $3::text[], $5::bytea[])
+    AS c(saga_id, consumer, message_id, body_hash)
   WHERE c.message_id IS NOT NULL
   ON CONFLICT DO NOTHING
   RETURNING saga_id
@@ -67,8 +69,11 @@ SELECT s.version, s.version = w.known AS unchanged,
        CASE WHEN s.version = w.known THEN NULL ELSE s.state::text END AS state,
        CASE WHEN s.version = w.known THEN NULL ELSE s.progress END AS progress,
        EXISTS (SELECT 1 FROM parked_messages p WHERE p.saga_id = w.id) AS has_parked,
-       EXISTS (SELECT 1 FROM claimed WHERE claimed.saga_id = w.id) AS claimed
-FROM unnest($1::uuid[], $4::int[]) WITH ORDINALITY AS w(id, known, ord)
+       EXISTS (SELECT 1 FROM claimed WHERE claimed.saga_id = w.id) AS claimed,
+       (SELECT i.body_hash FROM inbox i
+        WHERE i.consumer = w.consumer AND i.message_id = w.message_id) AS first_body_hash
+FROM unnest($1::uuid[], $4::int[], $2::text[], $3::text[])
+  WITH ORDINALITY AS w(id, known, consumer, message_id, ord)
 LEFT JOIN saga_instances s ON s.id = w.id
 ORDER BY w.ord
 """
@@ -312,15 +317,32 @@ def _locked_instance(claim: SagaClaim, row: asyncpg.Record) -> SagaInstance | No
     return _instance(claim.definition, claim.saga_id, row)
 
 
+def _locked(claim: SagaClaim, row: asyncpg.Record) -> LockedSaga:
+    duplicate = claim.message_id is not None and not row["claimed"]
+    first = row["first_body_hash"]
+    return LockedSaga(
+        _locked_instance(claim, row),
+        duplicate,
+        bool(row["has_parked"]),
+        bytes(first) if duplicate and first is not None else None,
+    )
+
+
 class _Transaction:
     def __init__(self, conn: asyncpg.Connection) -> None:
         self._conn = conn
         self._written: list[OutboxRow] = []
 
     async def lock_saga(
-        self, definition: SagaDefinition[Any], saga_id: UUID, *, message_id: str | None = None
+        self,
+        definition: SagaDefinition[Any],
+        saga_id: UUID,
+        *,
+        message_id: str | None = None,
+        body_hash: bytes | None = None,
     ) -> LockedSaga:
-        return (await self.lock_sagas([SagaClaim(definition, saga_id, message_id)]))[0]
+        claim = SagaClaim(definition, saga_id, message_id, body_hash=body_hash)
+        return (await self.lock_sagas([claim]))[0]
 
     async def lock_sagas(self, claims: Sequence[SagaClaim]) -> list[LockedSaga]:
         ids = [c.saga_id for c in claims]
@@ -332,15 +354,9 @@ class _Transaction:
             [c.definition.name for c in claims],
             [c.message_id for c in claims],
             [None if c.known is None else c.known.version for c in claims],
+            [c.body_hash for c in claims],
         )
-        return [
-            LockedSaga(
-                _locked_instance(c, row),
-                c.message_id is not None and not row["claimed"],
-                bool(row["has_parked"]),
-            )
-            for c, row in zip(claims, rows, strict=True)
-        ]
+        return [_locked(c, row) for c, row in zip(claims, rows, strict=True)]
 
     async def save(self, change: SagaChange) -> None:
         await self.save_all([change])

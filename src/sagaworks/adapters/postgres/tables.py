@@ -139,10 +139,14 @@ inbox = Table(
     Column("message_id", Text, nullable=False),
     Column("saga_id", UUID(as_uuid=True), nullable=True),
     _timestamp("processed_at", now=True),
+    Column("body_hash", LargeBinary, nullable=True),
     PrimaryKeyConstraint("consumer", "message_id"),
     Index("ix_inbox_processed_at", "processed_at"),
 )
-"""Message ids each consumer has processed: a duplicate delivery is acked and skipped."""
+"""Message ids each consumer has processed: a duplicate delivery is acked and skipped.
+
+`body_hash` tells a duplicate (same body) from an id conflict (another body); NULL: unknown.
+"""
 
 outbox = Table(
     "outbox",

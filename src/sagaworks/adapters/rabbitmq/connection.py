@@ -33,7 +33,7 @@ from aiormq.exceptions import (
 
 from sagaworks.adapters.rabbitmq.errors import BrokerAuthenticationFailed, BrokerUnreachable
 
-__all__ = ["connect"]
+__all__ = ["broker_user", "connect"]
 
 _DEFAULT_PORTS = {"amqp": 5672, "amqps": 5671}
 
@@ -55,6 +55,11 @@ class _Target:
             user=unquote(parts.username) if parts.username else "guest",
             vhost=unquote(path) or "/",
         )
+
+
+def broker_user(url: str) -> str:
+    """The user a connection to `url` logs in as: what RabbitMQ accepts as its `user_id`."""
+    return _Target.of(url).user
 
 
 async def connect(url: str, *, timeout_s: float) -> AbstractRobustConnection:

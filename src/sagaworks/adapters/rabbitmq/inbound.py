@@ -5,20 +5,26 @@ headers (`cloudevents.py`); an attribute that came only as a property is
 added to the headers too, so a stored delivery sent again loses none of them.
 RabbitMQ's death records (`x-death`, else `x-first-death-*`) become
 `PriorFailure`s: the use cases never read a broker header.
+
+The id is judged on the raw AMQP message (FastStream's own message object
+invents one when there is none): a message without one gets a `content_key`
+instead, so id-less messages are told apart by what they carry.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from sagaworks.adapters.rabbitmq.cloudevents import CE_PREFIX, parse_time
+from sagaworks.adapters.rabbitmq.cloudevents import CE_PREFIX, is_broker_owned, parse_time
 from sagaworks.application.ports import InboundMessage, PriorFailure
 
-__all__ = ["inbound_of", "prior_failures", "to_inbound"]
+__all__ = ["content_key", "inbound_of", "prior_failures", "to_inbound"]
 
 
 def _plain(value: Any) -> Any:
@@ -35,6 +41,7 @@ def _plain(value: Any) -> Any:
 
 
 def to_inbound(raw: AbstractIncomingMessage, queue: str) -> InboundMessage:
+    """The delivery as aio-pika received it: properties as sent, none made up."""
     return inbound_of(
         raw.headers or {},
         raw.body,
@@ -68,8 +75,9 @@ def inbound_of(
     headers = {str(k): _plain(v) for k, v in raw_headers.items()}
     time = _attribute("time", headers, timestamp)
     delivery_count = headers.get("x-delivery-count", 0)
+    identity = _attribute("id", headers, message_id) or ""
     return InboundMessage(
-        message_id=_attribute("id", headers, message_id) or "",
+        message_id=identity,
         message_type=_attribute("type", headers, message_type) or "",
         body=body,
         headers=headers,
@@ -83,7 +91,21 @@ def inbound_of(
         user_id=user_id,
         delivery_count=int(delivery_count) if isinstance(delivery_count, int | str) else 0,
         failures=prior_failures(headers),
+        content_key="" if identity else content_key(body, headers),
     )
+
+
+def content_key(body: bytes, headers: Mapping[str, Any]) -> str:
+    """`no-id:` and the SHA-256 of the body and the publisher's headers, sorted by name.
+
+    The broker's headers (delivery count, death records) are left out: a
+    redelivery of the same message has the same key.
+    """
+    own = {k: v for k, v in headers.items() if not is_broker_owned(k)}
+    digest = hashlib.sha256(body)
+    digest.update(b"\0")
+    digest.update(json.dumps(own, sort_keys=True, default=str).encode())
+    return f"no-id:{digest.hexdigest()}"
 
 
 def _attribute(name: str, headers: dict[str, Any], prop: object | None) -> str | None:

@@ -3,7 +3,9 @@
 All rows of a batch are sent before any confirm is awaited, so a batch costs
 one broker round trip, not one per message. Commands to sagaworks' own
 queues are `mandatory`: a command nobody would receive is an error, not a
-silent drop. Events are not: another service may not listen yet.
+silent drop. Events are not: another service may not listen yet. Every
+message carries the connection's user as `user_id` (RabbitMQ verifies it),
+so a consumer can tell sagaworks' own commands from anyone else's.
 """
 
 from __future__ import annotations
@@ -32,12 +34,15 @@ _PERSISTENT = aio_pika.DeliveryMode.PERSISTENT.value
 _JSON = "application/json"
 
 
-def amqp_properties(row: OutboxRow) -> aiormq.spec.Basic.Properties:
-    """The AMQP properties of an outbox row, from its neutral envelope (see `wire.py`)."""
+def amqp_properties(row: OutboxRow, user_id: str | None = None) -> aiormq.spec.Basic.Properties:
+    """The AMQP properties of an outbox row, from its neutral envelope (see `wire.py`).
+
+    `user_id` must be the publishing connection's user, or RabbitMQ refuses the message.
+    """
     envelope = row.headers
     carried = envelope.get("headers")
     if carried is not None:
-        return _resent(row, envelope, carried)
+        return _resent(row, envelope, carried, user_id)
     time = envelope.get("time")
     correlation_id = envelope.get("correlationid")
     causation_id = envelope.get("causationid")
@@ -63,11 +68,12 @@ def amqp_properties(row: OutboxRow) -> aiormq.spec.Basic.Properties:
         timestamp=datetime.fromisoformat(time) if time else None,
         headers=headers,
         delivery_mode=_PERSISTENT,
+        user_id=user_id,
     )
 
 
 def _resent(
-    row: OutboxRow, envelope: Mapping[str, Any], carried: Mapping[str, Any]
+    row: OutboxRow, envelope: Mapping[str, Any], carried: Mapping[str, Any], user_id: str | None
 ) -> aiormq.spec.Basic.Properties:
     """A stored message sent again: its own headers, less what the broker wrote on them."""
     headers = {key: value for key, value in carried.items() if not is_broker_owned(key)}
@@ -82,19 +88,29 @@ def _resent(
         timestamp=parse_time(time),
         headers=headers,
         delivery_mode=_PERSISTENT,
+        user_id=user_id,
     )
 
 
 class RabbitPublisher:
-    """Implements the `Publisher` port on one confirming channel.
+    """Implements the `Publisher` port on one confirming channel, as broker user `user_id`.
+
+    `user_id` must be the connection's user (RabbitMQ refuses any other), and
+    consumers accept step commands only from sagaworks' own user.
 
     Rows go straight to the channel's `basic_publish`: an `aio_pika.Message` and
     an exchange object per message would only be copied into these properties.
     """
 
-    def __init__(self, connection: AbstractRobustConnection, mandatory_exchanges: set[str]) -> None:
+    def __init__(
+        self,
+        connection: AbstractRobustConnection,
+        mandatory_exchanges: set[str],
+        user_id: str,
+    ) -> None:
         self._connection = connection
         self._mandatory = mandatory_exchanges
+        self._user_id = user_id
         self._channel: AbstractChannel | None = None
         self._lock = asyncio.Lock()
 
@@ -117,7 +133,7 @@ class RabbitPublisher:
                     row.body,
                     exchange=row.exchange,
                     routing_key=row.routing_key,
-                    properties=amqp_properties(row),
+                    properties=amqp_properties(row, self._user_id),
                     mandatory=row.exchange in self._mandatory,
                 )
                 for row in rows

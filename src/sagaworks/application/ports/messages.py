@@ -61,6 +61,8 @@ class InboundMessage:
     delivery_count: int = 0
     failures: tuple[PriorFailure, ...] = ()
     """Where and why it failed before it came here, newest first (dead letters have some)."""
+    content_key: str = ""
+    """For a message without an id: a key from its body and own headers (not the broker's)."""
 
     def meta(self) -> dict[str, Any]:
         """How every store keeps a delivery (a parked event) besides id, type and body: JSON."""

@@ -44,6 +44,8 @@ class LockedSaga:
     instance: SagaInstance | None
     duplicate: bool = False
     has_parked: bool = False
+    first_body_hash: bytes | None = None
+    """For a duplicate: the body hash recorded with the message id first (None: not known)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +57,8 @@ class SagaClaim:
     message_id: str | None = None
     known: SagaInstance | None = None
     """The saga as read before (without its lock): returned as is while still at its version."""
+    body_hash: bytes | None = None
+    """Recorded with `message_id`, so the same id with another body can be told apart."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,12 +98,18 @@ class SagaTransaction(Protocol):
     """One database transaction; every method runs inside it."""
 
     async def lock_saga(
-        self, definition: SagaDefinition[Any], saga_id: UUID, *, message_id: str | None = None
+        self,
+        definition: SagaDefinition[Any],
+        saga_id: UUID,
+        *,
+        message_id: str | None = None,
+        body_hash: bytes | None = None,
     ) -> LockedSaga:
         """Serialise all work on one saga (even one not created yet), then load it.
 
-        With `message_id`, also record the message in the saga"s inbox;
-        `LockedSaga.duplicate` says it had been processed before.
+        With `message_id`, also record the message (and `body_hash`) in the saga"s
+        inbox; `LockedSaga.duplicate` says it had been processed before, and
+        `first_body_hash` what hash it was recorded with then.
         """
         ...
 

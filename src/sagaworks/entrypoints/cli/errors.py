@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from sagaworks.adapters.postgres.errors import DatabaseUnreachable, SchemaNotCurrent
 from sagaworks.adapters.rabbitmq.errors import RabbitMQError, TopologyConflict
+from sagaworks.application.boundary import UnconfiguredPublishers
 from sagaworks.application.registry import UnknownSaga
 from sagaworks.domain.errors import DefinitionError
 from sagaworks.entrypoints.cli.loading import NoSagaToRun, SagaModuleError
@@ -34,6 +35,7 @@ EXIT_CODES: dict[type[BaseException], int] = {
     DefinitionError: 2,
     UnknownSaga: 2,
     SagaModuleError: 2,
+    UnconfiguredPublishers: 2,
     DatabaseUnreachable: 3,
     SchemaNotCurrent: 4,
     TopologyConflict: 6,
