@@ -289,6 +289,9 @@ async def bootstrap(
         max_message_bytes=settings.max_message_bytes,
         batch_size=settings.batch_size,
         batch_concurrency=settings.batch_concurrency,
+        timer_max_attempts=settings.timer_max_attempts,
+        timer_retry_base=timedelta(seconds=settings.timer_retry_base_s),
+        timer_retry_max=timedelta(seconds=settings.timer_retry_max_s),
     )
     relay = OutboxRelay(store, publisher, marks=PublishedMarks(store))
     apply = ApplyInputs(store, relay, clock, options, wire)
@@ -309,7 +312,7 @@ async def bootstrap(
         handle_step_command=HandleStepCommand(
             store, apply, clock, registry, ports, caller, options
         ),
-        fire_timers=FireDueTimers(store, relay, clock, registry, wire),
+        fire_timers=FireDueTimers(store, relay, clock, registry, wire, options),
         expire_parked_events=ExpireParkedEvents(store, clock),
         ingest_dead_letter=IngestDeadLetter(
             store, clock, _queue_owners(settings, registry), last_errors
