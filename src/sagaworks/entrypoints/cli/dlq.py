@@ -38,9 +38,11 @@ from sagaworks.application.dead_letters import (
     PurgeDeadLetters,
     ReplayDeadLetters,
     ReplayReport,
+    UndeclaredQueue,
     replay_envelope,
     resolve_selection,
     set_path,
+    undeclared_queues,
 )
 from sagaworks.application.ports import (
     AuditEntry,
@@ -462,18 +464,29 @@ def replay(
         float | None, typer.Option(min=0.01, help="Messages per second at most.")
     ] = None,
     operator: Operator = None,
+    allow_queue: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-queue",
+            help="Also replay to this queue although the topology does not declare it "
+            "(a queue of another service you mean to send to). Repeatable.",
+        ),
+    ] = None,
     as_json: AsJson = False,
 ) -> None:
     """Send dead letters back to the queue that failed, keeping their message ids.
 
     Each goes through the outbox to the default exchange with the failed queue
-    as routing key, so no other queue bound to its routing key receives it. A
+    as routing key, so no other queue bound to its routing key receives it.
+    Only queues the topology of SAGAWORKS_SAGAS declares are replayed to: a
+    letter naming another queue stops the run before anything is sent. A
     letter is marked replayed only after the broker confirmed it; the run stops
     at the first publish that fails.
     """
     _require_selection(selection, every, "replay")
+    targets = _replay_targets(allow_queue or [])
     if dry_run:
-        _dry_run(selection, as_json)
+        _dry_run(selection, targets, as_json)
         return
     who = _operator(operator)
 
@@ -481,7 +494,7 @@ def replay(
         async with _context(publisher=True) as ctx:
             chosen = await resolve_selection(ctx.repo, selection)
             assert ctx.publisher is not None
-            use_case = ReplayDeadLetters(ctx.repo, ctx.publisher)
+            use_case = ReplayDeadLetters(ctx.repo, ctx.publisher, targets)
             task = progress.add_task("replayed", total=len(chosen)) if progress else None
 
             def advance(done: int, total: int) -> None:
@@ -532,12 +545,25 @@ def _replay_properties(letter: StoredDeadLetter) -> dict[str, Any]:
     }
 
 
-def _dry_run(selection: DeadLetterFilter, as_json: bool) -> None:
+def _replay_targets(allowed: list[str]) -> frozenset[str]:
+    """The queues a replay may send to: every saga's and port's queue, and those `allowed`."""
+    from sagaworks.bootstrap import topology_for
+
+    settings = _settings()
+    registry = SagaRegistry(load_sagas(settings, with_ports=False).definitions)
+    return frozenset(q.name for q in topology_for(settings, registry).queues) | set(allowed)
+
+
+def _dry_run(selection: DeadLetterFilter, targets: frozenset[str], as_json: bool) -> None:
     async def go() -> list[StoredDeadLetter]:
         async with _context() as ctx:
             chosen = await resolve_selection(ctx.repo, selection)
             letters = [await ctx.repo.get(i) for i in chosen]
-            return [x for x in letters if x is not None]
+            found = [x for x in letters if x is not None]
+            strays = undeclared_queues(found, targets)
+            if strays:
+                raise UndeclaredQueue(strays)
+            return found
 
     letters = _run(go())
     plan: list[dict[str, Any]] = [
