@@ -15,6 +15,7 @@ the system was built), the broker connection, the store and the engine.
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -369,7 +370,7 @@ async def bootstrap_tools(
     tools = OperatorTools(settings)
     if dead_letters:
         tools.engine = create_engine_from_settings(settings)
-        tools.dead_letters = PostgresDeadLetters(tools.engine)
+        tools.dead_letters = PostgresDeadLetters(tools.engine, client_hostname=socket.gethostname())
     try:
         if broker or replay_publisher:
             tools.connection = await _connect(settings)

@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -631,13 +632,25 @@ async def test_replay_refuses_a_queue_the_topology_does_not_declare(env: Env) ->
     (after,) = await env.letters(id=letter["id"])
     assert (after["status"], after["times_replayed"]) == ("active", 0)
     audit = await env.db.fetch(
-        "SELECT operator, action, outcome, detail FROM dead_letter_audit WHERE dead_letter_id = $1",
+        "SELECT operator, action, outcome, detail, db_role, host(client_addr) AS addr, "
+        "client_hostname, current_user AS me FROM dead_letter_audit WHERE dead_letter_id = $1",
         letter["id"],
     )
     assert [(a["operator"], a["action"], a["outcome"]) for a in audit] == [
         ("gina", "replay", "refused")
     ]
     assert json.loads(audit[0]["detail"]) == {"queue": target, "why": "undeclared_queue"}
+    # Besides the name the operator gave: the database role, the client address, the host.
+    assert audit[0]["db_role"] == audit[0]["me"]
+    assert audit[0]["addr"] in {"127.0.0.1", "::1"}
+    assert audit[0]["client_hostname"] == socket.gethostname()
+    shown = await env.cli("dlq", "show", str(letter["id"]), "--json")
+    (entry,) = json.loads(shown.stdout)["history"]
+    assert (entry["operator"], entry["db_role"], entry["client_hostname"]) == (
+        "gina",
+        audit[0]["me"],
+        socket.gethostname(),
+    )
 
 
 async def test_operator_errors_archive_and_purge(env: Env) -> None:

@@ -86,7 +86,11 @@ Grep = Annotated[
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 Operator = Annotated[
-    str | None, typer.Option(help="Who is acting, for the audit trail; default: the OS user.")
+    str | None,
+    typer.Option(
+        help="Who is acting, for the audit trail; default: the OS user. The audit also "
+        "records the database role, the client address and this host's name."
+    ),
 ]
 Yes = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
 
@@ -380,6 +384,9 @@ def _audit_dict(entry: AuditEntry) -> dict[str, Any]:
     return {
         "at": entry.at.isoformat(),
         "operator": entry.operator,
+        "db_role": entry.db_role,
+        "client_addr": entry.client_addr,
+        "client_hostname": entry.client_hostname,
         "action": entry.action,
         "batch_id": str(entry.batch_id) if entry.batch_id else None,
         "outcome": entry.outcome,
@@ -437,10 +444,17 @@ def show(
         console.print("(no operator action yet)")
     for e in history:
         console.print(
-            f"{e.at:%Y-%m-%d %H:%M:%S} {e.operator} {e.action} → {e.outcome} "
+            f"{e.at:%Y-%m-%d %H:%M:%S} {e.operator} ({_origin(e)}) {e.action} → {e.outcome} "
             f"batch={e.batch_id} {json.dumps(dict(e.detail), default=str)}",
             markup=False,
         )
+
+
+def _origin(entry: AuditEntry) -> str:
+    """Where an audited action came from: database role, client address and host."""
+    where = entry.client_addr or "local socket"
+    host = f" on {entry.client_hostname}" if entry.client_hostname else ""
+    return f"as {entry.db_role or '?'} from {where}{host}"
 
 
 def _require_selection(selection: DeadLetterFilter, every: bool, verb: str) -> None:
