@@ -15,6 +15,7 @@ the system was built), the broker connection, the store and the engine.
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -301,6 +302,9 @@ async def bootstrap(
         max_message_bytes=settings.max_message_bytes,
         batch_size=settings.batch_size,
         batch_concurrency=settings.batch_concurrency,
+        timer_max_attempts=settings.timer_max_attempts,
+        timer_retry_base=timedelta(seconds=settings.timer_retry_base_s),
+        timer_retry_max=timedelta(seconds=settings.timer_retry_max_s),
     )
     relay = OutboxRelay(store, publisher, marks=PublishedMarks(store))
     apply = ApplyInputs(store, relay, clock, options, wire)
@@ -321,7 +325,7 @@ async def bootstrap(
         handle_step_command=HandleStepCommand(
             store, apply, clock, registry, ports, caller, options, boundary
         ),
-        fire_timers=FireDueTimers(store, relay, clock, registry, wire),
+        fire_timers=FireDueTimers(store, relay, clock, registry, wire, options),
         expire_parked_events=ExpireParkedEvents(store, clock),
         ingest_dead_letter=IngestDeadLetter(
             store, clock, _queue_owners(settings, registry), last_errors
@@ -378,7 +382,7 @@ async def bootstrap_tools(
     tools = OperatorTools(settings)
     if dead_letters:
         tools.engine = create_engine_from_settings(settings)
-        tools.dead_letters = PostgresDeadLetters(tools.engine)
+        tools.dead_letters = PostgresDeadLetters(tools.engine, client_hostname=socket.gethostname())
     try:
         if broker or replay_publisher:
             tools.connection = await _connect(settings)

@@ -124,6 +124,26 @@ class Settings(BaseSettings):
         le=60,
         description="How often due timers (deadlines, retries) are looked for.",
     )
+    timer_max_attempts: int = Field(
+        default=10,
+        ge=1,
+        le=1000,
+        description="Failed applications of one timer before it is parked with its error "
+        "(`timers.parked_at`; see docs/recoverability.md).",
+    )
+    timer_retry_base_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=3600,
+        description="Wait after a timer's first failed application; doubled after each further "
+        "failure, up to `SAGAWORKS_TIMER_RETRY_MAX_S`.",
+    )
+    timer_retry_max_s: float = Field(
+        default=300.0,
+        gt=0,
+        le=86400,
+        description="Longest wait between two applications of a failing timer.",
+    )
     outbox_sweep_interval_s: float = Field(
         default=1.0,
         gt=0,

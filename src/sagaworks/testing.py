@@ -247,12 +247,16 @@ class SagaHarness(Generic[S]):
     async def fire_timers(self) -> int:
         """What the worker's clock loops do now: fire due timers, expire parked events, settle.
 
-        Returns how many timers fired.
+        Returns how many timers fired. A timer that fails to apply raises its error
+        here (the worker would log it and retry it later).
         """
         system = await self.system()
         fired = 0
         while True:
-            now_fired = await system.fire_timers()
+            run = await system.fire_timers()
+            if run.failed:
+                raise run.failed[0].error
+            now_fired = run.fired
             while await system.expire_parked_events():
                 pass
             await self.run_until_idle()
@@ -380,6 +384,6 @@ class SagaHarness(Generic[S]):
         return next((h for h in results if h.outcome != "duplicate"), results[0])
 
     def _next_due(self) -> datetime | None:
-        moments = [t.fire_at for t in self.store.timers()]
+        moments = [t.fire_at for t in self.store.timers() if t.parked_at is None]
         moments += [p.expires_at for p in self.store.parked()]
         return min(moments, default=None)

@@ -30,17 +30,20 @@ from sagas.order_fulfilment.saga import order_fulfilment
 from sagas.order_fulfilment.state import OrderState
 from sagaworks.adapters.memory.locks import DeadlockDetected
 from sagaworks.application.ports import (
+    DueTimer,
     InboundMessage,
     LockedSaga,
     OutboxRow,
     SagaClaim,
     Store,
+    TimerFailure,
 )
 from sagaworks.application.stored import dead_letter, fingerprint
 from sagaworks.application.wire import Wire
 from sagaworks.domain.decide import (
     Decision,
     EventReceived,
+    HistoryEntry,
     Input,
     RunStep,
     StepFinished,
@@ -74,6 +77,9 @@ class HistoryRow:
 class TimerRow:
     id: int
     fire_at: datetime
+    attempts: int = 0
+    last_error: str | None = None
+    parked_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -482,6 +488,93 @@ class StoreContract:
             due = await tx.claim_due_timer(DISPATCH_BY)
             assert due is not None
             assert due.saga_id == held
+
+    async def test_a_failed_timer_backs_off_then_parks_and_setting_it_again_rearms_it(
+        self, backend: Backend
+    ) -> None:
+        await self.to_wait(backend, "o-1")
+        saga_id = saga_id_for(SAGA.name, "o-1")
+        (timer,) = (await backend.probe.timers(saga_id)).values()
+
+        claimed: list[DueTimer] = []
+
+        async def claim_and_roll_back(at: datetime) -> None:
+            async with backend.store.transaction() as tx:
+                due = await tx.claim_due_timer(at)
+                assert due is not None
+                claimed.append(due)
+                raise _Boom
+
+        async def claim_then_fail(at: datetime) -> DueTimer:
+            with pytest.raises(_Boom):
+                await claim_and_roll_back(at)
+            return claimed[-1]
+
+        first = await claim_then_fail(DISPATCH_BY)
+        assert first.attempts == 0
+        retry_at = DISPATCH_BY + timedelta(seconds=2)
+        async with backend.store.transaction() as tx:
+            await tx.record_timer_failure(
+                TimerFailure(first, 1, "_Boom: no", DISPATCH_BY, retry_at)
+            )
+        assert await backend.probe.timers(saga_id) == {
+            DEADLINE: TimerRow(timer.id, retry_at, 1, "_Boom: no")
+        }
+        async with backend.store.transaction() as tx:
+            assert await tx.claim_due_timer(DISPATCH_BY + timedelta(seconds=1)) is None
+
+        second = await claim_then_fail(retry_at)
+        assert second.attempts == 1
+        async with backend.store.transaction() as tx:
+            await tx.record_timer_failure(TimerFailure(second, 2, "_Boom: again", retry_at, None))
+        assert await backend.probe.timers(saga_id) == {
+            DEADLINE: TimerRow(timer.id, retry_at, 2, "_Boom: again", retry_at)
+        }
+        async with backend.store.transaction() as tx:  # parked: never claimed again
+            assert await tx.claim_due_timer(DISPATCH_BY + timedelta(days=365)) is None
+
+        # Setting the timer again (a new deadline) starts it afresh.
+        later = DISPATCH_BY + timedelta(hours=1)
+        async with backend.store.transaction() as tx:
+            locked = await tx.lock_saga(SAGA, saga_id)
+            decision = decide(SAGA, locked.instance, dispatched("o-1"), T0)
+            moved = replace(decision, set_timers=(TimerSpec(DEADLINE, later),))
+            await tx.save(backend.wire.change(SAGA, moved))
+        assert await backend.probe.timers(saga_id) == {DEADLINE: TimerRow(timer.id, later)}
+
+    async def test_a_failure_of_a_timer_gone_meanwhile_changes_nothing(
+        self, backend: Backend
+    ) -> None:
+        await self.to_wait(backend, "o-1")
+        saga_id = saga_id_for(SAGA.name, "o-1")
+        async with backend.store.transaction() as tx:
+            due = await tx.claim_due_timer(DISPATCH_BY)
+        assert due is not None
+        async with backend.store.transaction() as tx:
+            await tx.record_timer_failure(TimerFailure(due, 1, "late", DISPATCH_BY, None))
+        assert await backend.probe.timers(saga_id) == {}
+
+    async def test_history_appended_for_an_ignored_input_continues_the_sequence(
+        self, backend: Backend
+    ) -> None:
+        await self.to_wait(backend, "o-1")
+        saga_id = saga_id_for(SAGA.name, "o-1")
+        before = await backend.probe.history(saga_id)
+        version = await backend.probe.saga_version(saga_id)
+        entries = (
+            HistoryEntry("ignored", None, "late-1", {"reason": "saga_completed"}),
+            HistoryEntry("ignored", None, "late-2", {"reason": "too_late"}),
+        )
+        async with backend.store.transaction() as tx:
+            await tx.lock_saga(SAGA, saga_id)
+            await tx.append_history(saga_id, T0, entries)
+        rows = await backend.probe.history(saga_id)
+        assert rows == [
+            *before,
+            HistoryRow(len(before) + 1, "ignored", None, "late-1"),
+            HistoryRow(len(before) + 2, "ignored", None, "late-2"),
+        ]
+        assert await backend.probe.saga_version(saga_id) == version
 
     # locking
 

@@ -33,6 +33,7 @@ from sagaworks.application.stored import dead_letter, fingerprint
 
 T0 = datetime(2030, 5, 1, 12, 0, tzinfo=UTC)
 BATCH = UUID(int=7)
+HOST = "ops-box-1"
 
 AuditRow = tuple[int | None, str, dict[str, Any]]
 """dead_letter_id, action, detail."""
@@ -57,7 +58,7 @@ async def backend(database_url_or_memory: str | None) -> AsyncIterator[Backend]:
         async def memory_rows() -> list[AuditRow]:
             return [(a.dead_letter_id, a.action, dict(a.detail)) for a in store.tables.audit]
 
-        yield Backend(store, InMemoryDeadLetters(store), memory_rows)
+        yield Backend(store, InMemoryDeadLetters(store, client_hostname=HOST), memory_rows)
         return
     engine = create_engine(database_url_or_memory, pool_size=2, max_overflow=2)
 
@@ -66,7 +67,9 @@ async def backend(database_url_or_memory: str | None) -> AsyncIterator[Backend]:
         async with engine.connect() as conn:
             return [(r[0], r[1], r[2]) for r in (await conn.execute(text(query))).all()]
 
-    yield Backend(PostgresStore(engine), PostgresDeadLetters(engine), postgres_rows)
+    yield Backend(
+        PostgresStore(engine), PostgresDeadLetters(engine, client_hostname=HOST), postgres_rows
+    )
     await engine.dispose()
 
 
@@ -229,6 +232,7 @@ async def test_a_replay_is_staged_once_and_confirmed_with_its_audit(backend: Bac
         "ok",
     )
     assert (entry.dead_letter_id, dict(entry.detail)) == (letter_id, {"n": 1})
+    assert entry.client_hostname == HOST  # besides the declared operator: where it ran
 
 
 async def test_an_abandoned_replay_leaves_no_row_to_send(backend: Backend) -> None:

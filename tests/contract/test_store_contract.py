@@ -48,7 +48,10 @@ class MemoryProbe:
         ]
 
     async def timers(self, saga_id: UUID) -> dict[str, TimerRow]:
-        return {t.name: TimerRow(t.id, t.fire_at) for t in self._store.timers(saga_id)}
+        return {
+            t.name: TimerRow(t.id, t.fire_at, t.attempts, t.last_error, t.parked_at)
+            for t in self._store.timers(saga_id)
+        }
 
     async def published_at(self, outbox_id: int) -> datetime | None:
         (record,) = [r for r in self._store.outbox() if r.id == outbox_id]
@@ -107,9 +110,11 @@ class PostgresProbe:
 
     async def timers(self, saga_id: UUID) -> dict[str, TimerRow]:
         rows = await self._rows(
-            "SELECT name, id, fire_at FROM timers WHERE saga_id = :s", s=saga_id
+            "SELECT name, id, fire_at, attempts, last_error, parked_at FROM timers "
+            "WHERE saga_id = :s",
+            s=saga_id,
         )
-        return {name: TimerRow(id_, fire_at) for name, id_, fire_at in rows}
+        return {name: TimerRow(*rest) for name, *rest in rows}
 
     async def published_at(self, outbox_id: int) -> datetime | None:
         (row,) = await self._rows("SELECT published_at FROM outbox WHERE id = :i", i=outbox_id)

@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -378,13 +379,22 @@ async def test_rejected_message_replays_only_to_its_queue_and_a_second_failure_c
     assert json.loads(letter["body"])["order_id"] == "o-2"
 
     # Dry run: says where, sends nothing.
-    dry = await env.cli("dlq", "replay", str(letter["id"]), "--dry-run", "--json")
+    dry = await env.cli(
+        "dlq", "replay", str(letter["id"]), "--dry-run", "--json", "--allow-queue", other
+    )
     assert dry.exit_code == 0, dry.output
     (plan,) = json.loads(dry.stdout)["would_send"]
     assert (plan["exchange"], plan["routing_key"], plan["replay"]) == ("", other, 1)
     assert await drain(env, other, settle_s=0.3) == []
 
-    result = await env.cli("dlq", "replay", "--queue", other, "--operator", "carol")
+    # The spy queue is no queue of sagaworks' topology: replayed only when named.
+    refused = await env.cli("dlq", "replay", "--queue", other, "--operator", "carol")
+    assert refused.exit_code == 1
+    assert f'refusing to replay to "{other}"' in refused.stderr
+    assert await drain(env, other, settle_s=0.3) == []
+    result = await env.cli(
+        "dlq", "replay", "--queue", other, "--operator", "carol", "--allow-queue", other
+    )
     assert result.exit_code == 0, result.output
     (again,) = await drain(env, other)
     assert again.message_id == "placed-o-2"
@@ -400,7 +410,7 @@ async def test_rejected_message_replays_only_to_its_queue_and_a_second_failure_c
     assert (row["status"], row["times_replayed"]) == ("replayed", 1)
 
     # Replayed once more, it fails again: the same row, counted again, active again.
-    result = await env.cli("dlq", "replay", str(letter["id"]))
+    result = await env.cli("dlq", "replay", str(letter["id"]), "--allow-queue", other)
     assert result.exit_code == 0, result.output
     async with env.connection.channel() as channel:
         queue = await channel.get_queue(other)
@@ -581,6 +591,68 @@ async def test_replay_killed_mid_batch_then_run_again_loses_nothing_and_doubles_
     for order in orders:
         kinds = await env.history(order)
         assert kinds.count("compensated") == 1, kinds
+
+
+async def test_replay_refuses_a_queue_the_topology_does_not_declare(env: Env) -> None:
+    """A dead letter whose x-death names a queue of someone else's is not sent there."""
+    target = f"{env.prefix}payments.internal"
+    env.extra_queues.append(target)
+    async with env.connection.channel() as channel:
+        await channel.declare_queue(target, durable=True, arguments={"x-queue-type": "quorum"})
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                json.dumps(placed("o-forged")).encode(),
+                message_id="forged-1",
+                type="order.placed",
+                headers={
+                    "x-death": [
+                        {
+                            "queue": target,
+                            "reason": "rejected",
+                            "exchange": env.exchange("orders"),
+                            "routing-keys": ["order.placed"],
+                            "count": 1,
+                            "time": datetime.now(UTC),
+                        }
+                    ]
+                },
+            ),
+            routing_key=dead_letter_queue_name(env.prefix),
+        )
+    letter = await env.letter(message_id="forged-1")
+    assert letter["queue"] == target
+
+    for dry in ((), ("--dry-run",)):
+        result = await env.cli("dlq", "replay", str(letter["id"]), "--operator", "gina", *dry)
+        assert result.exit_code == 1, result.output
+        message = " ".join(result.stderr.split())
+        assert f'refusing to replay to "{target}" (dead letter {letter["id"]})' in message
+        assert "not a queue the topology declares" in message
+        assert f"sagaworks dlq archive {letter['id']}" in message
+        assert "--allow-queue" in message
+    assert await drain(env, target, settle_s=0.5) == []
+    (after,) = await env.letters(id=letter["id"])
+    assert (after["status"], after["times_replayed"]) == ("active", 0)
+    audit = await env.db.fetch(
+        "SELECT operator, action, outcome, detail, db_role, host(client_addr) AS addr, "
+        "client_hostname, current_user AS me FROM dead_letter_audit WHERE dead_letter_id = $1",
+        letter["id"],
+    )
+    assert [(a["operator"], a["action"], a["outcome"]) for a in audit] == [
+        ("gina", "replay", "refused")
+    ]
+    assert json.loads(audit[0]["detail"]) == {"queue": target, "why": "undeclared_queue"}
+    # Besides the name the operator gave: the database role, the client address, the host.
+    assert audit[0]["db_role"] == audit[0]["me"]
+    assert audit[0]["addr"] in {"127.0.0.1", "::1"}
+    assert audit[0]["client_hostname"] == socket.gethostname()
+    shown = await env.cli("dlq", "show", str(letter["id"]), "--json")
+    (entry,) = json.loads(shown.stdout)["history"]
+    assert (entry["operator"], entry["db_role"], entry["client_hostname"]) == (
+        "gina",
+        audit[0]["me"],
+        socket.gethostname(),
+    )
 
 
 async def test_operator_errors_archive_and_purge(env: Env) -> None:

@@ -30,7 +30,12 @@ from sagaworks.adapters.postgres.tables import ALEMBIC_VERSION_TABLE, OUTBOX_CHA
 pytestmark = pytest.mark.integration
 
 SAGAWORKS_TABLES = set(metadata.tables)
-SAGAWORKS_FUNCTIONS = {"sagaworks_outbox_notify", "sagaworks_saga_history_append_only"}
+SAGAWORKS_FUNCTIONS = {
+    "sagaworks_outbox_notify",
+    "sagaworks_saga_history_append_only",
+    "sagaworks_dead_letter_audit_stamp",
+    "sagaworks_dead_letter_audit_append_only",
+}
 
 
 def with_database(url: str, database: str) -> str:
@@ -308,6 +313,71 @@ async def test_purging_a_dead_letter_keeps_its_audit_rows(db: asyncpg.Connection
     row = await db.fetchrow("SELECT operator, dead_letter_id FROM dead_letter_audit")
     assert row is not None
     assert (row["operator"], row["dead_letter_id"]) == ("alice", None)
+
+
+async def test_the_audit_is_append_only_and_stamps_the_role_and_client(
+    db: asyncpg.Connection,
+) -> None:
+    letter_id = await db.fetchval(
+        "INSERT INTO dead_letters (message_id, queue, exchange, routing_key, body, reason, "
+        "fingerprint, first_failed_at, last_failed_at) "
+        "VALUES ('m1', 'q', 'x', 'r', '', 'schema_invalid', 'f', now(), now()) RETURNING id"
+    )
+    # Whatever the insert says, the row names the role and address that really wrote it.
+    audit_id = await db.fetchval(
+        "INSERT INTO dead_letter_audit (operator, action, dead_letter_id, outcome, db_role, "
+        "client_addr, client_hostname) "
+        "VALUES ('alice', 'edit', $1, 'saved', 'someone_else', '10.9.9.9', 'laptop') "
+        "RETURNING id",
+        letter_id,
+    )
+    row = await db.fetchrow(
+        "SELECT operator, db_role, host(client_addr) AS addr, client_hostname, "
+        "current_user AS me, host(inet_client_addr()) AS my_addr "
+        "FROM dead_letter_audit WHERE id = $1",
+        audit_id,
+    )
+    assert row is not None
+    assert (row["operator"], row["client_hostname"]) == ("alice", "laptop")
+    assert (row["db_role"], row["addr"]) == (row["me"], row["my_addr"])
+    assert row["db_role"] != "someone_else"
+
+    for statement, verb in (
+        ("UPDATE dead_letter_audit SET operator = 'mallory'", "UPDATE"),
+        ("UPDATE dead_letter_audit SET dead_letter_id = NULL", "UPDATE"),
+        ("DELETE FROM dead_letter_audit", "DELETE"),
+        ("TRUNCATE dead_letter_audit", "TRUNCATE"),
+    ):
+        with pytest.raises(asyncpg.RaiseError, match=f"dead_letter_audit is append-only: {verb}"):
+            await db.execute(statement)
+    assert await db.fetchval("SELECT operator FROM dead_letter_audit") == "alice"
+
+    # Purging the letter still works: the foreign key may clear the link, nothing else.
+    await db.execute("DELETE FROM dead_letters WHERE id = $1", letter_id)
+    after = await db.fetchrow("SELECT operator, dead_letter_id, db_role FROM dead_letter_audit")
+    assert after is not None
+    assert (after["operator"], after["dead_letter_id"], after["db_role"]) == (
+        "alice",
+        None,
+        row["me"],
+    )
+
+
+async def test_a_parked_timer_is_left_out_of_the_due_index(db: asyncpg.Connection) -> None:
+    saga_id = await insert_saga(db)
+    await db.execute(
+        "INSERT INTO timers (saga_id, name, fire_at, attempts, last_error, parked_at) "
+        "VALUES ($1, 'deadline:x', now(), 3, 'ValueError: no', now())",
+        saga_id,
+    )
+    with pytest.raises(asyncpg.CheckViolationError):
+        await db.execute("UPDATE timers SET attempts = -1")
+    indexes = await db.fetch(
+        "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'timers' ORDER BY 1"
+    )
+    definitions = {r["indexname"]: r["indexdef"] for r in indexes}
+    assert "WHERE (parked_at IS NULL)" in definitions["ix_timers_due"]
+    assert "ix_timers_fire_at" not in definitions
 
 
 async def test_probe_database_on_a_closed_port_says_refused() -> None:

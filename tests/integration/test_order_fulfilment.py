@@ -380,7 +380,21 @@ async def test_cancellation_after_capture_started_is_refused(harness: EngineHarn
     after = await harness.saga(oid)
     assert after is not None
     assert (after.status, after.version) == ("completed", saga.version)
-    assert await harness.history(oid) == history
+    assert (after.state, after.progress) == (saga.state, saga.progress)
+    # ...but it leaves a trace: one history entry saying it was ignored, and why.
+    *before, ignored = await harness.history(oid)
+    assert before == history
+    assert (ignored.seq, ignored.kind, ignored.step, ignored.message_id) == (
+        len(history) + 1,
+        "ignored",
+        None,
+        late_id,
+    )
+    assert ignored.detail == {
+        "reason": "saga_completed",
+        "event": "order.cancellation_requested",
+        "status": "completed",
+    }
     await assert_settled(harness, saga)
 
 
@@ -783,3 +797,59 @@ async def test_poison_messages_are_dead_lettered_on_first_delivery(
     # Settled by sagaworks itself: nothing waits for a redelivery or went to the broker's DLQ.
     assert await harness.queue_depth(harness.saga_queue) == 0
     assert await harness.queue_depth(harness.systems[0].topology.dead_letter_queue) == 0
+
+
+# -- timers that fail to apply -----------------------------------------------------------------
+
+
+async def test_a_timer_that_fails_to_apply_backs_off_and_parks_without_delaying_the_others(
+    harness_factory: HarnessFactory,
+) -> None:
+    harness = await harness_factory(
+        timer_max_attempts=3, timer_retry_base_s=0.5, timer_retry_max_s=1.0
+    )
+    await harness.start_worker()
+    orders = [f"o-timer-{n}" for n in range(21)]
+    for oid in orders:
+        await place(harness, placed(oid, dispatch_in_s=3600))  # nobody dispatches
+    for oid in orders:
+        await harness.wait_for_history(oid, "waiting", "await_dispatch", timeout_s=30)
+
+    # One saga's state no longer loads; its deadline is due first, every other one right after.
+    poisoned, *others = orders
+    poisoned_id = harness.saga_id(poisoned)
+    await harness.db.execute(
+        "UPDATE saga_instances SET state = '{\"poisoned\": true}' WHERE id = $1", poisoned_id
+    )
+    await harness.db.execute(
+        "UPDATE timers SET fire_at = now() - CASE WHEN saga_id = $1 "
+        "THEN interval '1 hour' ELSE interval '0' END",
+        poisoned_id,
+    )
+
+    for oid in others:
+        saga = await harness.wait_for_status(oid, "compensated", timeout_s=30)
+        assert saga.reason == "dispatch_deadline_missed"
+
+    async def parked() -> Any:
+        return await harness.db.fetchrow(
+            "SELECT attempts, last_error, fire_at, parked_at, created_at FROM timers "
+            "WHERE saga_id = $1 AND parked_at IS NOT NULL",
+            poisoned_id,
+        )
+
+    timer = await harness.eventually(parked, what="the failing timer parked", timeout_s=30)
+    assert timer["attempts"] == 3
+    assert timer["last_error"].startswith("ValidationError: ")
+    # Backed off: tried at the hour-old due time, then 0.5 s and 1 s after its failures.
+    assert timer["fire_at"] > timer["created_at"]
+    assert timer["parked_at"] >= timer["fire_at"]
+    await asyncio.sleep(1.5)  # parked: not tried again
+    again = await harness.db.fetchrow(
+        "SELECT attempts, parked_at FROM timers WHERE saga_id = $1", poisoned_id
+    )
+    assert (again["attempts"], again["parked_at"]) == (3, timer["parked_at"])
+    still = await harness.db.fetchval(
+        "SELECT status FROM saga_instances WHERE id = $1", poisoned_id
+    )
+    assert still == "running"

@@ -1,18 +1,22 @@
-"""The pure parts of dead-letter handling: replay envelopes, body edits, remembered errors."""
+"""Pure rules: replay envelopes and targets, body edits, remembered errors, timer backoff."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from sagaworks.adapters.rabbitmq.publisher import amqp_properties
+from sagaworks.application.config import EngineOptions
 from sagaworks.application.dead_letters import (
     REPLAY_HEADER,
     DeadLetterError,
     LastErrors,
+    UndeclaredQueue,
     replay_envelope,
     set_path,
+    undeclared_queues,
 )
 from sagaworks.application.ports import OutboxRow, StoredDeadLetter
 
@@ -123,3 +127,33 @@ def test_last_errors_keep_the_newest_per_message_and_forget_the_oldest() -> None
     assert errors.get("q", "m-1") is None
     assert errors.get("q", "m-3") == ("RuntimeError", "third")
     assert errors.get("other", "m-3") is None
+
+
+def test_replay_targets_only_declared_queues_and_the_refusal_says_what_to_do() -> None:
+    declared = {"sagaworks.order_fulfilment", "sagaworks.port.payments"}
+    ours = letter({})
+    stray = replace(ours, id=8, queue="billing.internal")
+    other = replace(ours, id=9, queue="billing.internal")
+    assert undeclared_queues([ours], declared) == {}
+    strays = undeclared_queues([ours, stray, other], declared)
+    assert strays == {"billing.internal": [8, 9]}
+    text = str(UndeclaredQueue(strays))
+    assert 'refusing to replay to "billing.internal" (dead letter 8, 9)' in text
+    assert "sagaworks dlq archive 8" in text
+    assert "--allow-queue" in text
+
+
+def test_a_failing_timer_backs_off_exponentially_up_to_the_cap_then_parks() -> None:
+    options = EngineOptions(
+        timer_max_attempts=6,
+        timer_retry_base=timedelta(seconds=1),
+        timer_retry_max=timedelta(seconds=10),
+    )
+    waits = [options.timer_retry_at(n, NOW) for n in range(1, 7)]
+    assert [w - NOW for w in waits[:5] if w is not None] == [
+        timedelta(seconds=s) for s in (1, 2, 4, 8, 10)
+    ]
+    assert waits[5] is None
+    assert EngineOptions(timer_max_attempts=1000).timer_retry_at(999, NOW) == NOW + timedelta(
+        minutes=5
+    )

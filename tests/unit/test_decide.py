@@ -175,7 +175,23 @@ def assert_ignored(saga: Saga, given: Input, reason: str) -> None:
     assert decision.outgoing == ()
     assert decision.set_timers == ()
     assert decision.cancel_timers == ()
-    assert decision.history == ()
+    if isinstance(given, EventReceived):
+        # Another service's event is never dropped without a trace: one entry says why.
+        assert before is not None
+        assert decision.history == (
+            HistoryEntry(
+                "ignored",
+                None,
+                given.envelope.id,
+                {
+                    "reason": reason,
+                    "event": given.envelope.type,
+                    "status": before.status.value,
+                },
+            ),
+        )
+    else:
+        assert decision.history == ()
 
 
 # --- getting a saga to a given stage ----------------------------------------------------------

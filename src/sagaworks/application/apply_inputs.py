@@ -114,6 +114,9 @@ class ApplyInputs:
                     applied.append(self._wire.change(arrival.definition, decision))
             if applied:
                 await tx.save_all(applied)
+            for seen in decisions:
+                if seen is not None:
+                    await _note_ignored(tx, seen)
             for i, (arrival, saga) in enumerate(zip(arrivals, locked, strict=True)):
                 if saga.has_parked and not saga.duplicate:  # rare: replays what it unblocks
                     decisions[i] = await apply_to_locked_saga(
@@ -186,12 +189,19 @@ async def apply_to_locked_saga(
     sagas with parked events, which a transition may make ready.
     """
     decision = decide(definition, locked.instance, given, now)
+    await _note_ignored(tx, decision)
     if decision.outcome == "applied":
         await tx.save(wire.change(definition, decision))
         assert decision.instance is not None
         if locked.has_parked:
             await _replay_parked(tx, wire, definition, decision.instance, now)
     return decision
+
+
+async def _note_ignored(tx: SagaTransaction, decision: Decision) -> None:
+    """An ignored input's history entries (why an event was ignored), in its transaction."""
+    if decision.outcome == "ignored" and decision.history and decision.instance is not None:
+        await tx.append_history(decision.instance.id, decision.at, decision.history)
 
 
 async def _replay_parked(
@@ -226,6 +236,7 @@ async def _replay_parked(
             decision = decide(definition, instance, given, now)
             if decision.outcome == "park":
                 continue
+            await _note_ignored(tx, decision)
             if decision.outcome == "applied":
                 await tx.save(wire.change(definition, decision))
                 assert decision.instance is not None

@@ -26,6 +26,19 @@ class EngineOptions:
     """At most this many messages share one transaction (1: one transaction per message)."""
     batch_concurrency: int = 1
     """Transactions of batched messages in flight at once, each on its own connection."""
+    timer_max_attempts: int = 10
+    """Failed applications of one timer before it is parked with its error."""
+    timer_retry_base: timedelta = timedelta(seconds=1)
+    """Wait after a timer's first failed application; doubled after each further one."""
+    timer_retry_max: timedelta = timedelta(minutes=5)
+    """The longest wait between two applications of a failing timer."""
+
+    def timer_retry_at(self, attempts: int, now: datetime) -> datetime | None:
+        """When a timer that failed `attempts` times runs again; None once it is to be parked."""
+        if attempts >= self.timer_max_attempts:
+            return None
+        doublings = min(attempts - 1, 30)  # beyond that the cap has long been reached
+        return now + min(self.timer_retry_max, self.timer_retry_base * (1 << doublings))
 
 
 @dataclass(frozen=True, slots=True)

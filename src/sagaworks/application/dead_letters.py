@@ -5,7 +5,8 @@ using its newest `PriorFailure` for where and why it failed. Replay sends
 a letter back to the one queue that failed (through the default exchange, not
 its original exchange, which would fan it out to every bound queue again),
 with its original message id, so the saga's inbox makes a repeated replay a
-no-op. Every operator action leaves an audit row.
+no-op; only to a queue the topology declares, since the failed queue is what
+the letter's x-death header says. Every operator action leaves an audit row.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import hashlib
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import astuple, dataclass, replace
 from typing import Any
 from uuid import UUID, uuid4
@@ -53,11 +54,13 @@ __all__ = [
     "QueueOwner",
     "ReplayDeadLetters",
     "ReplayReport",
+    "UndeclaredQueue",
     "UnknownDeadLetter",
     "replay_envelope",
     "resolve_selection",
     "schema_for",
     "set_path",
+    "undeclared_queues",
 ]
 
 REPLAY_HEADER = "x-sagaworks-replay"
@@ -86,6 +89,37 @@ class EmptySelection(DeadLetterError):
 
 class NoSchema(DeadLetterError):
     pass
+
+
+class UndeclaredQueue(DeadLetterError):
+    """A letter says it failed in a queue sagaworks does not declare; nothing was sent."""
+
+    def __init__(self, strays: Mapping[str, Sequence[int]]) -> None:
+        queues = "; ".join(
+            f'"{queue}" (dead letter {", ".join(map(str, ids))})'
+            for queue, ids in sorted(strays.items())
+        )
+        first = min(i for ids in strays.values() for i in ids)
+        super().__init__(
+            f"refusing to replay to {queues}: not a queue the topology declares (the queues "
+            "of the sagas in SAGAWORKS_SAGAS and of their ports, under SAGAWORKS_EXCHANGE_PREFIX)"
+            "; the failed queue comes from the letter's x-death header, which whoever published "
+            "to the dead-letter queue could write. Nothing was sent. Check the settings match "
+            f"the worker's and look at the letter (`sagaworks dlq show {first}`); if that queue "
+            "is really meant, name it with --allow-queue; otherwise set the letter aside "
+            f"(`sagaworks dlq archive {first}`) or narrow the selection with --queue"
+        )
+
+
+def undeclared_queues(
+    letters: Iterable[StoredDeadLetter], targets: Collection[str]
+) -> dict[str, list[int]]:
+    """The letters (by queue) a replay would send to a queue not in `targets`."""
+    strays: dict[str, list[int]] = {}
+    for letter in letters:
+        if letter.queue not in targets:
+            strays.setdefault(letter.queue, []).append(letter.id)
+    return strays
 
 
 class InvalidBody(DeadLetterError):
@@ -286,9 +320,14 @@ class ReplayDeadLetters:
     one message to the saga's inbox.
     """
 
-    def __init__(self, repo: DeadLetterRepository, publisher: Publisher) -> None:
+    def __init__(
+        self, repo: DeadLetterRepository, publisher: Publisher, targets: Collection[str]
+    ) -> None:
         self._repo = repo
         self._publisher = publisher
+        self._targets = frozenset(targets)
+        """The only queues a replay may send to: those the topology declares (and any the
+        operator named); a letter's failed queue is whatever its x-death header said."""
 
     async def __call__(
         self,
@@ -299,6 +338,7 @@ class ReplayDeadLetters:
         progress: Progress | None = None,
     ) -> ReplayReport:
         batch = uuid4()
+        await self._refuse_undeclared(ids, operator, batch)
         interval = 1.0 / rate if rate else 0.0
         started = time.monotonic()
         replayed = 0
@@ -325,6 +365,20 @@ class ReplayDeadLetters:
             if progress is not None:
                 progress(replayed, len(ids))
         return ReplayReport(batch, len(ids), replayed)
+
+    async def _refuse_undeclared(self, ids: Sequence[int], operator: str, batch: UUID) -> None:
+        """Check every letter before sending any; audit and refuse the whole run otherwise."""
+        selection = DeadLetterFilter(ids=tuple(ids), statuses=())
+        letters = await self._repo.find(selection, limit=max(len(ids), 1))
+        strays = undeclared_queues(letters, self._targets)
+        if not strays:
+            return
+        for queue, stray_ids in strays.items():
+            audit = AuditRecord(
+                operator, "replay", batch, "refused", {"queue": queue, "why": "undeclared_queue"}
+            )
+            await self._repo.audit(stray_ids, audit)
+        raise UndeclaredQueue(strays)
 
 
 # --- edit -------------------------------------------------------------------------------------

@@ -2,46 +2,105 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from sagaworks.application.apply_inputs import apply_to_locked_saga
+from sagaworks.application.config import EngineOptions
 from sagaworks.application.outbox import OutboxRelay
-from sagaworks.application.ports import Clock, Store
+from sagaworks.application.ports import Clock, DueTimer, Store, TimerFailure
 from sagaworks.application.registry import SagaRegistry
 from sagaworks.application.stored import dead_letter
 from sagaworks.application.wire import Wire
 from sagaworks.domain.decide import TimerFired
 
-__all__ = ["ExpireParkedEvents", "FireDueTimers"]
+__all__ = ["ExpireParkedEvents", "FailedTimer", "FireDueTimers", "TimersRun"]
+
+
+@dataclass(frozen=True, slots=True)
+class FailedTimer:
+    """A timer that failed to apply, as recorded on its row, and the error it failed with."""
+
+    failure: TimerFailure
+    error: Exception
+
+
+@dataclass(frozen=True, slots=True)
+class TimersRun:
+    """What one call of `FireDueTimers` did: timers applied, and timers that failed."""
+
+    fired: int = 0
+    failed: tuple[FailedTimer, ...] = ()
+
+    @property
+    def handled(self) -> int:
+        return self.fired + len(self.failed)
 
 
 class FireDueTimers:
-    """Each due timer is claimed and applied in its own transaction."""
+    """Each due timer is claimed and applied in its own transaction.
+
+    A timer whose application fails rolls back with its transaction; a second,
+    small transaction then counts the failure on its row and moves it by a
+    capped backoff (`EngineOptions.timer_retry_at`), or parks it with its error
+    once `timer_max_attempts` is reached, so it never holds up the timers
+    behind it. A failure to claim at all (the database is away) is raised.
+    """
 
     def __init__(
-        self, store: Store, relay: OutboxRelay, clock: Clock, registry: SagaRegistry, wire: Wire
+        self,
+        store: Store,
+        relay: OutboxRelay,
+        clock: Clock,
+        registry: SagaRegistry,
+        wire: Wire,
+        options: EngineOptions,
     ) -> None:
         self._store = store
         self._relay = relay
         self._clock = clock
         self._registry = registry
         self._wire = wire
+        self._options = options
 
-    async def __call__(self, limit: int = 200) -> int:
+    async def __call__(self, limit: int = 200) -> TimersRun:
         fired = 0
-        while fired < limit:
-            async with self._store.transaction() as tx:
-                now = self._clock.now()
-                timer = await tx.claim_due_timer(now)
+        failed: list[FailedTimer] = []
+        while fired + len(failed) < limit:
+            timer: DueTimer | None = None
+            try:
+                async with self._store.transaction() as tx:
+                    now = self._clock.now()
+                    timer = await tx.claim_due_timer(now)
+                    if timer is None:
+                        break
+                    definition = self._registry.get(timer.saga_type)
+                    locked = await tx.lock_saga(definition, timer.saga_id)
+                    await apply_to_locked_saga(
+                        tx, self._wire, definition, locked, TimerFired(timer.name), now
+                    )
+                    rows = tx.written_outbox()
+            except Exception as error:
                 if timer is None:
-                    return fired
-                definition = self._registry.get(timer.saga_type)
-                locked = await tx.lock_saga(definition, timer.saga_id)
-                await apply_to_locked_saga(
-                    tx, self._wire, definition, locked, TimerFired(timer.name), now
-                )
-                rows = tx.written_outbox()
+                    raise
+                failed.append(await self._record_failure(timer, error))
+                continue
             await self._relay.publish_now(rows)
             fired += 1
-        return fired
+        return TimersRun(fired, tuple(failed))
+
+    async def _record_failure(self, timer: DueTimer, error: Exception) -> FailedTimer:
+        now = self._clock.now()
+        attempts = timer.attempts + 1
+        failure = TimerFailure(
+            timer,
+            attempts,
+            f"{type(error).__name__}: {error}",
+            now,
+            self._options.timer_retry_at(attempts, now),
+        )
+        async with self._store.transaction() as tx:
+            await tx.record_timer_failure(failure)
+        return FailedTimer(failure, error)
 
 
 class ExpireParkedEvents:

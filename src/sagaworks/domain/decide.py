@@ -122,7 +122,7 @@ class HistoryEntry:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """`applied`: persist it; `ignored`: record the input as seen; `park`: keep it for later."""
+    """`applied`: persist it; `ignored`: record it as seen, with any `history`; `park`: keep it."""
 
     outcome: Literal["applied", "ignored", "park"]
     instance: SagaInstance | None
@@ -159,7 +159,7 @@ def decide(
         return _start(definition, given, now)
     t = _Transition(definition, instance, now, _cause(given))
     if isinstance(given, EventReceived):
-        return _on_event(t, given)
+        return _noted(t, given, _on_event(t, given))
     if isinstance(given, StepFinished):
         return _on_step_finished(t, given)
     return _on_timer(t, given)
@@ -281,6 +281,22 @@ def _announce(t: _Transition, message: Message, declared: type[Message]) -> None
             f"but built a {type(message).__name__}"
         )
     t.publish(message, message.domain, message.routing_key)
+
+
+def _noted(t: _Transition, given: EventReceived, decision: Decision) -> Decision:
+    """An event another service sent is never dropped without a trace: an ignored one is noted.
+
+    The entry changes nothing else (same instance and version); the store appends it.
+    """
+    if decision.outcome != "ignored":
+        return decision
+    entry = HistoryEntry(
+        "ignored",
+        None,
+        given.envelope.id,
+        {"reason": decision.reason, "event": given.envelope.type, "status": t.i.status.value},
+    )
+    return replace(decision, history=(entry,))
 
 
 def _on_event(t: _Transition, given: EventReceived) -> Decision:

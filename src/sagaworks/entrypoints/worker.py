@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from faststream import AckPolicy, FastStream
 from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
@@ -34,6 +35,7 @@ from sagaworks.adapters.rabbitmq.inbound import to_inbound
 from sagaworks.adapters.rabbitmq.topology import apply_topology
 from sagaworks.application.ports import InboundMessage
 from sagaworks.application.results import Handled
+from sagaworks.application.timers import FailedTimer, TimersRun
 from sagaworks.bootstrap import System
 from sagaworks.entrypoints.consumers import cancel_consumer
 from sagaworks.entrypoints.port_gate import PortGate
@@ -43,6 +45,8 @@ __all__ = ["Worker"]
 _log = get_logger("sagaworks.worker")
 
 _OUTAGE_PATIENCE_S = 60.0
+
+T = TypeVar("T")
 
 
 async def _decode(msg: RabbitMessageType) -> RabbitMessageType:
@@ -122,9 +126,13 @@ class Worker:
             finally:
                 clear_message_context()
             await message.ack()
-            if handled.outcome in {"dead_lettered", "parked"}:
+            if handled.outcome in {"dead_lettered", "parked", "ignored"}:
                 _log.info(
-                    handled.outcome, queue=queue, reason=handled.reason, saga_id=handled.saga_id
+                    handled.outcome,
+                    queue=queue,
+                    reason=handled.reason,
+                    saga_id=handled.saga_id,
+                    message_id=inbound.message_id,
                 )
 
     async def _stop_consuming(self) -> None:
@@ -179,22 +187,24 @@ class Worker:
         async with self.system.outbox_wake_ups.listen() as woken:
             while True:
                 await woken.wait(interval)
-                await self._guard("outbox sweep", self.system.relay.sweep())
+                await self._guard("outbox sweep", self.system.relay.sweep(), 0)
                 await asyncio.sleep(min(interval, 0.5))
 
     async def _fire_timers(self) -> None:
         interval = self.system.settings.timer_poll_interval_s
         while True:
-            fired = await self._guard("timers", self.system.fire_timers())
-            if not fired:
+            run = await self._guard("timers", self.system.fire_timers(), TimersRun())
+            for failed in run.failed:
+                _log_timer_failure(failed)
+            if not run.handled:
                 await asyncio.sleep(interval)
 
     async def _expire_parked(self) -> None:
         while True:
-            await self._guard("parked expiry", self.system.expire_parked_events())
+            await self._guard("parked expiry", self.system.expire_parked_events(), 0)
             await asyncio.sleep(self.system.settings.parked_expiry_interval_s)
 
-    async def _guard(self, what: str, work: Awaitable[int]) -> int:
+    async def _guard(self, what: str, work: Awaitable[T], nothing: T) -> T:
         try:
             return await work
         except asyncio.CancelledError:
@@ -202,7 +212,7 @@ class Worker:
         except Exception as error:  # noqa: BLE001 - a background loop must outlive an outage
             _log.warning(f"{what} failed; will retry", error=f"{type(error).__name__}: {error}")
             await asyncio.sleep(1.0)
-            return 0
+            return nothing
 
     async def declare_topology(self) -> None:
         assert self.system.connection is not None, "the worker needs the real broker"
@@ -226,6 +236,30 @@ class Worker:
         await self._stop_consuming()
         await self.broker.stop()
         await self._stop_background()
+
+
+def _log_timer_failure(failed: FailedTimer) -> None:
+    failure = failed.failure
+    timer = failure.timer
+    facts = {
+        "saga_type": timer.saga_type,
+        "saga_id": str(timer.saga_id),
+        "timer": timer.name,
+        "attempts": failure.attempts,
+        "error": failure.error,
+    }
+    if failure.retry_at is None:
+        _log.error(
+            "timer parked after failing every attempt; see docs/recoverability.md to find and "
+            "re-arm it",
+            **facts,
+        )
+    else:
+        _log.warning(
+            "timer failed to apply; rolled back, retried later",
+            retry_at=failure.retry_at.isoformat(),
+            **facts,
+        )
 
 
 async def _patiently(

@@ -55,9 +55,10 @@ def _matches(letter: StoredDeadLetter, selection: DeadLetterFilter) -> bool:
 class InMemoryDeadLetters:
     """Implements `DeadLetterRepository` on the dead letters and outbox of `store`."""
 
-    def __init__(self, store: InMemoryStore) -> None:
+    def __init__(self, store: InMemoryStore, *, client_hostname: str | None = None) -> None:
         self._store = store
         self._tables = store.tables
+        self._client_hostname = client_hostname
 
     def _selected(self, selection: DeadLetterFilter) -> list[StoredDeadLetter]:
         """Matching letters, oldest id first."""
@@ -103,6 +104,7 @@ class InMemoryDeadLetters:
                     dead_letter_id=letter_id,
                     outcome=audit.outcome,
                     detail=as_json({**audit.detail, **(extra or {})}, lenient=True),
+                    client_hostname=self._client_hostname,
                 )
             )
 

@@ -139,11 +139,16 @@ class OutboxRecord:
 
 @dataclass(frozen=True, slots=True)
 class TimerRecord:
+    """One row of `timers`; `parked_at` is set once it failed to apply too often."""
+
     id: int
     saga_id: UUID
     name: str
     fire_at: datetime
     created_at: datetime
+    attempts: int = 0
+    last_error: str | None = None
+    parked_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

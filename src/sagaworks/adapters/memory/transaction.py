@@ -40,9 +40,10 @@ from sagaworks.application.ports import (
     SagaChange,
     SagaClaim,
     StoredDeadLetter,
+    TimerFailure,
 )
 from sagaworks.application.stored import lock_key, refuse_repeats
-from sagaworks.domain.decide import Decision
+from sagaworks.domain.decide import Decision, HistoryEntry
 from sagaworks.domain.definition import SagaDefinition
 
 __all__ = ["MemoryTransaction"]
@@ -291,7 +292,7 @@ class MemoryTransaction(Owner):
             key = (instance.id, spec.name)
             old = timers.get(key)
             changes.timers[key] = (
-                replace(old, fire_at=utc(spec.fire_at))
+                replace(old, fire_at=utc(spec.fire_at), attempts=0, last_error=None, parked_at=None)
                 if old is not None
                 else TimerRecord(
                     self._tables.next_id("timers"), instance.id, spec.name, utc(spec.fire_at), now
@@ -361,7 +362,9 @@ class MemoryTransaction(Owner):
                 (
                     t
                     for t in self._timers().values()
-                    if t.fire_at <= moment and self._saga(t.saga_id) is not None
+                    if t.fire_at <= moment
+                    and t.parked_at is None
+                    and self._saga(t.saga_id) is not None
                 ),
                 key=lambda t: (t.fire_at, t.id),
             )[:_DUE_TIMER_BATCH]
@@ -375,8 +378,55 @@ class MemoryTransaction(Owner):
                 if current is None or current.id != timer.id or saga is None:
                     continue
                 self._changes.timers[key] = None
-                return DueTimer(timer.id, saga.saga_type, timer.saga_id, timer.name)
+                return DueTimer(
+                    timer.id, saga.saga_type, timer.saga_id, timer.name, current.attempts
+                )
             return None
+        finally:
+            self._leave()
+
+    async def record_timer_failure(self, failure: TimerFailure) -> None:
+        await self._enter()
+        try:
+            timer = failure.timer
+            key = (timer.saga_id, timer.name)
+            await self._locks.acquire(("timers", *key), self)
+            current = self._timers().get(key)
+            if current is None or current.id != timer.id:
+                return
+            self._changes.timers[key] = replace(
+                current,
+                attempts=failure.attempts,
+                last_error=failure.error,
+                fire_at=current.fire_at if failure.retry_at is None else utc(failure.retry_at),
+                parked_at=utc(failure.at) if failure.retry_at is None else None,
+            )
+        finally:
+            self._leave()
+
+    async def append_history(
+        self, saga_id: UUID, at: datetime, entries: Sequence[HistoryEntry]
+    ) -> None:
+        await self._enter()
+        try:
+            if self._saga(saga_id) is None:
+                raise RuntimeError(f"saga {saga_id} does not exist; history needs its saga")
+            details = [as_json(h.detail, lenient=True) for h in entries]
+            base = self._last_seq(saga_id)
+            rows = self._changes.history.setdefault(saga_id, [])
+            for n, (entry, detail) in enumerate(zip(entries, details, strict=True), 1):
+                rows.append(
+                    HistoryRecord(
+                        self._tables.next_id("saga_history"),
+                        saga_id,
+                        base + n,
+                        utc(at),
+                        entry.kind,
+                        entry.step,
+                        entry.message_id,
+                        detail,
+                    )
+                )
         finally:
             self._leave()
 

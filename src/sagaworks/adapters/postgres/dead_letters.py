@@ -92,8 +92,10 @@ def _letter(row: Any) -> StoredDeadLetter:
 class PostgresDeadLetters:
     """Implements `DeadLetterRepository`."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, client_hostname: str | None = None) -> None:
         self._engine = engine
+        self._client_hostname = client_hostname
+        """Written on every audit row; the role and client address are stamped by a trigger."""
 
     async def find(
         self, selection: DeadLetterFilter, *, limit: int, offset: int = 0
@@ -172,6 +174,9 @@ class PostgresDeadLetters:
                     dead_letter_id=r.dead_letter_id,
                     outcome=r.outcome,
                     detail=r.detail,
+                    db_role=r.db_role,
+                    client_addr=None if r.client_addr is None else str(r.client_addr),
+                    client_hostname=r.client_hostname,
                 )
                 for r in await conn.execute(query)
             ]
@@ -217,14 +222,14 @@ class PostgresDeadLetters:
                 .where(_d.id == letter_id)
                 .values(status="replayed", times_replayed=_d.times_replayed + 1)
             )
-            await _audit(conn, [letter_id], audit)
+            await _audit(conn, [letter_id], audit, self._client_hostname)
 
     async def abandon_replay(self, letter_id: int, outbox_id: int, audit: AuditRecord) -> None:
         async with self._engine.begin() as conn:
             await conn.execute(
                 delete(outbox).where(outbox.c.id == outbox_id, outbox.c.published_at.is_(None))
             )
-            await _audit(conn, [letter_id], audit)
+            await _audit(conn, [letter_id], audit, self._client_hostname)
 
     async def save_body(self, letter_id: int, body: bytes, audit: AuditRecord) -> None:
         async with self._engine.begin() as conn:
@@ -233,11 +238,11 @@ class PostgresDeadLetters:
                 .where(_d.id == letter_id)
                 .values(original_body=func.coalesce(_d.original_body, _d.body), body=body)
             )
-            await _audit(conn, [letter_id], audit)
+            await _audit(conn, [letter_id], audit, self._client_hostname)
 
     async def audit(self, letter_ids: Sequence[int | None], audit: AuditRecord) -> None:
         async with self._engine.begin() as conn:
-            await _audit(conn, letter_ids, audit)
+            await _audit(conn, letter_ids, audit, self._client_hostname)
 
     async def archive(self, letter_ids: Sequence[int], audit: AuditRecord) -> int:
         async with self._engine.begin() as conn:
@@ -251,7 +256,7 @@ class PostgresDeadLetters:
                     )
                 ).scalars()
             )
-            await _audit(conn, archived, audit)
+            await _audit(conn, archived, audit, self._client_hostname)
         return len(archived)
 
     async def purge(self, letter_ids: Sequence[int], audit: AuditRecord) -> int:
@@ -271,6 +276,7 @@ class PostgresDeadLetters:
                         _audit_values(
                             None,
                             audit,
+                            self._client_hostname,
                             {"id": r.id, "message_id": r.message_id, "queue": r.queue},
                         )
                         for r in gone
@@ -280,9 +286,13 @@ class PostgresDeadLetters:
 
 
 def _audit_values(
-    letter_id: int | None, audit: AuditRecord, extra: Mapping[str, Any] | None = None
+    letter_id: int | None,
+    audit: AuditRecord,
+    client_hostname: str | None,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
+        "client_hostname": client_hostname,
         "operator": audit.operator,
         "action": audit.action,
         "batch_id": audit.batch_id,
@@ -293,7 +303,13 @@ def _audit_values(
 
 
 async def _audit(
-    conn: AsyncConnection, letter_ids: Sequence[int | None], audit: AuditRecord
+    conn: AsyncConnection,
+    letter_ids: Sequence[int | None],
+    audit: AuditRecord,
+    client_hostname: str | None,
 ) -> None:
     if letter_ids:
-        await conn.execute(insert(dead_letter_audit), [_audit_values(i, audit) for i in letter_ids])
+        await conn.execute(
+            insert(dead_letter_audit),
+            [_audit_values(i, audit, client_hostname) for i in letter_ids],
+        )

@@ -36,8 +36,10 @@ from sagaworks.application.ports import (
     PendingMessage,
     SagaChange,
     SagaClaim,
+    TimerFailure,
 )
 from sagaworks.application.stored import lock_key, refuse_repeats, saga_from_row
+from sagaworks.domain.decide import HistoryEntry
 from sagaworks.domain.definition import SagaDefinition
 from sagaworks.domain.instance import SagaInstance
 
@@ -142,7 +144,8 @@ ts AS (
   SELECT t.saga_id, t.name, t.fire_at
   FROM unnest($26::uuid[], $27::text[], $28::timestamptz[]) AS t(saga_id, name, fire_at)
   WHERE t.saga_id IN (SELECT id FROM written)
-  ON CONFLICT (saga_id, name) DO UPDATE SET fire_at = EXCLUDED.fire_at
+  ON CONFLICT (saga_id, name) DO UPDATE
+  SET fire_at = EXCLUDED.fire_at, attempts = 0, last_error = NULL, parked_at = NULL
 )
 SELECT ARRAY(SELECT id FROM written) AS written, o.id, o.message_id
 FROM (SELECT 1) AS one LEFT JOIN o ON true
@@ -176,9 +179,26 @@ SELECT id, saga_type, headers, body, reason, expires_at, message_id, message_typ
 """
 
 _DUE_TIMERS = """
-SELECT t.id, t.saga_id, t.name, s.saga_type
+SELECT t.id, t.saga_id, t.name, t.attempts, s.saga_type
 FROM timers t JOIN saga_instances s ON s.id = t.saga_id
-WHERE t.fire_at <= $1 ORDER BY t.fire_at LIMIT 20
+WHERE t.fire_at <= $1 AND t.parked_at IS NULL ORDER BY t.fire_at LIMIT 20
+"""
+
+# After the failed application rolled back: count it, then back off (`$4`) or park (`$4` NULL).
+_TIMER_FAILED = """
+UPDATE timers
+SET attempts = $2, last_error = $3, fire_at = COALESCE($4, fire_at),
+    parked_at = CASE WHEN $4::timestamptz IS NULL THEN $5::timestamptz END
+WHERE id = $1
+"""
+
+# An input that changed nothing (an ignored event) still leaves its trace in the history.
+_APPEND_HISTORY = """
+INSERT INTO saga_history (saga_id, seq, at, kind, step, message_id, detail)
+SELECT $1, COALESCE((SELECT max(x.seq) FROM saga_history x WHERE x.saga_id = $1), 0) + e.ord,
+       $2, e.kind, e.step, e.message_id, e.detail
+FROM unnest($3::text[], $4::text[], $5::text[], $6::jsonb[]) WITH ORDINALITY
+  AS e(kind, step, message_id, detail, ord)
 """
 
 _CLAIM_TIMER = "DELETE FROM timers WHERE id = $1 RETURNING id"
@@ -413,8 +433,33 @@ class _Transaction:
                 continue
             if await self._conn.fetchval(_CLAIM_TIMER, row["id"]) is None:
                 continue
-            return DueTimer(row["id"], row["saga_type"], row["saga_id"], row["name"])
+            return DueTimer(
+                row["id"], row["saga_type"], row["saga_id"], row["name"], row["attempts"]
+            )
         return None
+
+    async def record_timer_failure(self, failure: TimerFailure) -> None:
+        await self._conn.execute(
+            _TIMER_FAILED,
+            failure.timer.id,
+            failure.attempts,
+            failure.error,
+            failure.retry_at,
+            failure.at,
+        )
+
+    async def append_history(
+        self, saga_id: UUID, at: datetime, entries: Sequence[HistoryEntry]
+    ) -> None:
+        await self._conn.execute(
+            _APPEND_HISTORY,
+            saga_id,
+            at,
+            [h.kind for h in entries],
+            [h.step for h in entries],
+            [h.message_id for h in entries],
+            [json.dumps(h.detail, default=str) for h in entries],
+        )
 
     async def expire_parked(self, now: datetime, limit: int) -> list[ParkedMessage]:
         return [_parked(r) for r in await self._conn.fetch(_EXPIRE_PARKED, now, limit)]

@@ -32,7 +32,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import INET, JSONB, UUID
 
 __all__ = [
     "ALEMBIC_VERSION_TABLE",
@@ -181,10 +181,15 @@ timers = Table(
     _timestamp("fire_at"),
     Column("payload", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
     _timestamp("created_at", now=True),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("last_error", Text, nullable=True),
+    _timestamp("parked_at", nullable=True),
+    CheckConstraint("attempts >= 0", name="attempts"),
     UniqueConstraint("saga_id", "name"),
-    Index("ix_timers_fire_at", "fire_at"),
+    Index("ix_timers_due", "fire_at", postgresql_where=text("parked_at IS NULL")),
+    Index("ix_timers_parked", "parked_at", postgresql_where=text("parked_at IS NOT NULL")),
 )
-"""Step deadlines and delayed retries, claimed when due with `FOR UPDATE SKIP LOCKED`."""
+"""Step deadlines and delayed retries, claimed when due; failing ones back off, then park."""
 
 parked_messages = Table(
     "parked_messages",
@@ -258,10 +263,15 @@ dead_letter_audit = Table(
     ),
     Column("outcome", Text, nullable=False),
     Column("detail", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("db_role", Text, nullable=False, server_default=text("current_user")),
+    Column("client_addr", INET, nullable=True, server_default=text("inet_client_addr()")),
+    Column("client_hostname", Text, nullable=True),
     Index("ix_dead_letter_audit_dead_letter_id", "dead_letter_id"),
     Index("ix_dead_letter_audit_at", "at"),
 )
-"""Who did what to which dead letter, and how it went; rows survive a purge of the letter."""
+"""Who did what to which dead letter, from where, and how it went; append-only (a trigger
+stamps the database role and client address and refuses UPDATE, DELETE and TRUNCATE); rows
+survive a purge of the letter."""
 
 port_breakers = Table(
     "port_breakers",

@@ -33,6 +33,7 @@ from sagaworks.application.ports.store import (
     SagaClaim,
     SagaTransaction,
     Store,
+    TimerFailure,
 )
 
 __all__ = [
@@ -62,4 +63,5 @@ __all__ = [
     "SagaTransaction",
     "Store",
     "StoredDeadLetter",
+    "TimerFailure",
 ]

@@ -109,6 +109,8 @@ class AuditRecord:
 
 @dataclass(frozen=True, slots=True)
 class AuditEntry:
+    """One audit row. `operator` is what the operator declared; the rest the store saw."""
+
     id: int
     at: datetime
     operator: str
@@ -117,6 +119,12 @@ class AuditEntry:
     dead_letter_id: int | None
     outcome: str
     detail: Mapping[str, Any]
+    db_role: str | None = None
+    """The database role that wrote the row (`current_user`); None where there are no roles."""
+    client_addr: str | None = None
+    """The database client's address (`inet_client_addr()`); None over a Unix socket."""
+    client_hostname: str | None = None
+    """The host the operator's tool ran on, as that tool reported it."""
 
 
 class DeadLetterRepository(Protocol):

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from uuid import UUID
 
 from sagaworks.application.ports.messages import InboundMessage, OutboxRow, PendingMessage
-from sagaworks.domain.decide import Decision
+from sagaworks.domain.decide import Decision, HistoryEntry
 from sagaworks.domain.definition import SagaDefinition
 from sagaworks.domain.instance import SagaInstance
 
@@ -27,6 +27,7 @@ __all__ = [
     "SagaClaim",
     "SagaTransaction",
     "Store",
+    "TimerFailure",
 ]
 
 
@@ -76,6 +77,21 @@ class DueTimer:
     saga_type: str
     saga_id: UUID
     name: str
+    attempts: int = 0
+    """Failed applications so far (each rolled back); 0 for a timer that never failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class TimerFailure:
+    """A timer whose application failed and rolled back: try again at `retry_at`, or park it."""
+
+    timer: DueTimer
+    attempts: int
+    """Failed applications, this one included."""
+    error: str
+    at: datetime
+    retry_at: datetime | None
+    """None: the bound is reached, the timer is parked with its error for an operator."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +163,21 @@ class SagaTransaction(Protocol):
     async def unpark(self, ids: Sequence[int]) -> None: ...
 
     async def claim_due_timer(self, now: datetime) -> DueTimer | None:
-        """Claim one due timer whose saga nobody else holds (`SKIP LOCKED`), and delete it."""
+        """Claim one due, unparked timer whose saga nobody else holds (`SKIP LOCKED`); delete it."""
+        ...
+
+    async def record_timer_failure(self, failure: TimerFailure) -> None:
+        """Count a failed application (after its transaction rolled back) on the timer's row.
+
+        Keeps the error, moves `fire_at` to `retry_at`, or parks the timer when
+        `retry_at` is None. A timer gone meanwhile (cancelled, fired) is left gone.
+        """
+        ...
+
+    async def append_history(
+        self, saga_id: UUID, at: datetime, entries: Sequence[HistoryEntry]
+    ) -> None:
+        """Add entries to an existing saga's history without changing the saga (ignored inputs)."""
         ...
 
     async def expire_parked(self, now: datetime, limit: int) -> list[ParkedMessage]:

@@ -38,9 +38,11 @@ from sagaworks.application.dead_letters import (
     PurgeDeadLetters,
     ReplayDeadLetters,
     ReplayReport,
+    UndeclaredQueue,
     replay_envelope,
     resolve_selection,
     set_path,
+    undeclared_queues,
 )
 from sagaworks.application.ports import (
     AuditEntry,
@@ -84,7 +86,11 @@ Grep = Annotated[
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 Operator = Annotated[
-    str | None, typer.Option(help="Who is acting, for the audit trail; default: the OS user.")
+    str | None,
+    typer.Option(
+        help="Who is acting, for the audit trail; default: the OS user. The audit also "
+        "records the database role, the client address and this host's name."
+    ),
 ]
 Yes = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
 Every = Annotated[bool, typer.Option("--all", help="Select every letter of --status.")]
@@ -379,6 +385,9 @@ def _audit_dict(entry: AuditEntry) -> dict[str, Any]:
     return {
         "at": entry.at.isoformat(),
         "operator": entry.operator,
+        "db_role": entry.db_role,
+        "client_addr": entry.client_addr,
+        "client_hostname": entry.client_hostname,
         "action": entry.action,
         "batch_id": str(entry.batch_id) if entry.batch_id else None,
         "outcome": entry.outcome,
@@ -436,10 +445,17 @@ def show(
         console.print("(no operator action yet)")
     for e in history:
         console.print(
-            f"{e.at:%Y-%m-%d %H:%M:%S} {e.operator} {e.action} → {e.outcome} "
+            f"{e.at:%Y-%m-%d %H:%M:%S} {e.operator} ({_origin(e)}) {e.action} → {e.outcome} "
             f"batch={e.batch_id} {json.dumps(dict(e.detail), default=str)}",
             markup=False,
         )
+
+
+def _origin(entry: AuditEntry) -> str:
+    """Where an audited action came from: database role, client address and host."""
+    where = entry.client_addr or "local socket"
+    host = f" on {entry.client_hostname}" if entry.client_hostname else ""
+    return f"as {entry.db_role or '?'} from {where}{host}"
 
 
 def _require_selection(selection: DeadLetterFilter, every: bool, verb: str) -> None:
@@ -463,18 +479,29 @@ def replay(
         float | None, typer.Option(min=0.01, help="Messages per second at most.")
     ] = None,
     operator: Operator = None,
+    allow_queue: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-queue",
+            help="Also replay to this queue although the topology does not declare it "
+            "(a queue of another service you mean to send to). Repeatable.",
+        ),
+    ] = None,
     as_json: AsJson = False,
 ) -> None:
     """Send dead letters back to the queue that failed, keeping their message ids.
 
     Each goes through the outbox to the default exchange with the failed queue
-    as routing key, so no other queue bound to its routing key receives it. A
+    as routing key, so no other queue bound to its routing key receives it.
+    Only queues the topology of SAGAWORKS_SAGAS declares are replayed to: a
+    letter naming another queue stops the run before anything is sent. A
     letter is marked replayed only after the broker confirmed it; the run stops
     at the first publish that fails.
     """
     _require_selection(selection, every, "replay")
+    targets = _replay_targets(allow_queue or [])
     if dry_run:
-        _dry_run(selection, as_json)
+        _dry_run(selection, targets, as_json)
         return
     who = _operator(operator)
 
@@ -482,7 +509,7 @@ def replay(
         async with _context(publisher=True) as ctx:
             chosen = await resolve_selection(ctx.repo, selection)
             assert ctx.publisher is not None
-            use_case = ReplayDeadLetters(ctx.repo, ctx.publisher)
+            use_case = ReplayDeadLetters(ctx.repo, ctx.publisher, targets)
             task = progress.add_task("replayed", total=len(chosen)) if progress else None
 
             def advance(done: int, total: int) -> None:
@@ -533,12 +560,25 @@ def _replay_properties(letter: StoredDeadLetter) -> dict[str, Any]:
     }
 
 
-def _dry_run(selection: DeadLetterFilter, as_json: bool) -> None:
+def _replay_targets(allowed: list[str]) -> frozenset[str]:
+    """The queues a replay may send to: every saga's and port's queue, and those `allowed`."""
+    from sagaworks.bootstrap import topology_for
+
+    settings = _settings()
+    registry = SagaRegistry(load_sagas(settings, with_ports=False).definitions)
+    return frozenset(q.name for q in topology_for(settings, registry).queues) | set(allowed)
+
+
+def _dry_run(selection: DeadLetterFilter, targets: frozenset[str], as_json: bool) -> None:
     async def go() -> list[StoredDeadLetter]:
         async with _context() as ctx:
             chosen = await resolve_selection(ctx.repo, selection)
             letters = [await ctx.repo.get(i) for i in chosen]
-            return [x for x in letters if x is not None]
+            found = [x for x in letters if x is not None]
+            strays = undeclared_queues(found, targets)
+            if strays:
+                raise UndeclaredQueue(strays)
+            return found
 
     letters = _run(go())
     plan: list[dict[str, Any]] = [

@@ -1,6 +1,6 @@
 """Keep a hash of each processed body in the inbox, so an id seen again with another body shows.
 
-Revision ID: 0004_inbox_body_hash
+Revision ID: 0004
 Revises: 0003
 
 A message id is an identity: the same id with a different body is a
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0004_inbox_body_hash"
+revision: str = "0004"
 down_revision: str | None = "0003"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
