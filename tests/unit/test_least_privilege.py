@@ -118,9 +118,11 @@ def test_the_admin_url_falls_back_to_the_migration_url(monkeypatch: pytest.Monke
             monkeypatch.delenv(name)
     migration = "postgresql://migrator@db/sagaworks"
 
-    assert Settings(migration_database_url=migration).effective_admin_url() == migration  # type: ignore[arg-type]
-    admin = Settings(
-        migration_database_url=migration,  # type: ignore[arg-type]
-        admin_database_url="postgresql://postgres@db/sagaworks",  # type: ignore[arg-type]
+    alone = Settings.load(secrets_dir=None, migration_database_url=migration)
+    assert alone.effective_admin_url() == migration
+    admin = Settings.load(
+        secrets_dir=None,
+        migration_database_url=migration,
+        admin_database_url="postgresql://postgres@db/sagaworks",
     )
     assert admin.effective_admin_url() == "postgresql://postgres@db/sagaworks"
