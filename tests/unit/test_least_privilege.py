@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
 
 import pytest
 
+from sagas.order_fulfilment.saga import order_fulfilment
 from sagaworks.adapters.postgres.roles import (
     APPEND_ONLY_TABLES,
     OPERATOR_WRITES,
@@ -23,11 +25,14 @@ from sagaworks.adapters.rabbitmq.topology import (
     operator_permissions,
     worker_permissions,
 )
+from sagaworks.application.registry import SagaRegistry
+from sagaworks.bootstrap import topology_for
 from sagaworks.settings import Settings
 
 pytestmark = pytest.mark.unit
 
 NAMES = RoleNames.with_prefix("sw_")
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
 
 def test_every_table_has_grants_and_the_named_exceptions_exist() -> None:
@@ -94,6 +99,25 @@ def test_operators_may_only_publish_replays() -> None:
 
     assert (permissions.configure, permissions.read) == ("^$", "^$")
     assert re.fullmatch(permissions.write, "amq.default")
+
+
+def test_the_shipped_broker_definitions_grant_what_the_code_says() -> None:
+    shipped = json.loads((DEPLOY / "rabbitmq" / "definitions.json").read_text())
+    granted = {p["user"]: p for p in shipped["permissions"]}
+    spec = topology_for(
+        Settings.load(secrets_dir=None, exchange_prefix=""), SagaRegistry([order_fulfilment])
+    )
+
+    for user, wanted in (
+        ("sagaworks_worker", worker_permissions(spec)),
+        ("sagaworks_operator", operator_permissions()),
+    ):
+        got = granted[user]
+        assert (got["configure"], got["write"], got["read"]) == (
+            wanted.configure,
+            wanted.write,
+            wanted.read,
+        ), f"deploy/rabbitmq/definitions.json: paste `sagaworks topology permissions` for {user}"
 
 
 def test_role_passwords_are_masked_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
