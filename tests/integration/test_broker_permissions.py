@@ -7,10 +7,13 @@ grants, on the test's own names, and deleted afterwards.
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import shutil
+import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import aio_pika
@@ -138,3 +141,31 @@ async def test_a_worker_without_configure_permission_runs_on_topology_deploy_app
             await limited.close()
     finally:
         await _ctl("delete_user", user)
+
+
+async def test_the_worker_command_names_the_missing_topology_in_one_line(
+    migrated_database_url: str, run_id: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("SAGAWORKS_")}
+    env.update(
+        SAGAWORKS_AMQP_URL=AMQP_URL,
+        SAGAWORKS_DATABASE_URL=migrated_database_url,
+        SAGAWORKS_EXCHANGE_PREFIX=f"{run_id}.{secrets.token_hex(3)}.",
+        SAGAWORKS_SAGAS='["sagas.order_fulfilment.simulation"]',
+        SAGAWORKS_DECLARE_TOPOLOGY="false",
+    )
+    process = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "sagaworks"),
+        "worker",
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await asyncio.wait_for(process.communicate(), 60)
+
+    assert process.returncode == 6
+    lines = stderr.decode().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "does not exist" in lines[0]
+    assert '"sagaworks topology apply"' in lines[0]
