@@ -27,7 +27,11 @@ from sagas.order_fulfilment.messages import OrderLine, OrderPlaced
 from sagas.order_fulfilment.simulation.participants import DECLINED_CUSTOMER_PREFIX
 from sagaworks.adapters.postgres.dead_letters import PostgresDeadLetters
 from sagaworks.adapters.postgres.engine import create_engine
-from sagaworks.adapters.postgres.migrations_runner import check_schema_current
+from sagaworks.adapters.postgres.migrations_runner import (
+    check_schema_current,
+    downgrade,
+    upgrade,
+)
 from sagaworks.adapters.postgres.roles import (
     RoleNames,
     apply_roles,
@@ -352,3 +356,20 @@ async def test_the_password_verifier_is_the_one_postgresql_computes(
     iterations, salt = stored.split("$")[1].split(":")
     ours = scram_sha_256_verifier(password, salt=base64.b64decode(salt), iterations=int(iterations))
     assert ours == stored
+
+
+async def test_a_schema_a_superuser_migrated_is_handed_to_the_migrator(
+    deployment: Deployment,
+) -> None:
+    d = deployment
+    await upgrade(d.admin, "head")
+    await apply_roles(d.admin, d.names, {})
+
+    migrator_url = d.url(d.names.migrator)
+    await downgrade(migrator_url, "base")
+    await upgrade_as_migrator(d)
+    readonly = await d.connect(d.names.readonly)
+    try:
+        assert await readonly.fetchval("SELECT count(*) FROM saga_instances") == 0
+    finally:
+        await readonly.close()
