@@ -60,6 +60,34 @@ class Settings(BaseSettings):
         default=None,
         description="PostgreSQL URL of the migrations role; defaults to `database_url`.",
     )
+    admin_database_url: SecretStr | None = Field(
+        default=None,
+        description="PostgreSQL URL of an administrator (superuser, or CREATEROLE and member of "
+        "the migrations role) for `sagaworks db roles` only; defaults to the migrations URL.",
+    )
+    db_role_prefix: str = Field(
+        default="sagaworks_",
+        pattern=r"^[a-z_][a-z0-9_]{0,40}$",
+        description="Prefix of the PostgreSQL roles `sagaworks db roles` creates: "
+        "`<prefix>migrator`, `<prefix>worker`, `<prefix>operator`, `<prefix>readonly`.",
+    )
+    db_migrator_password: SecretStr | None = Field(
+        default=None,
+        description="Password `db roles` sets on the migrations role; unset: left as it is.",
+    )
+    db_worker_password: SecretStr | None = Field(
+        default=None,
+        description="Password `db roles` sets on the worker role; unset: left as it is.",
+    )
+    db_operator_password: SecretStr | None = Field(
+        default=None,
+        description="Password `db roles` sets on the operators' role; unset: left as it is.",
+    )
+    db_readonly_password: SecretStr | None = Field(
+        default=None,
+        description="Password `db roles` sets on the read-only (dashboards) role; "
+        "unset: left as it is.",
+    )
     db_pool_size: int = Field(
         default=10, ge=1, le=200, description="Pooled connections per worker."
     )
@@ -172,6 +200,12 @@ class Settings(BaseSettings):
         description="`production`: the worker refuses to start while a consumed event type has "
         "no allowed publishers; otherwise it warns at start-up.",
     )
+    declare_topology: bool = Field(
+        default=True,
+        description="Declare exchanges, queues and bindings at worker start. `false` when deploy "
+        "runs `sagaworks topology apply`: the worker then only checks that its queues exist, "
+        "and its broker user needs no configure permission.",
+    )
     log_format: Literal["auto", "json", "console"] = Field(
         default="auto", description="`auto`: console on a terminal, JSON otherwise."
     )
@@ -200,7 +234,7 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("database_url", "migration_database_url")
+    @field_validator("database_url", "migration_database_url", "admin_database_url")
     @classmethod
     def _pg_scheme(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None:
@@ -241,13 +275,19 @@ class Settings(BaseSettings):
         url = self.migration_database_url or self.database_url
         return url.get_secret_value()
 
+    def effective_admin_url(self) -> str:
+        """Where `db roles` connects: the admin URL, else the migrations URL."""
+        if self.admin_database_url is not None:
+            return self.admin_database_url.get_secret_value()
+        return self.effective_migration_url()
+
     def as_public_dict(self) -> dict[str, Any]:
         """Every setting with passwords masked: what `sagaworks config show` prints."""
         public: dict[str, Any] = {}
         for name in type(self).model_fields:
             value = getattr(self, name)
             if isinstance(value, SecretStr):
-                value = mask_url(value.get_secret_value())
+                value = "***" if name.endswith("_password") else mask_url(value.get_secret_value())
             public[name] = value
         return public
 

@@ -32,7 +32,7 @@ from sagaworks.adapters.observability.logging import (
     get_logger,
 )
 from sagaworks.adapters.rabbitmq.inbound import to_inbound
-from sagaworks.adapters.rabbitmq.topology import apply_topology
+from sagaworks.adapters.rabbitmq.topology import apply_topology, check_topology
 from sagaworks.application.ports import InboundMessage
 from sagaworks.application.results import Handled
 from sagaworks.application.timers import FailedTimer, TimersRun
@@ -215,8 +215,12 @@ class Worker:
             return nothing
 
     async def declare_topology(self) -> None:
+        """Declare the topology, or with `declare_topology` off only check that it exists."""
         assert self.system.connection is not None, "the worker needs the real broker"
-        await apply_topology(self.system.connection, self.system.topology)
+        if self.system.settings.declare_topology:
+            await apply_topology(self.system.connection, self.system.topology)
+        else:
+            await check_topology(self.system.connection, self.system.topology)
 
     async def run(self) -> None:
         """Declare topology, then consume until SIGTERM/SIGINT; returns after a clean stop."""

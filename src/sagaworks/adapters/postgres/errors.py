@@ -10,7 +10,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 from sagaworks.settings import mask_url
 
-__all__ = ["DatabaseUnreachable", "SchemaAhead", "SchemaBehind", "SchemaNotCurrent"]
+__all__ = [
+    "DatabaseUnreachable",
+    "RolesNotApplied",
+    "SchemaAhead",
+    "SchemaBehind",
+    "SchemaNotCurrent",
+]
 
 _UPGRADE_COMMAND = '"sagaworks db upgrade"'
 
@@ -30,6 +36,18 @@ class DatabaseUnreachable(Exception):
         self.problem = problem
         self.remedy = remedy
         super().__init__(f"cannot use PostgreSQL at {self.url}: {problem}; {remedy}")
+
+
+class RolesNotApplied(Exception):
+    """The role `sagaworks db roles` connected as may not create roles or grant on the tables."""
+
+    def __init__(self, url: str) -> None:
+        self.url = _public_url(url)
+        super().__init__(
+            f"the role of {self.url} may not create the sagaworks roles or change their grants: "
+            "set SAGAWORKS_ADMIN_DATABASE_URL to a superuser (or a role with CREATEROLE that is "
+            'a member of the migrations role) and run "sagaworks db roles" again'
+        )
 
 
 class SchemaNotCurrent(Exception):

@@ -21,6 +21,7 @@ __all__ = [
     "EntityKind",
     "RabbitMQError",
     "TopologyConflict",
+    "TopologyMissing",
 ]
 
 EntityKind = Literal["queue", "exchange"]
@@ -134,4 +135,17 @@ class TopologyConflict(RabbitMQError):
             f"(rabbitmqadmin {vhost_option}delete exchange name={name}, or the management UI; "
             "its bindings go with it) so that sagaworks re-creates it, "
             "or give sagaworks other names with SAGAWORKS_EXCHANGE_PREFIX"
+        )
+
+
+class TopologyMissing(RabbitMQError):
+    """The worker does not declare topology, and a queue or exchange it needs does not exist."""
+
+    def __init__(self, *, kind: EntityKind, name: str) -> None:
+        self.kind = kind
+        self.name = name
+        super().__init__(
+            f'{kind} "{name}" does not exist and this worker does not declare topology '
+            '(SAGAWORKS_DECLARE_TOPOLOGY=false): run "sagaworks topology apply" as a broker user '
+            "with configure permission, then start the worker again"
         )

@@ -19,31 +19,36 @@ that says which argument differs and how to migrate (docs/topology.md).
 from __future__ import annotations
 
 import re
+import shlex
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aio_pika
 from aio_pika.abc import AbstractConnection, ExchangeType
-from aiormq.exceptions import ChannelPreconditionFailed
+from aiormq.exceptions import ChannelNotFoundEntity, ChannelPreconditionFailed
 
-from sagaworks.adapters.rabbitmq.errors import EntityKind, TopologyConflict
+from sagaworks.adapters.rabbitmq.errors import EntityKind, TopologyConflict, TopologyMissing
 
 __all__ = [
     "Binding",
+    "Permissions",
     "QueueSpec",
     "TopologyReport",
     "TopologySpec",
     "apply_topology",
+    "check_topology",
     "commands_exchange_name",
     "dead_letter_exchange_name",
     "dead_letter_queue_arguments",
     "dead_letter_queue_name",
     "events_exchange_name",
     "exchange_name",
+    "operator_permissions",
     "port_queue_name",
     "queue_arguments",
     "saga_queue_name",
+    "worker_permissions",
 ]
 
 _T = TypeVar("_T")
@@ -235,6 +240,74 @@ async def apply_topology(connection: AbstractConnection, spec: TopologySpec) -> 
         queues=(spec.dead_letter_queue, *(queue.name for queue in spec.queues)),
         bindings=tuple(bindings),
     )
+
+
+async def check_topology(connection: AbstractConnection, spec: TopologySpec) -> None:
+    """Check passively that every exchange and queue of `spec` exists; declare nothing.
+
+    What a worker does instead of `apply_topology` when deploy applies the
+    topology: a passive declaration needs no configure permission. Bindings
+    cannot be checked passively; `sagaworks topology apply` makes them.
+    Raises `TopologyMissing` naming the first entity that is absent.
+    """
+    exchanges = (*spec.exchanges, spec.dead_letter_exchange)
+    queues = (spec.dead_letter_queue, *(queue.name for queue in spec.queues))
+    kinds: list[tuple[EntityKind, str]] = [("exchange", name) for name in exchanges]
+    kinds += [("queue", name) for name in queues]
+    async with aio_pika.Channel(connection, publisher_confirms=False) as channel:
+        for kind, name in kinds:
+            try:
+                if kind == "exchange":
+                    await channel.declare_exchange(name, passive=True)
+                else:
+                    await channel.declare_queue(name, passive=True)
+            except ChannelNotFoundEntity as exc:
+                raise TopologyMissing(kind=kind, name=name) from exc
+
+
+@dataclass(frozen=True)
+class Permissions:
+    """A RabbitMQ user's configure, write and read regular expressions on one vhost."""
+
+    configure: str
+    write: str
+    read: str
+
+    def rabbitmqctl(self, user: str, vhost: str = "/") -> str:
+        """The `rabbitmqctl set_permissions` line that grants them."""
+        quoted = " ".join(
+            shlex.quote(x) for x in (vhost, user, self.configure, self.write, self.read)
+        )
+        return f"rabbitmqctl set_permissions -p {quoted}"
+
+
+def _exactly(names: list[str]) -> str:
+    if not names:
+        return "^$"
+    return "^(" + "|".join(re.escape(name) for name in sorted(set(names))) + ")$"
+
+
+_DEFAULT_EXCHANGE = "amq.default"
+"""The resource name RabbitMQ checks write permission on for a publish to the "" exchange."""
+
+
+def worker_permissions(spec: TopologySpec) -> Permissions:
+    """What a worker that does not declare topology needs, on exactly its own names.
+
+    Configure nothing; write to its exchanges (events, step commands, outcome
+    events) and to the default exchange (dead-letter replays staged in the
+    outbox, published by the sweeper when the operator's command could not);
+    read its saga, port and dead-letter queues.
+    """
+    queues = [spec.dead_letter_queue, *(queue.name for queue in spec.queues)]
+    return Permissions(
+        configure="^$", write=_exactly([*spec.exchanges, _DEFAULT_EXCHANGE]), read=_exactly(queues)
+    )
+
+
+def operator_permissions() -> Permissions:
+    """What `sagaworks dlq replay` needs: publishing to the default exchange, nothing else."""
+    return Permissions(configure="^$", write=_exactly([_DEFAULT_EXCHANGE]), read="^$")
 
 
 async def _declare(kind: EntityKind, name: str, declaration: Awaitable[_T]) -> _T:

@@ -60,8 +60,9 @@ def config_show(
 def db_upgrade(
     revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
 ) -> None:
-    """Create the database if missing, then migrate it up (as the migrations role)."""
+    """Create the database if missing, migrate it up, then reconcile the roles' grants."""
     from sagaworks.adapters.postgres import migrations_runner as m
+    from sagaworks.adapters.postgres.roles import RoleNames, reconcile_grants
 
     settings = load_settings()
     configure_logging(settings.log_format, settings.log_level)
@@ -72,9 +73,36 @@ def db_upgrade(
         if created:
             _echo("created the database")
         await m.upgrade(url, revision)
+        await reconcile_grants(url, RoleNames.with_prefix(settings.db_role_prefix))
         return await m.current(url)
 
     _echo(f"database at revision {run_async(go())}")
+
+
+@db_app.command("roles")
+def db_roles() -> None:
+    """Create or update the PostgreSQL roles and their grants (as an administrator; idempotent)."""
+    from sagaworks.adapters.postgres import migrations_runner as m
+    from sagaworks.adapters.postgres.roles import RoleNames, apply_roles
+
+    settings = load_settings()
+    configure_logging(settings.log_format, settings.log_level)
+    url = settings.effective_admin_url()
+    names = RoleNames.with_prefix(settings.db_role_prefix)
+    secrets = {
+        names.migrator: settings.db_migrator_password,
+        names.worker: settings.db_worker_password,
+        names.operator: settings.db_operator_password,
+        names.readonly: settings.db_readonly_password,
+    }
+    passwords = {role: s.get_secret_value() if s else None for role, s in secrets.items()}
+
+    async def go() -> str:
+        if await m.ensure_database_exists(url):
+            _echo("created the database")
+        return (await apply_roles(url, names, passwords)).summary(names)
+
+    _echo(run_async(go()))
 
 
 @db_app.command("current")
@@ -126,6 +154,32 @@ def topology_apply() -> None:
             await tools.aclose()
 
     _echo(run_async(go()))
+
+
+@topology_app.command("permissions")
+def topology_permissions(
+    worker_user: Annotated[
+        str, typer.Option(help="The workers' RabbitMQ user.")
+    ] = "sagaworks_worker",
+    operator_user: Annotated[
+        str, typer.Option(help="The operators' RabbitMQ user (dlq replay).")
+    ] = "sagaworks_operator",
+    vhost: Annotated[str, typer.Option(help="The virtual host.")] = "/",
+) -> None:
+    """Print the rabbitmqctl lines granting workers and operators exactly their own names."""
+    from sagaworks.adapters.rabbitmq.topology import operator_permissions, worker_permissions
+    from sagaworks.application.registry import SagaRegistry
+    from sagaworks.bootstrap import topology_for
+    from sagaworks.entrypoints.cli.loading import SagaModuleError, load_sagas
+
+    settings = load_settings()
+    try:
+        loaded = load_sagas(settings, with_ports=False)
+    except SagaModuleError as error:
+        fail(str(error), 2)
+    spec = topology_for(settings, SagaRegistry(loaded.definitions))
+    _echo(worker_permissions(spec).rabbitmqctl(worker_user, vhost))
+    _echo(operator_permissions().rabbitmqctl(operator_user, vhost))
 
 
 @app.command("worker")

@@ -11,8 +11,12 @@ from typing import Any, NoReturn, TypeVar
 
 from pydantic import ValidationError
 
-from sagaworks.adapters.postgres.errors import DatabaseUnreachable, SchemaNotCurrent
-from sagaworks.adapters.rabbitmq.errors import RabbitMQError, TopologyConflict
+from sagaworks.adapters.postgres.errors import (
+    DatabaseUnreachable,
+    RolesNotApplied,
+    SchemaNotCurrent,
+)
+from sagaworks.adapters.rabbitmq.errors import RabbitMQError, TopologyConflict, TopologyMissing
 from sagaworks.application.boundary import UnconfiguredPublishers
 from sagaworks.application.registry import UnknownSaga
 from sagaworks.domain.errors import DefinitionError
@@ -37,12 +41,15 @@ EXIT_CODES: dict[type[BaseException], int] = {
     SagaModuleError: 2,
     UnconfiguredPublishers: 2,
     DatabaseUnreachable: 3,
+    RolesNotApplied: 3,
     SchemaNotCurrent: 4,
     TopologyConflict: 6,
+    TopologyMissing: 6,
     RabbitMQError: 5,
     NoSagaToRun: 7,
 }
-"""2 configuration, 3 database unreachable, 4 schema not current, 5 broker, 6 topology,
+"""2 configuration, 3 database unreachable (or roles not applied), 4 schema not current,
+5 broker, 6 topology (conflicting or missing),
 7 no saga configured for the worker."""
 
 
