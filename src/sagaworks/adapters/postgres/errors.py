@@ -10,7 +10,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 from sagaworks.settings import mask_url
 
-__all__ = ["DatabaseUnreachable", "SchemaAhead", "SchemaBehind", "SchemaNotCurrent"]
+__all__ = [
+    "DatabaseUnreachable",
+    "InvalidDatabaseUrl",
+    "SchemaAhead",
+    "SchemaBehind",
+    "SchemaNotCurrent",
+]
 
 _UPGRADE_COMMAND = '"sagaworks db upgrade"'
 
@@ -30,6 +36,19 @@ class DatabaseUnreachable(Exception):
         self.problem = problem
         self.remedy = remedy
         super().__init__(f"cannot use PostgreSQL at {self.url}: {problem}; {remedy}")
+
+
+class InvalidDatabaseUrl(ValueError):
+    """A database URL unusable as written: a wrong TLS mode, a missing certificate file."""
+
+    def __init__(self, url: str, problem: str, remedy: str) -> None:
+        self.url = _public_url(url)
+        self.problem = problem
+        self.remedy = remedy
+        super().__init__(
+            f"invalid database URL {self.url}: {problem}; {remedy} "
+            "(in SAGAWORKS_DATABASE_URL or SAGAWORKS_MIGRATION_DATABASE_URL)"
+        )
 
 
 class SchemaNotCurrent(Exception):

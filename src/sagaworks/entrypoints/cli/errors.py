@@ -11,8 +11,12 @@ from typing import Any, NoReturn, TypeVar
 
 from pydantic import ValidationError
 
-from sagaworks.adapters.postgres.errors import DatabaseUnreachable, SchemaNotCurrent
-from sagaworks.adapters.rabbitmq.errors import RabbitMQError, TopologyConflict
+from sagaworks.adapters.postgres.errors import (
+    DatabaseUnreachable,
+    InvalidDatabaseUrl,
+    SchemaNotCurrent,
+)
+from sagaworks.adapters.rabbitmq.errors import InvalidBrokerUrl, RabbitMQError, TopologyConflict
 from sagaworks.application.registry import UnknownSaga
 from sagaworks.domain.errors import DefinitionError
 from sagaworks.entrypoints.cli.loading import NoSagaToRun, SagaModuleError
@@ -31,6 +35,8 @@ T = TypeVar("T")
 
 EXIT_CODES: dict[type[BaseException], int] = {
     ValidationError: 2,
+    InvalidDatabaseUrl: 2,
+    InvalidBrokerUrl: 2,
     DefinitionError: 2,
     UnknownSaga: 2,
     SagaModuleError: 2,
