@@ -16,8 +16,10 @@ __all__ = ["MASK", "is_secret_parameter", "mask_url", "mask_urls_in"]
 
 MASK = "***"
 
-_SECRET_WORDS = ("password", "passwd", "secret", "token")
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s\"'<>\\]+")
+_SECRET_WORDS = ("password", "passwd", "passphrase", "secret", "token")
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s\"'<>\\\x00-\x1f\x7f]+")
+"""A URL ends at a space, a quote, an angle bracket, a backslash or a control character
+(a terminal colour code)."""
 
 
 def is_secret_parameter(name: str) -> bool:

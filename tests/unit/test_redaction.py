@@ -43,6 +43,7 @@ def test_file_names_are_not_secrets(url: str) -> None:
 @pytest.mark.parametrize(
     ("name", "secret"),
     [("password", True), ("sslpassword", True), ("PASS", True), ("client_secret", True),
+     ("key_passphrase", True),
      ("sslkey", False), ("sslrootcert", False), ("user", False)],
 )  # fmt: skip
 def test_secret_parameter_names(name: str, secret: bool) -> None:
@@ -61,6 +62,12 @@ def test_every_url_in_a_text_is_masked() -> None:
         'Connection attempt to "amqps://svc:***@broker:5671/?password=***" failed; '
         "database postgresql://u:***@db/x?sslpassword=***, retrying"
     )
+
+
+def test_a_colour_code_after_a_url_is_kept() -> None:
+    text = "\x1b[35mpostgresql://u@db/x?password=pw\x1b[0m done"
+
+    assert mask_urls_in(text) == "\x1b[35mpostgresql://u@db/x?password=***\x1b[0m done"
 
 
 def test_text_without_urls_is_returned_as_it_is() -> None:
