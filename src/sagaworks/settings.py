@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
@@ -19,22 +19,11 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from sagaworks.redaction import mask_url
+
 __all__ = ["DEFAULT_SECRETS_DIR", "Settings", "mask_url", "reference_markdown"]
 
 DEFAULT_SECRETS_DIR = Path("/run/secrets")
-
-
-def mask_url(url: str) -> str:
-    """Return `url` with any password replaced by `***`, safe to print or log."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    userinfo = f"{parts.username or ''}:***"
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{userinfo}@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 class Settings(BaseSettings):
@@ -50,11 +39,13 @@ class Settings(BaseSettings):
 
     amqp_url: SecretStr = Field(
         default=SecretStr("amqp://guest:guest@localhost:5672/"),
-        description="RabbitMQ URL; `amqps://` for TLS.",
+        description="RabbitMQ URL; `amqps://` for TLS, verified against `?cafile=` "
+        "(see docs/security.md).",
     )
     database_url: SecretStr = Field(
         default=SecretStr("postgresql://postgres@localhost:5432/sagaworks"),
-        description="PostgreSQL URL of the worker role; `?ssl=require` for TLS.",
+        description="PostgreSQL URL of the worker role; "
+        "`?sslmode=verify-full&sslrootcert=<CA file>` for verified TLS (see docs/security.md).",
     )
     migration_database_url: SecretStr | None = Field(
         default=None,

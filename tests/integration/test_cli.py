@@ -161,6 +161,29 @@ async def test_config_show_prints_every_setting_with_passwords_masked(
         assert secret not in run.stdout + run.stderr
 
 
+async def test_config_show_masks_passwords_given_as_query_parameters(
+    database_factory: Callable[[], Awaitable[str]], prefix: str
+) -> None:
+    password = f"pw-{secrets.token_hex(8)}"
+    key_password = f"key-{secrets.token_hex(8)}"
+    migration_password = f"mig-{secrets.token_hex(8)}"
+    database_url = await database_factory()
+    env = cli_env(
+        f"{database_url}?password={password}&sslmode=require&sslpassword={key_password}",
+        prefix,
+        SAGAWORKS_MIGRATION_DATABASE_URL=f"{database_url}?PASSWORD={migration_password}",
+    )
+
+    run = await sagaworks("config", "show", "--json", env=env)
+
+    assert run.code == 0, run.stderr
+    shown = json.loads(run.stdout)
+    assert shown["database_url"] == f"{database_url}?password=***&sslmode=require&sslpassword=***"
+    assert shown["migration_database_url"] == f"{database_url}?PASSWORD=***"
+    for secret in (password, key_password, migration_password):
+        assert secret not in run.stdout + run.stderr
+
+
 async def test_config_show_json_is_one_object(
     database_factory: Callable[[], Awaitable[str]], prefix: str
 ) -> None:

@@ -206,3 +206,24 @@ def test_console_is_forced_even_off_a_terminal() -> None:
     assert "saga started" in stream.getvalue()
     with pytest.raises(json.JSONDecodeError):
         json.loads(stream.getvalue())
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_urls_in_any_line_are_masked_in_userinfo_and_query(fmt: str) -> None:
+    stream = TerminalStream() if fmt == "console" else io.StringIO()
+    configure_logging(fmt, "INFO", stream)  # type: ignore[arg-type]
+
+    logging.getLogger("aio_pika.robust_connection").warning(
+        'Connection attempt to "%s" failed', f"amqps://svc:{PASSWORD}@broker/?cafile=/ca.pem"
+    )
+    get_logger("sagaworks.test").error(
+        "database lost", url=f"postgresql://u@db/shop?sslmode=require&password={PASSWORD}"
+    )
+    error = ConnectionError(f"cannot reach {SECRET}")
+    logging.getLogger("sagaworks.test").error("failed", exc_info=error)
+
+    output = stream.getvalue()
+    assert PASSWORD not in output
+    assert "amqps://svc:***@broker/?cafile=/ca.pem" in output
+    assert "postgresql://u@db/shop?sslmode=require&password=***" in output
+    assert "postgresql://worker:***@db/shop" in output

@@ -4,17 +4,20 @@ FastStream, aio-pika, SQLAlchemy and Alembic log through the standard library;
 `ProcessorFormatter` sends their records through the same processors so every
 line is either JSON (machines) or readable console output (a terminal), never
 a mix. Tracebacks are rendered without frame locals: locals hold URLs,
-payloads and credentials.
+payloads and credentials. Every URL in a rendered line, ours or a library's
+(aio-pika logs its connection with the URL's query), is masked last.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal, TextIO
+from typing import Any, Literal, TextIO
 
 import structlog
-from structlog.typing import Processor
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+from sagaworks.redaction import mask_urls_in
 
 __all__ = ["bind_message_context", "clear_message_context", "configure_logging", "get_logger"]
 
@@ -32,6 +35,16 @@ def _renderer(fmt: LogFormat, stream: TextIO) -> Processor:
             exception_formatter=structlog.dev.plain_traceback,
         )
     return structlog.processors.JSONRenderer()
+
+
+def _masking_urls(renderer: Processor) -> Processor:
+    """`renderer`, then every URL in its line masked: no password leaves in a log line."""
+
+    def render(logger: WrappedLogger, method: str, event_dict: EventDict) -> Any:
+        line = renderer(logger, method, event_dict)
+        return mask_urls_in(line) if isinstance(line, str) else line
+
+    return render
 
 
 def configure_logging(
@@ -68,7 +81,7 @@ def configure_logging(
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             *tail,
-            renderer,
+            _masking_urls(renderer),
         ],
     )
     handler = logging.StreamHandler(out)

@@ -7,6 +7,7 @@ import time: a pooled engine belongs to the event loop that first uses it.
 from __future__ import annotations
 
 import socket
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -16,6 +17,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from sagaworks.adapters.postgres.dsn import parse_database_url
 from sagaworks.adapters.postgres.errors import DatabaseUnreachable
 from sagaworks.settings import Settings
 
@@ -64,16 +66,26 @@ def create_engine(
     max_overflow: int = 5,
     connect_timeout_s: float = 5.0,
 ) -> AsyncEngine:
-    """Build a pooled asyncpg engine; connections are checked before use and named `sagaworks`."""
+    """Build a pooled asyncpg engine; connections are checked before use and named `sagaworks`.
+
+    Connections are opened by `asyncpg.connect()` on the DSN `parse_database_url`
+    gives, as the hot-path pool's are, so TLS parameters mean the same on both.
+    """
+    target = parse_database_url(url)
+
+    async def open_connection() -> asyncpg.Connection:
+        return await asyncpg.connect(
+            target.dsn,
+            timeout=connect_timeout_s,
+            server_settings={"application_name": "sagaworks"},
+        )
+
     return create_async_engine(
         to_asyncpg_url(url),
         pool_size=pool_size,
         max_overflow=max_overflow,
         pool_pre_ping=True,
-        connect_args={
-            "timeout": connect_timeout_s,
-            "server_settings": {"application_name": "sagaworks"},
-        },
+        async_creator=open_connection,
     )
 
 
@@ -126,6 +138,19 @@ def describe_connect_failure(url: str, exc: BaseException) -> DatabaseUnreachabl
             url,
             f"connection to {where} refused",
             f"start PostgreSQL or {_URL_REMEDY}",
+        )
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return DatabaseUnreachable(
+            url,
+            f"the certificate presented by {where} does not verify ({exc.verify_message})",
+            "check that sslrootcert names the CA that signed the server's certificate and, "
+            "for sslmode=verify-full, that the URL's host is a name in that certificate",
+        )
+    if isinstance(exc, ssl.SSLError):
+        return DatabaseUnreachable(
+            url,
+            f"the TLS handshake with {where} failed ({exc.reason or exc})",
+            "check the server's TLS configuration and the ssl parameters of the database URL",
         )
     if isinstance(exc, OSError):
         return DatabaseUnreachable(

@@ -12,6 +12,7 @@ from sagaworks.settings import mask_url
 
 __all__ = [
     "DatabaseUnreachable",
+    "InvalidDatabaseUrl",
     "RolesNotApplied",
     "SchemaAhead",
     "SchemaBehind",
@@ -47,6 +48,19 @@ class RolesNotApplied(Exception):
             f"the role of {self.url} may not create the sagaworks roles or change their grants: "
             "set SAGAWORKS_ADMIN_DATABASE_URL to a superuser (or a role with CREATEROLE that is "
             'a member of the migrations role) and run "sagaworks db roles" again'
+        )
+
+
+class InvalidDatabaseUrl(ValueError):
+    """A database URL unusable as written: a wrong TLS mode, a missing certificate file."""
+
+    def __init__(self, url: str, problem: str, remedy: str) -> None:
+        self.url = _public_url(url)
+        self.problem = problem
+        self.remedy = remedy
+        super().__init__(
+            f"invalid database URL {self.url}: {problem}; {remedy} "
+            "(in SAGAWORKS_DATABASE_URL or SAGAWORKS_MIGRATION_DATABASE_URL)"
         )
 
 

@@ -19,6 +19,8 @@ from typing import Any, cast
 
 import asyncpg
 
+from sagaworks.adapters.postgres.dsn import parse_database_url
+
 __all__ = ["ConnectionPool"]
 
 
@@ -53,10 +55,13 @@ async def _keep_session(_conn: asyncpg.Connection) -> None:
 
 
 class ConnectionPool:
-    """At most `size` asyncpg connections to `url`, made on first use."""
+    """At most `size` asyncpg connections to `url`, made on first use.
+
+    `url` is read by `parse_database_url`, as the engine's is: same TLS, same checks.
+    """
 
     def __init__(self, url: str, *, size: int, connect_timeout_s: float) -> None:
-        self._url = url.replace("postgresql+asyncpg://", "postgresql://", 1)
+        self._url = parse_database_url(url).dsn
         self._size = size
         self._timeout = connect_timeout_s
         self._pool: asyncpg.Pool | None = None

@@ -8,8 +8,17 @@ connection gives up on the first attempt for the errors it knows
 (`fail_fast`, forced on here whatever the URL says); the deadline below
 bounds everything else, such as a host that silently drops packets.
 
-Failures become `BrokerUnreachable` or `BrokerAuthenticationFailed`, whose
-messages name the host, port, user and vhost but never the password.
+Failures become `BrokerUnreachable`, `BrokerTlsFailed` or
+`BrokerAuthenticationFailed`, whose messages name the host, port, user and
+vhost but never the password.
+
+TLS (`amqps://`) is aiormq's, configured by the URL's query, which the
+worker's FastStream broker hands to aiormq unchanged too: the broker's
+certificate is verified against `cafile` (else the system's CAs) and its
+name against the URL's host; `certfile`/`keyfile` present a client
+certificate; `no_verify_ssl=1` turns verification off. aiormq ignores these
+on a plain `amqp://` URL and reports a missing file as a bare OSError, so
+`check_tls_options` refuses both before any connection.
 """
 
 from __future__ import annotations
@@ -17,8 +26,10 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
+import ssl
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from pathlib import Path
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
@@ -31,11 +42,53 @@ from aiormq.exceptions import (
     ProbableAuthenticationError,
 )
 
-from sagaworks.adapters.rabbitmq.errors import BrokerAuthenticationFailed, BrokerUnreachable
+from sagaworks.adapters.rabbitmq.errors import (
+    BrokerAuthenticationFailed,
+    BrokerTlsFailed,
+    BrokerUnreachable,
+    InvalidBrokerUrl,
+)
 
-__all__ = ["broker_user", "connect"]
+__all__ = ["TLS_FILE_OPTIONS", "broker_user", "check_tls_options", "connect"]
 
 _DEFAULT_PORTS = {"amqp": 5672, "amqps": 5671}
+
+TLS_FILE_OPTIONS = ("cafile", "certfile", "keyfile")
+"""Query parameters of an `amqps://` URL naming PEM files (`capath` names a folder)."""
+_TLS_OPTIONS = (*TLS_FILE_OPTIONS, "capath", "cadata", "no_verify_ssl")
+
+
+def check_tls_options(url: str) -> None:
+    """Raise `InvalidBrokerUrl` if the URL's TLS options cannot work as written."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    given = [name for name in _TLS_OPTIONS if name in query]
+    if given and parts.scheme != "amqps":
+        raise InvalidBrokerUrl(
+            url=url,
+            problem=f"{', '.join(given)} only apply to TLS but the URL is {parts.scheme}://",
+            remedy="use amqps:// (port 5671) or remove them",
+        )
+    if query.get("keyfile") and not query.get("certfile"):
+        raise InvalidBrokerUrl(
+            url=url,
+            problem="keyfile is given without certfile",
+            remedy="add certfile=<client certificate file>",
+        )
+    if query.get("no_verify_ssl", "0") not in {"0", "1"}:
+        raise InvalidBrokerUrl(
+            url=url,
+            problem=f"no_verify_ssl={query['no_verify_ssl']} is neither 0 nor 1",
+            remedy="leave it out (the broker's certificate is verified) or set 1 to skip that",
+        )
+    for name in TLS_FILE_OPTIONS:
+        value = query.get(name)
+        if value and not (Path(value).is_file() and os.access(value, os.R_OK)):
+            raise InvalidBrokerUrl(
+                url=url,
+                problem=f"{name} file {value} does not exist or cannot be read",
+                remedy=f"point {name}= at a readable PEM file",
+            )
 
 
 @dataclass(frozen=True)
@@ -67,6 +120,7 @@ async def connect(url: str, *, timeout_s: float) -> AbstractRobustConnection:
 
     `timeout_s` also bounds every later reconnection attempt.
     """
+    check_tls_options(url)
     target = _Target.of(url)
     connection = aio_pika.RobustConnection(make_url(url), fail_fast="1")
     try:
@@ -83,7 +137,13 @@ async def connect(url: str, *, timeout_s: float) -> AbstractRobustConnection:
 
 def _translate(
     exc: OSError | AMQPError, target: _Target, url: str, timeout_s: float
-) -> BrokerUnreachable | BrokerAuthenticationFailed:
+) -> BrokerUnreachable | BrokerAuthenticationFailed | BrokerTlsFailed:
+    tls = _tls_failure(exc)
+    if tls is not None:
+        reason, advice = tls
+        return BrokerTlsFailed(
+            host=target.host, port=target.port, url=url, reason=reason, advice=advice
+        )
     refused = _refusal(exc, target)
     if refused is not None:
         reason, advice = refused
@@ -99,6 +159,26 @@ def _translate(
     return BrokerUnreachable(
         host=target.host, port=target.port, url=url, reason=_unreachable(exc, timeout_s)
     )
+
+
+def _tls_failure(exc: BaseException) -> tuple[str, str] | None:
+    """(reason, advice) if the TLS handshake failed; aiormq wraps the `ssl` error it got."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ssl.SSLError):
+        cause = cause.__cause__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return (
+            f"the certificate the broker presented does not verify ({cause.verify_message})",
+            "Check that cafile= names the CA that signed the broker's certificate, "
+            "and that the URL's host is a name in that certificate",
+        )
+    if isinstance(cause, ssl.SSLError):
+        return (
+            f"the TLS handshake failed ({cause.reason or cause})",
+            "Check that the port is the broker's TLS listener (5671) "
+            "and the certfile=/keyfile= of the URL",
+        )
+    return None
 
 
 def _refusal(exc: OSError | AMQPError, target: _Target) -> tuple[str, str] | None:

@@ -17,8 +17,10 @@ from sagaworks.settings import mask_url
 
 __all__ = [
     "BrokerAuthenticationFailed",
+    "BrokerTlsFailed",
     "BrokerUnreachable",
     "EntityKind",
+    "InvalidBrokerUrl",
     "RabbitMQError",
     "TopologyConflict",
     "TopologyMissing",
@@ -48,6 +50,29 @@ class BrokerUnreachable(RabbitMQError):
             f"cannot reach RabbitMQ at {_endpoint(host, port)}: {reason.rstrip('.')}. "
             f"Check that RabbitMQ is running and reachable from here, and that "
             f"SAGAWORKS_AMQP_URL ({self.masked_url}) names the right host and port."
+        )
+
+
+class InvalidBrokerUrl(RabbitMQError):
+    """A broker URL unusable as written: TLS files missing, or TLS options on a plain URL."""
+
+    def __init__(self, *, url: str, problem: str, remedy: str) -> None:
+        self.masked_url = mask_url(url)
+        self.problem = problem
+        super().__init__(f"invalid SAGAWORKS_AMQP_URL ({self.masked_url}): {problem}; {remedy}")
+
+
+class BrokerTlsFailed(RabbitMQError):
+    """The TLS handshake failed: most often a broker certificate that does not verify."""
+
+    def __init__(self, *, host: str, port: int, url: str, reason: str, advice: str) -> None:
+        self.host = host
+        self.port = port
+        self.masked_url = mask_url(url)
+        self.reason = reason
+        super().__init__(
+            f"cannot open TLS to RabbitMQ at {_endpoint(host, port)}: {reason.rstrip('.')}. "
+            f"{advice}. SAGAWORKS_AMQP_URL is {self.masked_url}"
         )
 
 

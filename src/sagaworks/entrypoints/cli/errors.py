@@ -13,10 +13,16 @@ from pydantic import ValidationError
 
 from sagaworks.adapters.postgres.errors import (
     DatabaseUnreachable,
+    InvalidDatabaseUrl,
     RolesNotApplied,
     SchemaNotCurrent,
 )
-from sagaworks.adapters.rabbitmq.errors import RabbitMQError, TopologyConflict, TopologyMissing
+from sagaworks.adapters.rabbitmq.errors import (
+    InvalidBrokerUrl,
+    RabbitMQError,
+    TopologyConflict,
+    TopologyMissing,
+)
 from sagaworks.application.boundary import UnconfiguredPublishers
 from sagaworks.application.registry import UnknownSaga
 from sagaworks.domain.errors import DefinitionError
@@ -36,6 +42,8 @@ T = TypeVar("T")
 
 EXIT_CODES: dict[type[BaseException], int] = {
     ValidationError: 2,
+    InvalidDatabaseUrl: 2,
+    InvalidBrokerUrl: 2,
     DefinitionError: 2,
     UnknownSaga: 2,
     SagaModuleError: 2,
