@@ -32,6 +32,7 @@ from aiormq.exceptions import (
 )
 
 from sagaworks.adapters.rabbitmq.errors import BrokerAuthenticationFailed, BrokerUnreachable
+from sagaworks.adapters.rabbitmq.frames import tolerate_undecodable_properties
 
 __all__ = ["connect"]
 
@@ -60,8 +61,10 @@ class _Target:
 async def connect(url: str, *, timeout_s: float) -> AbstractRobustConnection:
     """Open a robust connection to `url` within `timeout_s` seconds, or explain why not.
 
-    `timeout_s` also bounds every later reconnection attempt.
+    `timeout_s` also bounds every later reconnection attempt. Deliveries whose
+    properties pamqp would refuse are read from then on (`frames.py`).
     """
+    tolerate_undecodable_properties()
     target = _Target.of(url)
     connection = aio_pika.RobustConnection(make_url(url), fail_fast="1")
     try:

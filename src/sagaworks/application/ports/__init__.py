@@ -16,6 +16,7 @@ from sagaworks.application.ports.dead_letters import (
     StoredDeadLetter,
 )
 from sagaworks.application.ports.messages import (
+    BodyDigest,
     InboundMessage,
     OutboxRow,
     OutboxWakeUp,
@@ -23,6 +24,8 @@ from sagaworks.application.ports.messages import (
     PendingMessage,
     PriorFailure,
     Publisher,
+    decode_raw_fields,
+    encode_raw_fields,
 )
 from sagaworks.application.ports.store import (
     DeadLetter,
@@ -38,6 +41,7 @@ from sagaworks.application.ports.store import (
 __all__ = [
     "AuditEntry",
     "AuditRecord",
+    "BodyDigest",
     "BreakerChange",
     "BreakerLog",
     "BreakerState",
@@ -62,4 +66,6 @@ __all__ = [
     "SagaTransaction",
     "Store",
     "StoredDeadLetter",
+    "decode_raw_fields",
+    "encode_raw_fields",
 ]
