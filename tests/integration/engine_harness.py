@@ -359,7 +359,7 @@ class EngineHarness:
         for system in self.systems:
             topology = system.topology
             queues.update(q.name for q in topology.queues)
-            queues.add(topology.dead_letter_queue)
+            queues.update((topology.dead_letter_queue, topology.unstorable_queue))
             exchanges.update(topology.exchanges)
             exchanges.add(topology.dead_letter_exchange)
         async with self._client.channel() as channel:
