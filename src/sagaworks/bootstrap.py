@@ -73,6 +73,7 @@ from sagaworks.application.dead_letters import IngestDeadLetter, LastErrors, Que
 from sagaworks.application.handle_event import HandleEvent
 from sagaworks.application.handle_step_command import HandleStepCommand
 from sagaworks.application.outbox import OutboxRelay
+from sagaworks.application.oversized import RejectOversized
 from sagaworks.application.ports import (
     BreakerLog,
     Clock,
@@ -144,6 +145,7 @@ def topology_for(settings: Settings, registry: SagaRegistry) -> TopologySpec:
         dead_letter_exchange=dead_letter_exchange_name(prefix),
         dead_letter_queue=dead_letter_queue_name(prefix),
         delivery_limit=settings.delivery_limit,
+        dead_letter_delivery_limit=settings.dead_letter_delivery_limit,
     )
 
 
@@ -179,6 +181,8 @@ class System:
     fire_timers: FireDueTimers
     expire_parked_events: ExpireParkedEvents
     ingest_dead_letter: IngestDeadLetter
+    reject_oversized: RejectOversized
+    """Every consumer's first step: a body over the limit is stored cut short, never parsed."""
     last_errors: LastErrors
     """What handlers last failed with, for dead letters that arrive without a cause."""
     outbox_wake_ups: OutboxWakeUps
@@ -314,6 +318,7 @@ async def bootstrap(
     if breaker_log is not None:
         record_breaker_change = RecordBreakerChange(breaker_log, relay, wire)
     last_errors = LastErrors()
+    owners = _queue_owners(settings, registry)
     system = System(
         settings=settings,
         registry=registry,
@@ -327,8 +332,13 @@ async def bootstrap(
         ),
         fire_timers=FireDueTimers(store, relay, clock, registry, wire, options),
         expire_parked_events=ExpireParkedEvents(store, clock),
-        ingest_dead_letter=IngestDeadLetter(
-            store, clock, _queue_owners(settings, registry), last_errors
+        ingest_dead_letter=IngestDeadLetter(store, clock, owners, last_errors),
+        reject_oversized=RejectOversized(
+            store,
+            clock,
+            settings.max_message_bytes,
+            owners,
+            dead_letter_queue_name(settings.exchange_prefix),
         ),
         last_errors=last_errors,
         outbox_wake_ups=outbox_wake_ups,

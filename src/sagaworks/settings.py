@@ -117,6 +117,14 @@ class Settings(BaseSettings):
         le=1_000,
         description="Deliveries of one message before the broker dead-letters it.",
     )
+    dead_letter_delivery_limit: int = Field(
+        default=20,
+        ge=1,
+        le=1_000,
+        description="Deliveries of one dead letter before the broker moves it to the "
+        "unstorable queue (`sagaworks dlq unstorable`); each waits out a database outage "
+        "for up to a minute first.",
+    )
     grace_period_s: float = Field(
         default=20.0,
         gt=0,
@@ -135,7 +143,10 @@ class Settings(BaseSettings):
         description="How often events kept past their bound are looked for.",
     )
     max_message_bytes: int = Field(
-        default=256 * 1024, ge=1024, description="Larger bodies are dead-lettered as `oversized`."
+        default=256 * 1024,
+        ge=1024,
+        description="Larger bodies are dead-lettered as `oversized`, unparsed, as their first "
+        "4 KiB, length and SHA-256. Keep RabbitMQ's `max_message_size` above it.",
     )
     timer_poll_interval_s: float = Field(
         default=0.2,

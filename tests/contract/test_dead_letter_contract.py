@@ -24,6 +24,7 @@ from sagaworks.adapters.postgres.engine import create_engine
 from sagaworks.adapters.postgres.store import PostgresStore
 from sagaworks.application.ports import (
     AuditRecord,
+    BodyDigest,
     DeadLetterFilter,
     DeadLetterRepository,
     InboundMessage,
@@ -294,3 +295,37 @@ async def test_purge_deletes_and_leaves_audit_rows_naming_the_message(backend: B
         (None, "purge", {"id": one, "message_id": "m-1", "queue": "q.orders"}),
     ]
     assert await backend.letters.purge([one], audit("purge")) == 0
+
+
+async def test_escaped_fields_and_a_cut_body_read_back_with_their_originals(
+    backend: Backend,
+) -> None:
+    raw = {"message_id": b"m-\x00-1", "headers/x-note": b"\xff\xfe"}
+    inbound = InboundMessage(
+        message_id="m-\\u0000-1",
+        message_type="order.placed",
+        body=b"x" * 4096,
+        headers={"x-note": "\\xff\\xfe"},
+        queue="q.orders",
+        exchange="orders",
+        routing_key="order.placed",
+        raw_fields=raw,
+    )
+    whole = BodyDigest(2 * 1024 * 1024, "ab" * 32)
+    letter = dead_letter(
+        inbound, "oversized", "MessageTooLarge", "body is \x00 big", whole_body=whole
+    )
+    async with backend.store.transaction() as tx:
+        await tx.dead_letter(letter, T0)
+    (found,) = await backend.letters.find(DeadLetterFilter(statuses=()), limit=10)
+    assert (found.message_id, found.headers, found.body) == (
+        "m-\\u0000-1",
+        {"x-note": "\\xff\\xfe"},
+        b"x" * 4096,
+    )
+    assert found.raw_fields == raw
+    assert found.whole_body == whole
+    assert found.exception_message == "body is \\u0000 big"
+    plain = await backend.letters.get(await fail(backend, "plain"))
+    assert plain is not None
+    assert (plain.raw_fields, plain.whole_body) == ({}, None)

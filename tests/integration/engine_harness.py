@@ -141,6 +141,10 @@ class _Recorder:
         self._worker = worker
         self._log = log
 
+    def __getattr__(self, name: str) -> Any:
+        """What the worker reads off a use case besides calling it (`max_bytes`)."""
+        return getattr(self._use_case, name)
+
     async def __call__(self, *args: Any) -> Handled:
         inbound: InboundMessage = args[-1]
         try:
@@ -318,6 +322,8 @@ class EngineHarness:
         system.handle_event = _Recorder(system.handle_event, "handle_event", index, self.handled)  # type: ignore[assignment]
         recorder = _Recorder(system.handle_step_command, "handle_step_command", index, self.handled)
         system.handle_step_command = recorder  # type: ignore[assignment]
+        oversized = _Recorder(system.reject_oversized, "reject_oversized", index, self.handled)
+        system.reject_oversized = oversized  # type: ignore[assignment]
         worker = Worker(system)
         await worker.start()
         self.workers.append(worker)
@@ -359,7 +365,7 @@ class EngineHarness:
         for system in self.systems:
             topology = system.topology
             queues.update(q.name for q in topology.queues)
-            queues.add(topology.dead_letter_queue)
+            queues.update((topology.dead_letter_queue, topology.unstorable_queue))
             exchanges.update(topology.exchanges)
             exchanges.add(topology.dead_letter_exchange)
         async with self._client.channel() as channel:

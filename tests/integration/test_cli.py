@@ -31,6 +31,7 @@ from sagaworks.adapters.rabbitmq.topology import (
     exchange_name,
     port_queue_name,
     saga_queue_name,
+    unstorable_queue_name,
 )
 from sagaworks.settings import Settings
 
@@ -279,6 +280,7 @@ async def test_topology_apply_twice_declares_once_and_keeps_messages(
     expected_queues = {
         saga_queue,
         dead_letter_queue_name(prefix),
+        unstorable_queue_name(prefix),
         *(port_queue_name(prefix, port) for port in PORTS),
     }
 

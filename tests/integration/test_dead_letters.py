@@ -223,6 +223,7 @@ async def env(
                 *environment.extra_queues,
                 *(q.name for q in topology.queues),
                 topology.dead_letter_queue,
+                topology.unstorable_queue,
             ):
                 await channel.queue_delete(name)
             for name in (*topology.exchanges, topology.dead_letter_exchange):

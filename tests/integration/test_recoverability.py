@@ -243,7 +243,11 @@ async def rig_factory(
         await rig.services.stop()
         async with rig.client.channel() as channel:
             topology = rig.system.topology
-            for name in (*(q.name for q in topology.queues), topology.dead_letter_queue):
+            for name in (
+                *(q.name for q in topology.queues),
+                topology.dead_letter_queue,
+                topology.unstorable_queue,
+            ):
                 await channel.queue_delete(name)
             for name in (*topology.exchanges, topology.dead_letter_exchange):
                 await channel.exchange_delete(name)

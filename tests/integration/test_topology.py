@@ -40,6 +40,7 @@ from sagaworks.adapters.rabbitmq.topology import (
     exchange_name,
     queue_arguments,
     saga_queue_name,
+    unstorable_queue_name,
 )
 from sagaworks.settings import Settings
 
@@ -159,15 +160,16 @@ async def test_applying_twice_changes_nothing_and_keeps_messages(
     second = await apply_topology(connection, spec)
 
     assert second == first
-    assert set(first.queues) == {saga_queue, dead_letter_queue_name(prefix)}
-    assert first.summary() == "5 exchanges, 2 queues, 4 bindings"
+    unstorable = unstorable_queue_name(prefix)
+    assert set(first.queues) == {saga_queue, dead_letter_queue_name(prefix), unstorable}
+    assert first.summary() == "5 exchanges, 3 queues, 4 bindings"
 
     queues = {
         row["name"]: row
         for row in await rabbitmqctl("list_queues", "name", "type", "durable", "arguments")
         if row["name"].startswith(prefix)
     }
-    assert set(queues) == {saga_queue, dead_letter_queue_name(prefix)}
+    assert set(queues) == {saga_queue, dead_letter_queue_name(prefix), unstorable}
     assert arguments_of(queues[saga_queue]) == {
         "x-queue-type": "quorum",
         "x-dead-letter-exchange": dead_letter_exchange_name(prefix),
@@ -176,7 +178,16 @@ async def test_applying_twice_changes_nothing_and_keeps_messages(
         "x-delivery-limit": 5,
     }
     assert arguments_of(queues[saga_queue]) == queue_arguments(spec)
-    assert arguments_of(queues[dead_letter_queue_name(prefix)]) == dead_letter_queue_arguments()
+    assert arguments_of(queues[dead_letter_queue_name(prefix)]) == {
+        "x-queue-type": "quorum",
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": unstorable,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+        "x-delivery-limit": 20,
+    }
+    assert arguments_of(queues[dead_letter_queue_name(prefix)]) == dead_letter_queue_arguments(spec)
+    assert arguments_of(queues[unstorable]) == {"x-queue-type": "quorum"}
     assert all(row["type"] == "quorum" and row["durable"] for row in queues.values())
 
     exchanges = {
@@ -413,3 +424,55 @@ async def test_unknown_vhost_is_an_authentication_failure_naming_it(
 
     assert caught.value.vhost == vhost
     assert f'vhost "{vhost}" exists' in str(caught.value)
+
+
+async def test_a_dead_letter_queue_of_an_earlier_release_is_a_conflict_with_its_upgrade(
+    connection: AbstractRobustConnection, prefix: str
+) -> None:
+    spec = make_spec(prefix)
+    dead_letters = dead_letter_queue_name(prefix)
+    async with connection.channel() as channel:
+        await channel.declare_queue(
+            dead_letters, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+
+    with pytest.raises(TopologyConflict) as caught:
+        await apply_topology(connection, spec)
+
+    assert caught.value.name == dead_letters
+    assert f"rabbitmqctl delete_queue {dead_letters} --if-empty" in str(caught.value)
+
+
+async def test_the_dead_letter_queue_moves_what_it_cannot_deliver_to_the_unstorable_queue(
+    connection: AbstractRobustConnection, prefix: str
+) -> None:
+    spec = replace(make_spec(prefix), dead_letter_delivery_limit=2)
+    await apply_topology(connection, spec)
+    async with connection.channel() as channel:
+        for body in (b"refused", b"returned"):
+            await channel.default_exchange.publish(
+                aio_pika.Message(body, message_id=body.decode(), headers={"x-kept": "yes"}),
+                routing_key=dead_letter_queue_name(prefix),
+            )
+        dead_letters = await channel.get_queue(dead_letter_queue_name(prefix))
+        refused = await wait_for_message(dead_letters)
+        await refused.reject(requeue=False)
+        returns = 0
+        async with asyncio.timeout(20):
+            while (message := await dead_letters.get(fail=False)) is not None or returns == 0:
+                if message is None:
+                    await asyncio.sleep(0.05)
+                    continue
+                returns += 1
+                await message.nack(requeue=True)
+        unstorable = await channel.get_queue(unstorable_queue_name(prefix))
+        moved = [await wait_for_message(unstorable), await wait_for_message(unstorable)]
+        for message in moved:
+            await message.ack()
+
+    assert returns == 3, "the first delivery and `dead_letter_delivery_limit` returns"
+    assert [(m.body, m.message_id, m.headers["x-kept"]) for m in moved] == [
+        (b"refused", "refused", "yes"),
+        (b"returned", "returned", "yes"),
+    ]
+    assert [m.headers["x-first-death-reason"] for m in moved] == ["rejected", "delivery_limit"]

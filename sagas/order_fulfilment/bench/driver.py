@@ -554,7 +554,11 @@ async def _cleanup_engine(settings: Settings, prefix: str, dsn: str, started: li
     connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
     try:
         channel = await connection.channel()
-        for queue in (*(q.name for q in spec.queues), spec.dead_letter_queue):
+        for queue in (
+            *(q.name for q in spec.queues),
+            spec.dead_letter_queue,
+            spec.unstorable_queue,
+        ):
             await channel.queue_delete(queue)
         for exchange in (*spec.exchanges, spec.dead_letter_exchange):
             await channel.exchange_delete(exchange)

@@ -7,6 +7,7 @@ Use cases (each a class named for what it does, called with one input):
     timers.py               FireDueTimers, ExpireParkedEvents: what the clock sets off
     dead_letters.py         IngestDeadLetter, ReplayDeadLetters, EditDeadLetter,
                             ArchiveDeadLetters, PurgeDeadLetters
+    oversized.py            RejectOversized: a body over the limit, stored cut short, unparsed
     circuit.py              RecordBreakerChange, and CircuitOpen: a call a breaker refused
 
 What they share:

@@ -61,6 +61,7 @@ __all__ = [
     "schema_for",
     "set_path",
     "undeclared_queues",
+    "where_it_failed",
 ]
 
 REPLAY_HEADER = "x-sagaworks-replay"
@@ -197,18 +198,13 @@ class IngestDeadLetter:
 
     async def __call__(self, inbound: InboundMessage) -> Handled:
         death = _last_failure(inbound)
-        queue = death.queue or "unknown"
         reason = death.reason or "unknown"
-        message_id = inbound.message_id or _content_id(inbound)
+        original = where_it_failed(
+            replace(inbound, message_id=inbound.message_id or _content_id(inbound))
+        )
+        queue, message_id = original.queue, original.message_id
         handler, saga_type = self._handler(queue, inbound.body)
         exception_type, exception_message = self._cause(reason, queue, message_id, inbound)
-        original = replace(
-            inbound,
-            message_id=message_id,
-            queue=queue,
-            exchange=death.exchange,
-            routing_key=death.routing_keys[0] if death.routing_keys else inbound.routing_key,
-        )
         letter = dead_letter(
             original,
             reason,
@@ -248,6 +244,17 @@ class IngestDeadLetter:
                 "(x-delivery-limit); the handler's error was not seen by the ingesting worker",
             )
         return _BROKER_CAUSES.get(reason, ("DeadLettered", f"broker reason {reason}"))
+
+
+def where_it_failed(inbound: InboundMessage) -> InboundMessage:
+    """A dead letter as the queue that failed it received it: that queue, exchange, key."""
+    death = _last_failure(inbound)
+    return replace(
+        inbound,
+        queue=death.queue or "unknown",
+        exchange=death.exchange,
+        routing_key=death.routing_keys[0] if death.routing_keys else inbound.routing_key,
+    )
 
 
 def _content_id(inbound: InboundMessage) -> str:

@@ -15,7 +15,7 @@ from dataclasses import replace
 from typing import Any
 from uuid import UUID
 
-from sagaworks.application.ports import DeadLetter, InboundMessage
+from sagaworks.application.ports import BodyDigest, DeadLetter, InboundMessage
 from sagaworks.domain.definition import SagaDefinition
 from sagaworks.domain.instance import InFlight, SagaInstance, Status
 
@@ -24,11 +24,40 @@ __all__ = [
     "dead_letter",
     "fingerprint",
     "lock_key",
+    "original_bytes",
     "refuse_repeats",
     "saga_from_row",
+    "storable_text",
 ]
 
 _VOLATILE = re.compile(r"[0-9a-f]{8,}|\d+")
+
+
+def storable_text(text: str) -> str:
+    """`text` as every store can keep it: NUL written `\\u0000`, undecodable bytes `\\xNN`.
+
+    PostgreSQL's `text` and `jsonb` refuse NUL, and a delivery's bytes that were not
+    UTF-8 arrive as lone surrogates, which no UTF-8 column takes. `original_bytes`
+    gives back what was escaped, so a caller can keep that too.
+    """
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            text = original_bytes(text).decode("utf-8", "backslashreplace")
+    return text.replace("\x00", "\\u0000") if "\x00" in text else text
+
+
+def original_bytes(text: str) -> bytes:
+    """The bytes a text field arrived as, lone surrogates back to the bytes they stand for."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")
+
+
+def _storable(text: str | None) -> str | None:
+    return None if text is None else storable_text(text)
 
 
 def fingerprint(
@@ -53,15 +82,20 @@ def dead_letter(
     *,
     handler: str | None = None,
     saga_type: str | None = None,
+    whole_body: BodyDigest | None = None,
 ) -> DeadLetter:
     """A complete dead letter: the delivery, why it failed, and the group it falls in.
 
     A delivery without an id is kept under its content key, so no id-less
     letter overwrites another and the same one delivered twice is one letter.
+    An error's text may quote what the message carried (a NUL in its id), so it is
+    made storable like the delivery's own fields.
     """
     if not inbound.message_id:
         key = inbound.content_key or f"no-id:{hashlib.sha256(inbound.body).hexdigest()}"
         inbound = replace(inbound, message_id=key)
+    exception_type, exception_message = _storable(exception_type), _storable(exception_message)
+    handler, saga_type = _storable(handler), _storable(saga_type)
     return DeadLetter(
         inbound,
         reason,
@@ -70,6 +104,7 @@ def dead_letter(
         handler,
         saga_type,
         fingerprint(reason, exception_type, exception_message, handler),
+        whole_body,
     )
 
 

@@ -4,7 +4,11 @@ Path of one message: consume → decide → commit → publish → ack. A use ca
 returns only after its transaction committed and its outbox rows were handed
 to the broker, so acknowledging afterwards can lose nothing. A delivery is
 never left unsettled: database outages are waited out with backoff, other
-errors requeue it and the queue's delivery limit dead-letters it.
+errors requeue it and the queue's delivery limit dead-letters it. A body over
+the size limit is stored cut short before anything parses it. A dead letter
+the store refuses for good is rejected, and the dead-letter queue's own
+dead-letter exchange moves it, bytes intact, to the unstorable queue; so does
+its delivery limit for one that keeps coming back.
 """
 
 from __future__ import annotations
@@ -99,6 +103,8 @@ class Worker:
         use_case: Callable[[InboundMessage], Awaitable[Handled]],
     ) -> None:
         transient = self.system.transient_errors
+        reject_oversized = self.system.reject_oversized
+        dead_letters = queue == self.system.topology.dead_letter_queue
 
         @self.broker.subscriber(
             RabbitQueue(queue, declare=False),
@@ -108,14 +114,32 @@ class Worker:
             no_reply=True,
         )
         async def settle(message: RabbitMessage) -> None:
-            inbound = to_inbound(message.raw_message, queue)
+            raw = message.raw_message
+            try:
+                inbound = to_inbound(raw, queue)
+            except Exception:  # noqa: BLE001 - unreadable: the broker moves it on, bytes intact
+                _log.exception(
+                    "delivery could not be read; rejected to the queue's dead-letter exchange",
+                    queue=queue,
+                )
+                await message.reject(requeue=False)
+                return
+            handle = use_case if len(raw.body) <= reject_oversized.max_bytes else reject_oversized
             bind_message_context(
                 message_id=inbound.message_id, correlation_id=inbound.correlation_id
             )
             try:
-                handled = await _patiently(use_case, inbound, transient)
-            except Exception as error:  # noqa: BLE001 - any other failure: requeue, never leave unsettled
+                handled = await _patiently(handle, inbound, transient)
+            except Exception as error:  # noqa: BLE001 - any other failure: never leave unsettled
                 self.system.last_errors.remember(queue, inbound.message_id, error)
+                if dead_letters and not isinstance(error, transient):
+                    _log.exception(
+                        "dead letter could not be stored; moved with its original bytes to "
+                        "the unstorable queue (sagaworks dlq unstorable)",
+                        queue=queue,
+                    )
+                    await message.reject(requeue=False)
+                    return
                 _log.exception(
                     "handler failed; message requeued (the delivery limit dead-letters it)",
                     queue=queue,

@@ -486,6 +486,8 @@ class MemoryTransaction(Owner):
                     times_failed=1,
                     times_replayed=0,
                     status="active",
+                    raw_fields=dict(inbound.raw_fields),
+                    whole_body=letter.whole_body,
                 )
             else:
                 record = replace(

@@ -19,10 +19,12 @@ from sagaworks.adapters.postgres.tables import dead_letter_audit, dead_letters, 
 from sagaworks.application.ports import (
     AuditEntry,
     AuditRecord,
+    BodyDigest,
     DeadLetterFilter,
     FailureGroup,
     OutboxRow,
     StoredDeadLetter,
+    decode_raw_fields,
 )
 
 __all__ = ["PostgresDeadLetters"]
@@ -86,6 +88,10 @@ def _letter(row: Any) -> StoredDeadLetter:
         times_failed=row.times_failed,
         times_replayed=row.times_replayed,
         status=row.status,
+        raw_fields=decode_raw_fields(row.raw_fields or {}),
+        whole_body=None
+        if row.body_length is None
+        else BodyDigest(row.body_length, row.body_sha256),
     )
 
 

@@ -37,6 +37,7 @@ from sagaworks.application.ports import (
     SagaChange,
     SagaClaim,
     TimerFailure,
+    encode_raw_fields,
 )
 from sagaworks.application.stored import lock_key, refuse_repeats, saga_from_row
 from sagaworks.domain.decide import HistoryEntry
@@ -206,8 +207,9 @@ _CLAIM_TIMER = "DELETE FROM timers WHERE id = $1 RETURNING id"
 _DEAD_LETTER = """
 INSERT INTO dead_letters (message_id, queue, exchange, routing_key, message_type, saga_type,
                           headers, body, reason, exception_type, exception_message, handler,
-                          fingerprint, first_failed_at, last_failed_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $14)
+                          fingerprint, first_failed_at, last_failed_at, raw_fields,
+                          body_length, body_sha256)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $14, $15, $16, $17)
 ON CONFLICT (queue, message_id) DO UPDATE
 SET times_failed = dead_letters.times_failed + 1, last_failed_at = EXCLUDED.last_failed_at,
     reason = EXCLUDED.reason, exception_type = EXCLUDED.exception_type,
@@ -482,6 +484,9 @@ class _Transaction:
             letter.handler,
             letter.fingerprint,
             now,
+            json.dumps(encode_raw_fields(inbound.raw_fields)) if inbound.raw_fields else None,
+            None if letter.whole_body is None else letter.whole_body.length,
+            None if letter.whole_body is None else letter.whole_body.sha256,
         )
 
     def written_outbox(self) -> list[OutboxRow]:

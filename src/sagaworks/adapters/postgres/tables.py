@@ -236,7 +236,11 @@ dead_letters = Table(
     Column("times_failed", Integer, nullable=False, server_default=text("1")),
     Column("times_replayed", Integer, nullable=False, server_default=text("0")),
     Column("status", Text, nullable=False, server_default=text("'active'")),
+    Column("raw_fields", JSONB, nullable=True),
+    Column("body_length", BigInteger, nullable=True),
+    Column("body_sha256", Text, nullable=True),
     CheckConstraint(_one_of("status", DEAD_LETTER_STATUSES), name="status"),
+    CheckConstraint("(body_length IS NULL) = (body_sha256 IS NULL)", name="whole_body"),
     CheckConstraint("times_failed >= 1", name="times_failed"),
     CheckConstraint("times_replayed >= 0", name="times_replayed"),
     UniqueConstraint("queue", "message_id"),
@@ -245,7 +249,11 @@ dead_letters = Table(
     Index("ix_dead_letters_last_failed_at", "last_failed_at"),
     Index("ix_dead_letters_status_last_failed_at", "status", "last_failed_at"),
 )
-"""Messages the broker dead-lettered, with why they failed; edited, replayed or archived here."""
+"""Messages the broker dead-lettered, with why they failed; edited, replayed or archived here.
+
+`raw_fields`: original bytes (base64 by field) of text fields escaped to be stored;
+`body_length`/`body_sha256`: the whole body's, when `body` keeps only its start.
+"""
 
 dead_letter_audit = Table(
     "dead_letter_audit",

@@ -48,6 +48,7 @@ from sagaworks.adapters.rabbitmq.errors import (
     BrokerUnreachable,
     InvalidBrokerUrl,
 )
+from sagaworks.adapters.rabbitmq.frames import tolerate_undecodable_properties
 
 __all__ = ["TLS_FILE_OPTIONS", "broker_user", "check_tls_options", "connect"]
 
@@ -118,9 +119,11 @@ def broker_user(url: str) -> str:
 async def connect(url: str, *, timeout_s: float) -> AbstractRobustConnection:
     """Open a robust connection to `url` within `timeout_s` seconds, or explain why not.
 
-    `timeout_s` also bounds every later reconnection attempt.
+    `timeout_s` also bounds every later reconnection attempt. Deliveries whose
+    properties pamqp would refuse are read from then on (`frames.py`).
     """
     check_tls_options(url)
+    tolerate_undecodable_properties()
     target = _Target.of(url)
     connection = aio_pika.RobustConnection(make_url(url), fail_fast="1")
     try:

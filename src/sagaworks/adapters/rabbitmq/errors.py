@@ -152,7 +152,10 @@ class TopologyConflict(RabbitMQError):
                 "or migrate it through a temporary queue (see docs/topology.md)"
             )
             if self.argument == "x-delivery-limit" and self.existing is not None:
-                remedy += f", or set SAGAWORKS_DELIVERY_LIMIT={self.existing}"
+                limit = "DELIVERY_LIMIT"
+                if self.name.endswith("sagaworks.dead-letters"):
+                    limit = "DEAD_LETTER_DELIVERY_LIMIT"
+                remedy += f", or set SAGAWORKS_{limit}={self.existing}"
             return remedy
         vhost_option = "" if self.vhost == "/" else f"--vhost={vhost} "
         return (

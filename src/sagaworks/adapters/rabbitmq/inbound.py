@@ -6,6 +6,13 @@ added to the headers too, so a stored delivery sent again loses none of them.
 RabbitMQ's death records (`x-death`, else `x-first-death-*`) become
 `PriorFailure`s: the use cases never read a broker header.
 
+Anyone who can publish chooses these bytes, so reading never fails: a broker
+header of the wrong type reads as absent, and a text field no store could keep
+(a NUL, bytes that are not UTF-8) is escaped (`storable_text`) with its
+original bytes kept in `raw_fields`. `x-delivery-count` says how often this
+delivery was tried, not what the message is, so it becomes `delivery_count`
+and is left out of `headers`: a redelivered message has the same headers.
+
 The id is judged on the raw AMQP message (FastStream's own message object
 invents one when there is none): a message without one gets a `content_key`
 instead, so id-less messages are told apart by what they carry.
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -23,21 +31,55 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from sagaworks.adapters.rabbitmq.cloudevents import CE_PREFIX, is_broker_owned, parse_time
 from sagaworks.application.ports import InboundMessage, PriorFailure
+from sagaworks.application.stored import original_bytes, storable_text
 
 __all__ = ["content_key", "inbound_of", "prior_failures", "to_inbound"]
 
 
-def _plain(value: Any) -> Any:
-    """Header values as JSON-friendly Python (AMQP tables may hold bytes and datetimes)."""
-    if isinstance(value, bytes):
-        return value.decode(errors="replace")
+_DELIVERY_COUNT = "x-delivery-count"
+_PROPERTY = {"id": "message_id", "source": "app_id", "correlationid": "correlation_id"}
+"""The AMQP property a CloudEvents attribute comes from, where the names differ."""
+
+
+def _text_of(value: str, path: str, raw: dict[str, bytes]) -> str:
+    """A text field as it can be stored; its original bytes go to `raw` when it had to change."""
+    safe = storable_text(value)
+    if safe != value:
+        raw[path] = original_bytes(value)
+    return safe
+
+
+def _plain(value: Any, path: str, raw: dict[str, bytes]) -> Any:
+    """Header values as storable JSON-friendly Python (AMQP tables hold bytes, datetimes, NaN)."""
+    if isinstance(value, str):
+        return _text_of(value, path, raw)
+    if isinstance(value, bytes | bytearray):
+        try:
+            return _text_of(value.decode(), path, raw)
+        except UnicodeDecodeError:
+            raw[path] = bytes(value)
+            return storable_text(value.decode(errors="surrogateescape"))
     if isinstance(value, datetime):
         return value.isoformat()
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {
+            _text_of(str(k), f"{path}/{k}#name", raw): _plain(v, f"{path}/{k}", raw)
+            for k, v in value.items()
+        }
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+        return [_plain(v, f"{path}/{i}", raw) for i, v in enumerate(value)]
     return value
+
+
+def _count(value: Any) -> int:
+    """`x-delivery-count` when it is a count; any other value reads as absent (0)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return max(value, 0)
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    return 0
 
 
 def to_inbound(raw: AbstractIncomingMessage, queue: str) -> InboundMessage:
@@ -71,26 +113,31 @@ def inbound_of(
     correlation_id: str | None = None,
     user_id: str | None = None,
 ) -> InboundMessage:
-    """The `InboundMessage` for a delivery's properties, headers and body."""
-    headers = {str(k): _plain(v) for k, v in raw_headers.items()}
-    time = _attribute("time", headers, timestamp)
-    delivery_count = headers.get("x-delivery-count", 0)
-    identity = _attribute("id", headers, message_id) or ""
+    """The `InboundMessage` for a delivery's properties, headers and body; never raises."""
+    raw: dict[str, bytes] = {}
+    headers = {
+        _text_of(str(k), f"headers/{k}#name", raw): _plain(v, f"headers/{k}", raw)
+        for k, v in raw_headers.items()
+        if k != _DELIVERY_COUNT
+    }
+    time = _attribute("time", headers, timestamp, raw)
+    identity = _attribute("id", headers, message_id, raw) or ""
     return InboundMessage(
         message_id=identity,
-        message_type=_attribute("type", headers, message_type) or "",
+        message_type=_attribute("type", headers, message_type, raw) or "",
         body=body,
         headers=headers,
         queue=queue,
-        exchange=exchange,
-        routing_key=routing_key,
-        source=_attribute("source", headers, app_id) or "",
+        exchange=_text_of(exchange, "exchange", raw),
+        routing_key=_text_of(routing_key, "routing_key", raw),
+        source=_attribute("source", headers, app_id, raw) or "",
         time=parse_time(time),
-        correlation_id=_attribute("correlationid", headers, correlation_id),
-        causation_id=_attribute("causationid", headers, None),
-        user_id=user_id,
-        delivery_count=int(delivery_count) if isinstance(delivery_count, int | str) else 0,
+        correlation_id=_attribute("correlationid", headers, correlation_id, raw),
+        causation_id=_attribute("causationid", headers, None, raw),
+        user_id=None if user_id is None else _text_of(user_id, "user_id", raw),
+        delivery_count=_count(raw_headers.get(_DELIVERY_COUNT)),
         failures=prior_failures(headers),
+        raw_fields=raw,
         content_key="" if identity else content_key(body, headers),
     )
 
@@ -108,17 +155,23 @@ def content_key(body: bytes, headers: Mapping[str, Any]) -> str:
     return f"no-id:{digest.hexdigest()}"
 
 
-def _attribute(name: str, headers: dict[str, Any], prop: object | None) -> str | None:
+def _attribute(
+    name: str, headers: dict[str, Any], prop: object | None, raw: dict[str, bytes]
+) -> str | None:
     """`read_attribute`, and a value that came only as a property is copied into `headers`."""
     in_headers: str | None = None
     for key in (f"{CE_PREFIX}{name}", f"cloudEvents:{name}"):
         value = headers.get(key)
         if value not in (None, ""):
-            in_headers = value.decode() if isinstance(value, bytes) else str(value)
+            in_headers = value if isinstance(value, str) else str(value)
             break
     if prop in (None, ""):
         return in_headers
-    found = prop.isoformat() if isinstance(prop, datetime) else str(prop)
+    found = (
+        prop.isoformat()
+        if isinstance(prop, datetime)
+        else _text_of(str(prop), _PROPERTY.get(name, name), raw)
+    )
     if in_headers is None and (name != "time" or parse_time(found) is not None):
         headers[f"{CE_PREFIX}{name}"] = found
     return found

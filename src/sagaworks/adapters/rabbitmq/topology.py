@@ -47,7 +47,10 @@ __all__ = [
     "operator_permissions",
     "port_queue_name",
     "queue_arguments",
+    "queue_depth",
     "saga_queue_name",
+    "unstorable_queue_arguments",
+    "unstorable_queue_name",
     "worker_permissions",
 ]
 
@@ -106,6 +109,11 @@ def dead_letter_queue_name(prefix: str) -> str:
     return f"{prefix}sagaworks.dead-letters"
 
 
+def unstorable_queue_name(prefix: str) -> str:
+    """Quorum queue nothing consumes: dead letters the store refused, kept as they came."""
+    return f"{dead_letter_queue_name(prefix)}.unstorable"
+
+
 @dataclass(frozen=True)
 class Binding:
     """Route messages published to `exchange` with a matching topic `routing_key`."""
@@ -131,12 +139,22 @@ class TopologySpec:
     dead_letter_exchange: str
     dead_letter_queue: str
     delivery_limit: int
+    dead_letter_delivery_limit: int = 20
+
+    @property
+    def unstorable_queue(self) -> str:
+        """Where the dead-letter queue dead-letters to: its name + `.unstorable`."""
+        return f"{self.dead_letter_queue}.unstorable"
 
     def __post_init__(self) -> None:
-        if self.delivery_limit < 1:
-            raise ValueError(f"delivery_limit must be at least 1, not {self.delivery_limit}")
+        for name in ("delivery_limit", "dead_letter_delivery_limit"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
         names = [*self.exchanges, self.dead_letter_exchange]
-        queues = [queue.name for queue in self.queues] + [self.dead_letter_queue]
+        queues = [queue.name for queue in self.queues] + [
+            self.dead_letter_queue,
+            self.unstorable_queue,
+        ]
         for kind, declared in (("exchange", names), ("queue", queues)):
             if "" in declared:
                 raise ValueError(f"{kind} names must not be empty")
@@ -188,8 +206,26 @@ def queue_arguments(spec: TopologySpec) -> dict[str, Any]:
     }
 
 
-def dead_letter_queue_arguments() -> dict[str, Any]:
-    """Arguments of the dead-letter queue: replicated, and no dead-lettering of its own."""
+def dead_letter_queue_arguments(spec: TopologySpec) -> dict[str, Any]:
+    """Arguments of the dead-letter queue: replicated, bounded, overflowing to the unstorable queue.
+
+    A dead letter the store refuses for good is rejected by the ingester, and
+    one that keeps coming back (a worker that dies on it) meets the delivery
+    limit; either way the broker moves it, bytes intact, through the default
+    exchange to `spec.unstorable_queue`, confirmed before it leaves.
+    """
+    return {
+        "x-queue-type": "quorum",
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": spec.unstorable_queue,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+        "x-delivery-limit": spec.dead_letter_delivery_limit,
+    }
+
+
+def unstorable_queue_arguments() -> dict[str, Any]:
+    """Arguments of the unstorable queue: replicated; nothing consumes it, nothing leaves it."""
     return {"x-queue-type": "quorum"}
 
 
@@ -215,11 +251,18 @@ async def apply_topology(connection: AbstractConnection, spec: TopologySpec) -> 
             spec.dead_letter_exchange,
             channel.declare_exchange(spec.dead_letter_exchange, ExchangeType.FANOUT, durable=True),
         )
+        await _declare(
+            "queue",
+            spec.unstorable_queue,
+            channel.declare_queue(
+                spec.unstorable_queue, durable=True, arguments=unstorable_queue_arguments()
+            ),
+        )
         dead_letters = await _declare(
             "queue",
             spec.dead_letter_queue,
             channel.declare_queue(
-                spec.dead_letter_queue, durable=True, arguments=dead_letter_queue_arguments()
+                spec.dead_letter_queue, durable=True, arguments=dead_letter_queue_arguments(spec)
             ),
         )
         # A fanout exchange ignores routing keys; "" avoids aio-pika's default (the queue name).
@@ -237,7 +280,11 @@ async def apply_topology(connection: AbstractConnection, spec: TopologySpec) -> 
                 bindings.append((queue_spec.name, binding))
     return TopologyReport(
         exchanges=(*spec.exchanges, spec.dead_letter_exchange),
-        queues=(spec.dead_letter_queue, *(queue.name for queue in spec.queues)),
+        queues=(
+            spec.unstorable_queue,
+            spec.dead_letter_queue,
+            *(queue.name for queue in spec.queues),
+        ),
         bindings=tuple(bindings),
     )
 
@@ -251,7 +298,7 @@ async def check_topology(connection: AbstractConnection, spec: TopologySpec) -> 
     Raises `TopologyMissing` naming the first entity that is absent.
     """
     exchanges = (*spec.exchanges, spec.dead_letter_exchange)
-    queues = (spec.dead_letter_queue, *(queue.name for queue in spec.queues))
+    queues = (spec.dead_letter_queue, spec.unstorable_queue, *(queue.name for queue in spec.queues))
     kinds: list[tuple[EntityKind, str]] = [("exchange", name) for name in exchanges]
     kinds += [("queue", name) for name in queues]
     async with aio_pika.Channel(connection, publisher_confirms=False) as channel:
@@ -308,6 +355,16 @@ def worker_permissions(spec: TopologySpec) -> Permissions:
 def operator_permissions() -> Permissions:
     """What `sagaworks dlq replay` needs: publishing to the default exchange, nothing else."""
     return Permissions(configure="^$", write=_exactly([_DEFAULT_EXCHANGE]), read="^$")
+
+
+async def queue_depth(connection: AbstractConnection, name: str) -> int | None:
+    """Messages ready in queue `name`, None when there is no such queue (a passive declare)."""
+    async with aio_pika.Channel(connection, publisher_confirms=False) as channel:
+        try:
+            queue = await channel.declare_queue(name, passive=True)
+        except ChannelNotFoundEntity:
+            return None
+        return int(queue.declaration_result.message_count or 0)
 
 
 async def _declare(kind: EntityKind, name: str, declaration: Awaitable[_T]) -> _T:

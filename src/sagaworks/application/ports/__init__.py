@@ -16,6 +16,7 @@ from sagaworks.application.ports.dead_letters import (
     StoredDeadLetter,
 )
 from sagaworks.application.ports.messages import (
+    BodyDigest,
     InboundMessage,
     OutboxRow,
     OutboxWakeUp,
@@ -23,6 +24,8 @@ from sagaworks.application.ports.messages import (
     PendingMessage,
     PriorFailure,
     Publisher,
+    decode_raw_fields,
+    encode_raw_fields,
 )
 from sagaworks.application.ports.store import (
     DeadLetter,
@@ -39,6 +42,7 @@ from sagaworks.application.ports.store import (
 __all__ = [
     "AuditEntry",
     "AuditRecord",
+    "BodyDigest",
     "BreakerChange",
     "BreakerLog",
     "BreakerState",
@@ -64,4 +68,6 @@ __all__ = [
     "Store",
     "StoredDeadLetter",
     "TimerFailure",
+    "decode_raw_fields",
+    "encode_raw_fields",
 ]

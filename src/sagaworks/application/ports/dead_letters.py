@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any, Protocol
 from uuid import UUID
 
-from sagaworks.application.ports.messages import OutboxRow
+from sagaworks.application.ports.messages import BodyDigest, OutboxRow
 
 __all__ = [
     "AuditEntry",
@@ -80,6 +80,10 @@ class StoredDeadLetter:
     times_failed: int
     times_replayed: int
     status: str
+    raw_fields: Mapping[str, bytes] = field(default_factory=dict)
+    """Original bytes of the fields escaped to be stored (see `InboundMessage.raw_fields`)."""
+    whole_body: BodyDigest | None = None
+    """Length and SHA-256 of the whole body when `body` holds only its first bytes."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,13 +6,15 @@ RabbitMQ adapter maps them onto AMQP, an in-memory one keeps them in lists.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
 __all__ = [
+    "BodyDigest",
     "InboundMessage",
     "OutboxRow",
     "OutboxWakeUp",
@@ -20,6 +22,8 @@ __all__ = [
     "PendingMessage",
     "PriorFailure",
     "Publisher",
+    "decode_raw_fields",
+    "encode_raw_fields",
 ]
 
 
@@ -35,6 +39,14 @@ class PriorFailure:
     count: int
     """How often it failed this way in this queue (0: not recorded)."""
     time: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class BodyDigest:
+    """A whole body's length and SHA-256 (hex), kept when only its start is stored."""
+
+    length: int
+    sha256: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,10 +75,14 @@ class InboundMessage:
     """Where and why it failed before it came here, newest first (dead letters have some)."""
     content_key: str = ""
     """For a message without an id: a key from its body and own headers (not the broker's)."""
+    raw_fields: Mapping[str, bytes] = field(default_factory=dict)
+    """The original bytes of every text field the transport had to escape to make it
+    storable (a NUL, bytes that are not UTF-8), by field: `message_id`, `type`,
+    `headers/<name>`, …; empty for nearly every message."""
 
     def meta(self) -> dict[str, Any]:
         """How every store keeps a delivery (a parked event) besides id, type and body: JSON."""
-        return {
+        meta: dict[str, Any] = {
             "headers": dict(self.headers),
             "queue": self.queue,
             "exchange": self.exchange,
@@ -77,6 +93,9 @@ class InboundMessage:
             "causation_id": self.causation_id,
             "user_id": self.user_id,
         }
+        if self.raw_fields:
+            meta["raw_fields"] = encode_raw_fields(self.raw_fields)
+        return meta
 
     @classmethod
     def from_meta(
@@ -97,7 +116,17 @@ class InboundMessage:
             correlation_id=meta.get("correlation_id"),
             causation_id=meta.get("causation_id"),
             user_id=meta.get("user_id"),
+            raw_fields=decode_raw_fields(meta.get("raw_fields") or {}),
         )
+
+
+def encode_raw_fields(raw_fields: Mapping[str, bytes]) -> dict[str, str]:
+    """Original bytes as JSON: base64 per field."""
+    return {name: base64.b64encode(value).decode() for name, value in raw_fields.items()}
+
+
+def decode_raw_fields(encoded: Mapping[str, str]) -> dict[str, bytes]:
+    return {name: base64.b64decode(value) for name, value in encoded.items()}
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,12 @@ from datetime import datetime
 from typing import Any, Protocol
 from uuid import UUID
 
-from sagaworks.application.ports.messages import InboundMessage, OutboxRow, PendingMessage
+from sagaworks.application.ports.messages import (
+    BodyDigest,
+    InboundMessage,
+    OutboxRow,
+    PendingMessage,
+)
 from sagaworks.domain.decide import Decision, HistoryEntry
 from sagaworks.domain.definition import SagaDefinition
 from sagaworks.domain.instance import SagaInstance
@@ -108,6 +113,8 @@ class DeadLetter:
     handler: str | None
     saga_type: str | None
     fingerprint: str
+    whole_body: BodyDigest | None = None
+    """Set when `inbound.body` is only the start of a body too large to keep whole."""
 
 
 class SagaTransaction(Protocol):

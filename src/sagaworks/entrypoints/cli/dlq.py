@@ -1,5 +1,8 @@
 """`sagaworks dlq`: list, group, show, edit, replay, archive and purge dead letters.
 
+`dlq unstorable` counts the deliveries the store refused, which wait in a
+queue of their own, and says how to look at them.
+
 Nouns and verbs in the manner of rabbitmqadmin; every listing takes `--json`.
 Operator mistakes (an unknown id, an empty selection, a body the schema
 refuses, a failed publish) end with one line saying what to do, exit code 1.
@@ -50,6 +53,7 @@ from sagaworks.application.ports import (
     FailureGroup,
     OutboxRow,
     StoredDeadLetter,
+    encode_raw_fields,
 )
 from sagaworks.application.registry import SagaRegistry
 from sagaworks.entrypoints.cli.errors import fail, run_async, settings_error_lines
@@ -422,6 +426,8 @@ def show(
                 "original_body": None
                 if letter.original_body is None
                 else _text(letter.original_body),
+                "raw_fields": encode_raw_fields(letter.raw_fields),
+                "whole_body": None if letter.whole_body is None else asdict(letter.whole_body),
                 "history": [_audit_dict(e) for e in history],
             }
         )
@@ -437,9 +443,18 @@ def show(
     console.print(Syntax(json.dumps(dict(letter.headers), indent=2, default=str), "json"))
     console.print("[bold]body[/]")
     console.print(Syntax(_pretty(letter.body), "json"))
+    if letter.whole_body is not None:
+        console.print(
+            f"[bold]only the first {len(letter.body)} bytes are kept[/] of "
+            f"{letter.whole_body.length} (SHA-256 {letter.whole_body.sha256})"
+        )
     if letter.original_body is not None:
         console.print("[bold]original body[/] (before edits)")
         console.print(Syntax(_pretty(letter.original_body), "json"))
+    if letter.raw_fields:
+        console.print("[bold]fields escaped to be stored[/], as they came (base64)")
+        for name, value in encode_raw_fields(letter.raw_fields).items():
+            console.print(f"{name}: {value}", markup=False)
     console.print("[bold]history[/]")
     if not history:
         console.print("(no operator action yet)")
@@ -740,3 +755,38 @@ def purge(
 ) -> None:
     """Delete dead letters for good (by default archived ones); their audit rows remain."""
     _act_on(selection, "purge", PurgeDeadLetters, every=every, yes=yes, operator=operator)
+
+
+@dlq_app.command("unstorable")
+def unstorable(as_json: AsJson = False) -> None:
+    """Count the deliveries the dead-letter store refused, and say how to look at them."""
+    # Imported here, as in app.py, so that `sagaworks --help` stays quick.
+    from sagaworks.adapters.rabbitmq.topology import queue_depth, unstorable_queue_name
+    from sagaworks.bootstrap import bootstrap_tools
+
+    settings = _settings()
+    queue = unstorable_queue_name(settings.exchange_prefix)
+
+    async def go() -> int | None:
+        tools = await bootstrap_tools(settings, broker=True)
+        try:
+            assert tools.connection is not None
+            return await queue_depth(tools.connection, queue)
+        finally:
+            await tools.aclose()
+
+    count = _run(go())
+    if as_json:
+        _print_json({"queue": queue, "messages": count})
+        return
+    if count is None:
+        typer.echo(f'queue "{queue}" does not exist yet: a worker declares it at start')
+        return
+    typer.echo(f'{count} deliveries the dead-letter store could not take wait in "{queue}"')
+    if count:
+        typer.echo(
+            "look without removing them: rabbitmqadmin get queue="
+            f"{shlex.quote(queue)} ackmode=ack_requeue_true count=10 (or the management UI, "
+            "Get messages with Nack requeue); why and how to move them back: "
+            "docs/dead-letters.md, 'Unstorable deliveries'"
+        )
