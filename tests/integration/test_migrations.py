@@ -206,6 +206,10 @@ async def test_check_schema_current(database_factory: Callable[[], Awaitable[str
         await conn.close()
     with pytest.raises(SchemaAhead, match=r"database schema is at 9999, a revision this sagaworks"):
         await check_schema_current(url)
+    with pytest.raises(SchemaAhead, match=r"database schema is at 9999"):
+        await upgrade(url, "head")
+    with pytest.raises(SchemaAhead, match=r"database schema is at 9999"):
+        await downgrade(url, "base")
 
 
 def test_schema_behind_names_both_revisions_and_the_command() -> None:

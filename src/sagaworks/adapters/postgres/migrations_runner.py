@@ -146,12 +146,25 @@ def _run_command(alembic_command: Callable[[Config, str], None], url: str, revis
 async def upgrade(url: str, revision: str = "head") -> None:
     """Create the database if needed, then migrate it up to `revision`."""
     await ensure_database_exists(url)
+    await _refuse_unknown_revision(url)
     await asyncio.to_thread(_run_command, command.upgrade, url, revision)
 
 
 async def downgrade(url: str, revision: str) -> None:
     """Migrate the database down to `revision` (`base` drops every sagaworks object)."""
+    await _refuse_unknown_revision(url)
     await asyncio.to_thread(_run_command, command.downgrade, url, revision)
+
+
+async def _refuse_unknown_revision(url: str) -> None:
+    """A database a newer sagaworks migrated cannot be moved from here: say so in one line."""
+    revision = await current(url)
+    if revision is not None and revision not in _known_revisions():
+        raise SchemaAhead(revision, head())
+
+
+def _known_revisions() -> set[str]:
+    return {script.revision for script in _scripts().walk_revisions()}
 
 
 def _read_revision(connection: Connection) -> str | None:
@@ -184,7 +197,6 @@ async def check_schema_current(engine_or_url: AsyncEngine | str) -> None:
         return
     if revision is None:
         raise SchemaBehind(None, newest)
-    known = {script.revision for script in _scripts().walk_revisions()}
-    if revision in known:
+    if revision in _known_revisions():
         raise SchemaBehind(revision, newest)
     raise SchemaAhead(revision, newest)
