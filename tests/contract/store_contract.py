@@ -38,7 +38,7 @@ from sagaworks.application.ports import (
     Store,
     TimerFailure,
 )
-from sagaworks.application.stored import dead_letter, fingerprint
+from sagaworks.application.stored import body_hash, dead_letter, fingerprint
 from sagaworks.application.wire import Wire
 from sagaworks.domain.decide import (
     Decision,
@@ -102,6 +102,7 @@ class DeadLetterRow:
     last_failed_at: datetime
     times_failed: int
     status: str
+    first_body: bytes | None
 
 
 class Probe(Protocol):
@@ -672,6 +673,38 @@ class StoreContract:
             )
         # The hash recorded first, whatever the repeat carries; none recorded: unknown.
         assert [(s.duplicate, s.first_body_hash) for s in again] == [(True, b"h-1"), (True, None)]
+
+    async def test_the_letter_of_an_id_conflict_keeps_the_first_body_and_the_new_one(
+        self, backend: Backend
+    ) -> None:
+        one, two = (saga_id_for(SAGA.name, f"o-{n}") for n in (1, 2))
+        first, second, new = b'{"amount_cents": 1000}', b'{"n": 2}', b'{"amount_cents": 999999}'
+
+        def claim(saga_id: UUID, message_id: str, body: bytes) -> SagaClaim:
+            return SagaClaim(SAGA, saga_id, message_id, body_hash=body_hash(body), body=body)
+
+        async with backend.store.transaction() as tx:
+            await tx.lock_sagas([claim(one, "m-1", first), claim(two, "m-2", second)])
+        async with backend.store.transaction() as tx:
+            again = await tx.lock_sagas([claim(one, "m-1", new), claim(two, "m-2", second)])
+            # The body recorded first comes back for the conflict only: a duplicate reads none.
+            assert [(s.duplicate, s.first_body) for s in again] == [(True, first), (True, None)]
+            letter = dead_letter(
+                inbound("m-1", body=new),
+                "id_conflict",
+                "MessageIdConflict",
+                "processed before with another body",
+                first_body=again[0].first_body,
+            )
+            await tx.dead_letter(letter, T0)
+
+        (row,) = await backend.probe.dead_letters()
+        assert (row.message_id, row.reason, row.body, row.first_body) == (
+            "m-1",
+            "id_conflict",
+            new,
+            first,
+        )
 
     async def test_lock_sagas_returns_a_known_saga_only_while_it_is_at_that_version(
         self, backend: Backend

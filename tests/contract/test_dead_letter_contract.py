@@ -329,3 +329,37 @@ async def test_escaped_fields_and_a_cut_body_read_back_with_their_originals(
     plain = await backend.letters.get(await fail(backend, "plain"))
     assert plain is not None
     assert (plain.raw_fields, plain.whole_body) == ({}, None)
+
+
+async def test_an_id_conflict_reads_back_with_both_bodies_and_replays_the_new_one(
+    backend: Backend,
+) -> None:
+    inbound = InboundMessage(
+        message_id="m-conflict",
+        message_type="order.placed",
+        body=b'{"amount_cents": 999999}',
+        headers={},
+        queue="q.orders",
+        exchange="orders",
+        routing_key="order.placed",
+    )
+    letter = dead_letter(
+        inbound, "id_conflict", "MessageIdConflict", "another body", first_body=b'{"a": 1}'
+    )
+    async with backend.store.transaction() as tx:
+        await tx.dead_letter(letter, T0)
+    (found,) = await backend.letters.find(DeadLetterFilter(statuses=()), limit=10)
+    assert (found.body, found.first_body) == (b'{"amount_cents": 999999}', b'{"a": 1}')
+    await backend.letters.save_body(found.id, b"edited", audit("edit"))
+    edited = await backend.letters.get(found.id)
+    assert edited is not None
+    assert (edited.body, edited.original_body, edited.first_body) == (
+        b"edited",
+        b'{"amount_cents": 999999}',
+        b'{"a": 1}',
+    )
+    staged = await backend.letters.stage_replay(edited, "replay-1", {})
+    assert staged.body == b"edited", "a replay sends the letter's body, never the first one"
+    plain = await backend.letters.get(await fail(backend, "plain"))
+    assert plain is not None
+    assert plain.first_body is None

@@ -34,7 +34,7 @@ from sagaworks.adapters.postgres.store import PostgresStore
 _DEAD_LETTER_COLUMNS = (
     "id, message_id, queue, exchange, routing_key, message_type, saga_type, headers, body, "
     "reason, exception_type, exception_message, handler, fingerprint, first_failed_at, "
-    "last_failed_at, times_failed, status"
+    "last_failed_at, times_failed, status, first_body"
 )
 
 
@@ -78,6 +78,7 @@ class MemoryProbe:
                 d.last_failed_at,
                 d.times_failed,
                 d.status,
+                d.first_body,
             )
             for d in self._store.dead_letters()
         ]

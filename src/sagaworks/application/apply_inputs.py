@@ -67,7 +67,14 @@ class Arrival:
     body_hash: bytes | None = None
     """Recorded with `message_id`: the same id again with another hash is an `id_conflict`."""
     delivery: InboundMessage | None = None
-    """The delivery that carried the input: dead-lettered if its id conflicts."""
+    """The delivery that carried the input: its body goes to the inbox with `body_hash`."""
+
+    def claim(self) -> SagaClaim:
+        """The saga to lock, and the message (id, body hash, body) to record in its inbox."""
+        body = None if self.delivery is None else self.delivery.body
+        return SagaClaim(
+            self.definition, self.saga_id, self.message_id, self.known, self.body_hash, body
+        )
 
 
 class ApplyInputs:
@@ -93,11 +100,7 @@ class ApplyInputs:
 
     async def _apply(self, arrivals: Sequence[Arrival]) -> list[tuple[Handled, Published]]:
         async with self._store.transaction() as tx:
-            claims = [
-                SagaClaim(a.definition, a.saga_id, a.message_id, a.known, a.body_hash)
-                for a in arrivals
-            ]
-            locked = await tx.lock_sagas(claims)
+            locked = await tx.lock_sagas([a.claim() for a in arrivals])
             now = self._clock.now()
             decisions: list[Decision | None] = [None] * len(arrivals)
             conflicts: set[int] = set()
@@ -147,7 +150,11 @@ def _conflicts(arrival: Arrival, saga: LockedSaga) -> bool:
 
 
 def _id_conflict(arrival: Arrival, saga: LockedSaga) -> DeadLetter:
-    """The conflicting delivery as the letter's body; the first body's hash in its message."""
+    """Both bodies in the letter: the conflicting one as its body, the first as `first_body`.
+
+    The hashes are in its message too: a first body the inbox did not keep is
+    still identified.
+    """
     assert arrival.delivery is not None, "an arrival with a body hash carries its delivery"
     assert saga.first_body_hash is not None
     assert arrival.body_hash is not None
@@ -157,10 +164,11 @@ def _id_conflict(arrival: Arrival, saga: LockedSaga) -> DeadLetter:
         "MessageIdConflict",
         f'message id "{arrival.message_id}" was processed before with another body '
         f"(blake2b-128 of the first body: {saga.first_body_hash.hex()}; of this body: "
-        f"{arrival.body_hash.hex()}); this body was not applied. A publisher must give "
-        "every distinct message its own id",
+        f"{arrival.body_hash.hex()}); this body was not applied (`sagaworks dlq show` "
+        "displays both). A publisher must give every distinct message its own id",
         handler=arrival.definition.name,
         saga_type=arrival.definition.name,
+        first_body=saga.first_body,
     )
 
 

@@ -70,7 +70,7 @@ def fingerprint(
 
 
 def body_hash(body: bytes) -> bytes:
-    """What the inbox keeps of a body: the same message id with another hash is a conflict."""
+    """The hash the inbox keeps with a body: the same message id with another hash conflicts."""
     return hashlib.blake2b(body, digest_size=16).digest()
 
 
@@ -83,6 +83,7 @@ def dead_letter(
     handler: str | None = None,
     saga_type: str | None = None,
     whole_body: BodyDigest | None = None,
+    first_body: bytes | None = None,
 ) -> DeadLetter:
     """A complete dead letter: the delivery, why it failed, and the group it falls in.
 
@@ -105,6 +106,7 @@ def dead_letter(
         saga_type,
         fingerprint(reason, exception_type, exception_message, handler),
         whole_body,
+        first_body,
     )
 
 

@@ -187,10 +187,11 @@ class BreakerRecord:
 
 @dataclass(frozen=True, slots=True)
 class InboxRecord:
-    """A processed message: the saga it was for, and its body hash (None: not recorded)."""
+    """A processed message: the saga it was for, its body hash and body (None: not recorded)."""
 
     saga_id: UUID | None
     body_hash: bytes | None = None
+    body: bytes | None = None
 
 
 @dataclass

@@ -133,6 +133,7 @@ class MemoryTransaction(Owner):
         *,
         message_id: str | None = None,
         body_hash: bytes | None = None,
+        body: bytes | None = None,
     ) -> LockedSaga:
         await self._enter()
         try:
@@ -143,13 +144,16 @@ class MemoryTransaction(Owner):
                 await self._locks.acquire(("inbox", *key), self)
                 first = self._inbox(key)
                 if first is None:
-                    self._changes.inbox[key] = InboxRecord(saga_id, body_hash)
+                    self._changes.inbox[key] = InboxRecord(saga_id, body_hash, body)
                     self._changes.forgotten.discard(key)
             record = self._saga(saga_id)
             has_parked = any(p.saga_id == saga_id for p in self._parked().values())
             instance = None if record is None else instance_of(definition, record)
-            first_hash = None if first is None else first.body_hash
-            return LockedSaga(instance, first is not None, has_parked, first_hash)
+            if first is None:
+                return LockedSaga(instance, False, has_parked)
+            conflict = None not in (first.body_hash, body_hash) and first.body_hash != body_hash
+            first_body = first.body if conflict else None
+            return LockedSaga(instance, True, has_parked, first.body_hash, first_body)
         finally:
             self._leave()
 
@@ -162,6 +166,7 @@ class MemoryTransaction(Owner):
                 claim.saga_id,
                 message_id=claim.message_id,
                 body_hash=claim.body_hash,
+                body=claim.body,
             )
         return [locked[c.saga_id] for c in claims]
 
@@ -488,6 +493,7 @@ class MemoryTransaction(Owner):
                     status="active",
                     raw_fields=dict(inbound.raw_fields),
                     whole_body=letter.whole_body,
+                    first_body=letter.first_body,
                 )
             else:
                 record = replace(

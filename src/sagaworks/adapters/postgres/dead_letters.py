@@ -92,6 +92,7 @@ def _letter(row: Any) -> StoredDeadLetter:
         whole_body=None
         if row.body_length is None
         else BodyDigest(row.body_length, row.body_sha256),
+        first_body=None if row.first_body is None else bytes(row.first_body),
     )
 
 

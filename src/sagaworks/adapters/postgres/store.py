@@ -55,13 +55,14 @@ FROM unnest($1::bigint[]) AS k
 
 # A statement of its own after the locks: its snapshot then sees every write they waited for.
 # A saga still at the version the caller already knows is not sent back (`SagaClaim.known`).
-# The inbox read sees the statement's snapshot, not its own insert: a hash only for a duplicate.
+# The inbox read sees the statement's snapshot, not its own insert: a hash only for a duplicate,
+# and the body recorded first only for a conflict (another hash), so a duplicate reads no body.
 _CLAIM_AND_LOAD = """
 WITH claimed AS (
-  INSERT INTO inbox (consumer, message_id, saga_id, body_hash)
-  SELECT c.consumer, c.message_id, c.saga_id, c.body_hash
-  FROM unnest($1::uuid[], $2::text[], $3::text[], $5::bytea[])
-    AS c(saga_id, consumer, message_id, body_hash)
+  INSERT INTO inbox (consumer, message_id, saga_id, body_hash, body)
+  SELECT c.consumer, c.message_id, c.saga_id, c.body_hash, c.body
+  FROM unnest($1::uuid[], $2::text[], $3::text[], $5::bytea[], $6::bytea[])
+    AS c(saga_id, consumer, message_id, body_hash, body)
   WHERE c.message_id IS NOT NULL
   ON CONFLICT DO NOTHING
   RETURNING saga_id
@@ -73,11 +74,14 @@ SELECT s.version, s.version = w.known AS unchanged,
        CASE WHEN s.version = w.known THEN NULL ELSE s.progress END AS progress,
        EXISTS (SELECT 1 FROM parked_messages p WHERE p.saga_id = w.id) AS has_parked,
        EXISTS (SELECT 1 FROM claimed WHERE claimed.saga_id = w.id) AS claimed,
-       (SELECT i.body_hash FROM inbox i
-        WHERE i.consumer = w.consumer AND i.message_id = w.message_id) AS first_body_hash
-FROM unnest($1::uuid[], $4::int[], $2::text[], $3::text[])
-  WITH ORDINALITY AS w(id, known, consumer, message_id, ord)
+       i.body_hash AS first_body_hash, i.first_body
+FROM unnest($1::uuid[], $4::int[], $2::text[], $3::text[], $5::bytea[])
+  WITH ORDINALITY AS w(id, known, consumer, message_id, body_hash, ord)
 LEFT JOIN saga_instances s ON s.id = w.id
+LEFT JOIN LATERAL (
+  SELECT i.body_hash, CASE WHEN i.body_hash <> w.body_hash THEN i.body END AS first_body
+  FROM inbox i WHERE i.consumer = w.consumer AND i.message_id = w.message_id
+) i ON true
 ORDER BY w.ord
 """
 
@@ -208,8 +212,8 @@ _DEAD_LETTER = """
 INSERT INTO dead_letters (message_id, queue, exchange, routing_key, message_type, saga_type,
                           headers, body, reason, exception_type, exception_message, handler,
                           fingerprint, first_failed_at, last_failed_at, raw_fields,
-                          body_length, body_sha256)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $14, $15, $16, $17)
+                          body_length, body_sha256, first_body)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $14, $15, $16, $17, $18)
 ON CONFLICT (queue, message_id) DO UPDATE
 SET times_failed = dead_letters.times_failed + 1, last_failed_at = EXCLUDED.last_failed_at,
     reason = EXCLUDED.reason, exception_type = EXCLUDED.exception_type,
@@ -341,12 +345,13 @@ def _locked_instance(claim: SagaClaim, row: asyncpg.Record) -> SagaInstance | No
 
 def _locked(claim: SagaClaim, row: asyncpg.Record) -> LockedSaga:
     duplicate = claim.message_id is not None and not row["claimed"]
-    first = row["first_body_hash"]
+    first, first_body = row["first_body_hash"], row["first_body"]
     return LockedSaga(
         _locked_instance(claim, row),
         duplicate,
         bool(row["has_parked"]),
         bytes(first) if duplicate and first is not None else None,
+        bytes(first_body) if duplicate and first_body is not None else None,
     )
 
 
@@ -362,8 +367,9 @@ class _Transaction:
         *,
         message_id: str | None = None,
         body_hash: bytes | None = None,
+        body: bytes | None = None,
     ) -> LockedSaga:
-        claim = SagaClaim(definition, saga_id, message_id, body_hash=body_hash)
+        claim = SagaClaim(definition, saga_id, message_id, body_hash=body_hash, body=body)
         return (await self.lock_sagas([claim]))[0]
 
     async def lock_sagas(self, claims: Sequence[SagaClaim]) -> list[LockedSaga]:
@@ -377,6 +383,7 @@ class _Transaction:
             [c.message_id for c in claims],
             [None if c.known is None else c.known.version for c in claims],
             [c.body_hash for c in claims],
+            [c.body for c in claims],
         )
         return [_locked(c, row) for c, row in zip(claims, rows, strict=True)]
 
@@ -487,6 +494,7 @@ class _Transaction:
             json.dumps(encode_raw_fields(inbound.raw_fields)) if inbound.raw_fields else None,
             None if letter.whole_body is None else letter.whole_body.length,
             None if letter.whole_body is None else letter.whole_body.sha256,
+            letter.first_body,
         )
 
     def written_outbox(self) -> list[OutboxRow]:

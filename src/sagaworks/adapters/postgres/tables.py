@@ -140,12 +140,14 @@ inbox = Table(
     Column("saga_id", UUID(as_uuid=True), nullable=True),
     _timestamp("processed_at", now=True),
     Column("body_hash", LargeBinary, nullable=True),
+    Column("body", LargeBinary, nullable=True),
     PrimaryKeyConstraint("consumer", "message_id"),
     Index("ix_inbox_processed_at", "processed_at"),
 )
 """Message ids each consumer has processed: a duplicate delivery is acked and skipped.
 
 `body_hash` tells a duplicate (same body) from an id conflict (another body); NULL: unknown.
+`body`: the body processed, for the letter of a later conflict; NULL: not kept.
 """
 
 outbox = Table(
@@ -239,6 +241,7 @@ dead_letters = Table(
     Column("raw_fields", JSONB, nullable=True),
     Column("body_length", BigInteger, nullable=True),
     Column("body_sha256", Text, nullable=True),
+    Column("first_body", LargeBinary, nullable=True),
     CheckConstraint(_one_of("status", DEAD_LETTER_STATUSES), name="status"),
     CheckConstraint("(body_length IS NULL) = (body_sha256 IS NULL)", name="whole_body"),
     CheckConstraint("times_failed >= 1", name="times_failed"),
@@ -252,7 +255,8 @@ dead_letters = Table(
 """Messages the broker dead-lettered, with why they failed; edited, replayed or archived here.
 
 `raw_fields`: original bytes (base64 by field) of text fields escaped to be stored;
-`body_length`/`body_sha256`: the whole body's, when `body` keeps only its start.
+`body_length`/`body_sha256`: the whole body's, when `body` keeps only its start;
+`first_body`: for an `id_conflict`, the body processed first under the id (never replayed).
 """
 
 dead_letter_audit = Table(

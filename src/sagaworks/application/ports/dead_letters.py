@@ -84,6 +84,8 @@ class StoredDeadLetter:
     """Original bytes of the fields escaped to be stored (see `InboundMessage.raw_fields`)."""
     whole_body: BodyDigest | None = None
     """Length and SHA-256 of the whole body when `body` holds only its first bytes."""
+    first_body: bytes | None = None
+    """For an `id_conflict`: the body processed first under the same id; never replayed."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,6 +52,11 @@ class LockedSaga:
     has_parked: bool = False
     first_body_hash: bytes | None = None
     """For a duplicate: the body hash recorded with the message id first (None: not known)."""
+    first_body: bytes | None = None
+    """For a duplicate whose recorded hash differs from the claim's: the body recorded first.
+
+    Only a conflict carries it, so a plain duplicate reads no body; None when not recorded.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +70,8 @@ class SagaClaim:
     """The saga as read before (without its lock): returned as is while still at its version."""
     body_hash: bytes | None = None
     """Recorded with `message_id`, so the same id with another body can be told apart."""
+    body: bytes | None = None
+    """Recorded with `body_hash`, so the letter of a later conflict keeps both bodies."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +122,8 @@ class DeadLetter:
     fingerprint: str
     whole_body: BodyDigest | None = None
     """Set when `inbound.body` is only the start of a body too large to keep whole."""
+    first_body: bytes | None = None
+    """For an `id_conflict`: the body processed first under the id (`inbound.body` is the new)."""
 
 
 class SagaTransaction(Protocol):
@@ -127,12 +136,14 @@ class SagaTransaction(Protocol):
         *,
         message_id: str | None = None,
         body_hash: bytes | None = None,
+        body: bytes | None = None,
     ) -> LockedSaga:
         """Serialise all work on one saga (even one not created yet), then load it.
 
-        With `message_id`, also record the message (and `body_hash`) in the saga"s
-        inbox; `LockedSaga.duplicate` says it had been processed before, and
-        `first_body_hash` what hash it was recorded with then.
+        With `message_id`, also record the message (and `body_hash`, `body`) in the
+        saga"s inbox; `LockedSaga.duplicate` says it had been processed before,
+        `first_body_hash` what hash it was recorded with then, and `first_body` (only
+        when that hash differs from `body_hash`) the body recorded then.
         """
         ...
 

@@ -1,11 +1,14 @@
-"""Keep a hash of each processed body in the inbox, so an id seen again with another body shows.
+"""Keep each processed body and its hash in the inbox, and both bodies in an id conflict's letter.
 
 Revision ID: 0004
 Revises: 0003
 
 A message id is an identity: the same id with a different body is a
-conflict, not a duplicate. Rows written before this revision have no hash
-(NULL), and a repeat of one of them is accepted as a duplicate, as before.
+conflict, not a duplicate. `inbox.body_hash` tells the two apart;
+`inbox.body` keeps the body processed, so the conflict's dead letter can
+hold it as `dead_letters.first_body` next to the conflicting body. Rows
+written before this revision have neither (NULL), and a repeat of one of
+them is accepted as a duplicate, as before.
 """
 
 from __future__ import annotations
@@ -23,7 +26,11 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     op.add_column("inbox", sa.Column("body_hash", sa.LargeBinary(), nullable=True))
+    op.add_column("inbox", sa.Column("body", sa.LargeBinary(), nullable=True))
+    op.add_column("dead_letters", sa.Column("first_body", sa.LargeBinary(), nullable=True))
 
 
 def downgrade() -> None:
+    op.drop_column("dead_letters", "first_body")
+    op.drop_column("inbox", "body")
     op.drop_column("inbox", "body_hash")
