@@ -24,9 +24,11 @@ import pytest
 from broker_tools import AMQP_URL, USER, publish_without_id, vhost_of
 from engine_harness import EngineHarness
 from pamqp import commands
+from typer.testing import CliRunner
 
 from sagas.order_fulfilment.messages import OrderLine, OrderPlaced, ShipmentDispatched
 from sagaworks.domain.decide import RunStep
+from sagaworks.entrypoints.cli.app import app
 from sagaworks.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -147,15 +149,32 @@ async def test_the_same_id_with_another_body_is_an_id_conflict_keeping_both(
     outcomes = [h.outcome for h in await harness.wait_for_handled("m-conflict", 3)]
     assert outcomes == ["applied", "duplicate", "dead_lettered"]
     assert bytes(letter["body"]) == other, "the conflicting body is the letter's"
-    first_hash = await harness.db.fetchval(
-        "SELECT body_hash FROM inbox WHERE message_id = 'm-conflict'"
+    assert bytes(letter["first_body"]) == body, "and so is the body processed first"
+    first_hash, kept = await harness.db.fetchrow(
+        "SELECT body_hash, body FROM inbox WHERE message_id = 'm-conflict'"
     )
     assert first_hash is not None
+    assert bytes(kept) == body, "the inbox keeps the body it processed"
     assert bytes(first_hash).hex() in letter["exception_message"], "and the first body's hash"
+    shown = await asyncio.to_thread(dlq_show_json, harness, letter["id"])
+    assert (shown["body"], shown["first_body"]) == (other.decode(), body.decode())
     saga = await harness.saga(oid)
     assert saga is not None
     assert saga.state["amount_cents"] == 1_000, "the conflicting body changed nothing"
     await assert_still_works(harness)
+
+
+def dlq_show_json(harness: EngineHarness, letter_id: int) -> Any:
+    """`sagaworks dlq show ID --json`, as an operator runs it against the harness's database."""
+    env = {
+        "SAGAWORKS_DATABASE_URL": harness.database_url,
+        "SAGAWORKS_AMQP_URL": harness.settings.amqp_url.get_secret_value(),
+        "SAGAWORKS_EXCHANGE_PREFIX": harness.prefix,
+        "SAGAWORKS_SAGAS": '["sagas.order_fulfilment"]',
+    }
+    run = CliRunner().invoke(app, ["dlq", "show", str(letter_id), "--json"], env=env)
+    assert run.exit_code == 0, run.output
+    return json.loads(run.stdout)
 
 
 async def test_a_type_from_another_domain_is_a_type_mismatch(harness: EngineHarness) -> None:

@@ -428,6 +428,7 @@ def show(
                 else _text(letter.original_body),
                 "raw_fields": encode_raw_fields(letter.raw_fields),
                 "whole_body": None if letter.whole_body is None else asdict(letter.whole_body),
+                "first_body": None if letter.first_body is None else _text(letter.first_body),
                 "history": [_audit_dict(e) for e in history],
             }
         )
@@ -448,6 +449,9 @@ def show(
             f"[bold]only the first {len(letter.body)} bytes are kept[/] of "
             f"{letter.whole_body.length} (SHA-256 {letter.whole_body.sha256})"
         )
+    if letter.first_body is not None:
+        console.print("[bold]first body[/] (processed under this message id before; not replayed)")
+        console.print(Syntax(_pretty(letter.first_body), "json"))
     if letter.original_body is not None:
         console.print("[bold]original body[/] (before edits)")
         console.print(Syntax(_pretty(letter.original_body), "json"))
