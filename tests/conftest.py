@@ -103,8 +103,10 @@ def settings_factory(run_id: str) -> Callable[..., Settings]:
         settings = Settings.load(secrets_dir=None, **values)
         if "publishers" in overrides:
             return settings
-        # The simulated services publish as the tests' broker user.
-        return simulated_publishers(settings, own_user(settings))
+        # The simulated services publish as the worker's broker user, the tests as theirs.
+        for user in dict.fromkeys((own_user(settings), own_user(BASE))):
+            settings = simulated_publishers(settings, user)
+        return settings
 
     return make
 

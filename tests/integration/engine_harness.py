@@ -255,6 +255,8 @@ class EngineHarness:
         prefix = settings.exchange_prefix
         assert prefix, "the harness needs a private exchange prefix"
         self.settings = settings
+        self.user = own_user(settings)
+        """The broker user the harness publishes as: the one of the worker's URL."""
         self.database_url = database_url
         self.prefix = prefix
         self.ledger = Ledger()
@@ -289,7 +291,7 @@ class EngineHarness:
             self._channel,
             lambda domain: exchange_name(self.prefix, domain),
             lambda order_id, _shipment_id: list(self.plans.get(order_id, ())),
-            USER,
+            self.user,
         )
 
     async def start_worker(self, *, publisher_wrapper: Any = None) -> Worker:
@@ -411,7 +413,7 @@ class EngineHarness:
             message,
             message_id,
             source=f"tests/{message.domain}",
-            user_id=USER,
+            user_id=self.user,
             correlation_id=correlation_id,
         )
 
@@ -456,7 +458,7 @@ class EngineHarness:
                 message_id=message_id,
                 type=message.message_type,
                 app_id="tests/replay",
-                user_id=USER,
+                user_id=self.user,
                 content_type="application/json",
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                 headers={"cloudEvents_specversion": "1.0"},

@@ -11,7 +11,7 @@ import os
 import secrets
 import shutil
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -60,9 +60,10 @@ def _as_user(url: str, user: str, password: str) -> str:
 
 
 @pytest.fixture
-async def harness(migrated_database_url: str, run_id: str) -> AsyncIterator[EngineHarness]:
-    settings = Settings.load(
-        secrets_dir=None,
+async def harness(
+    migrated_database_url: str, run_id: str, settings_factory: Callable[..., Settings]
+) -> AsyncIterator[EngineHarness]:
+    settings = settings_factory(
         database_url=migrated_database_url,
         exchange_prefix=f"{run_id}.{secrets.token_hex(3)}.",
         grace_period_s=5.0,

@@ -192,15 +192,14 @@ async def test_a_migrator_that_is_no_superuser_cannot_create_roles(
 
 
 async def test_the_worker_runs_a_saga_but_cannot_rewrite_history_or_the_schema(
-    deployment: Deployment, run_id: str
+    deployment: Deployment, run_id: str, settings_factory: Callable[..., Settings]
 ) -> None:
     d = deployment
     await upgrade_as_migrator(d)
     worker_url = d.url(d.names.worker)
     await check_schema_current(worker_url)
 
-    settings = Settings.load(
-        secrets_dir=None,
+    settings = settings_factory(
         database_url=worker_url,
         exchange_prefix=f"{run_id}.{secrets.token_hex(3)}.",
         grace_period_s=5.0,

@@ -36,6 +36,7 @@ from private_services import (
 from sqlalchemy import text
 
 from sagas.order_fulfilment.messages import OrderLine, OrderPlaced, ShipmentDispatched
+from sagas.order_fulfilment.simulation.shop import simulated_publishers
 from sagaworks.adapters.postgres.engine import create_engine, probe_database
 from sagaworks.adapters.postgres.errors import DatabaseUnreachable
 from sagaworks.adapters.postgres.migrations_runner import upgrade
@@ -160,6 +161,7 @@ async def test_a_worker_runs_an_order_over_verified_tls_to_both_services(
         grace_period_s=5.0,
         timer_poll_interval_s=0.1,
     )
+    settings = simulated_publishers(settings, AMQP_USER)
     harness = EngineHarness(settings, url)
     await harness.open()
     try:
