@@ -448,3 +448,29 @@ async def test_a_redelivered_dead_letter_is_not_a_new_failure_and_stays_archived
     (after,) = await rig.letters()
     assert (after["times_failed"], after["status"]) == (1, "archived")
     assert after["last_failed_at"] == letter["last_failed_at"]
+
+
+async def test_header_names_with_nul_or_bytes_that_are_not_utf8_are_stored_escaped(
+    rig: Rig, undecodable_publishing: None
+) -> None:
+    await rig.publish(
+        exchange_name(rig.prefix, "orders"),
+        "order.placed",
+        b"{}",
+        message_id="names-1",
+        type="order.placed",
+        headers={"x-\x00name": "v", "x-table": {"k\x00": "v\udcff"}},
+    )
+
+    (letter,) = await eventually(lambda: rig.letters())
+    assert (letter["reason"], letter["times_failed"]) == ("schema_invalid", 1)
+    headers = json.loads(letter["headers"])
+    assert headers["x-\\u0000name"] == "v"
+    assert headers["x-table"] == {"k\\u0000": "v\\xff"}
+    assert json.loads(letter["raw_fields"]) == {
+        "headers/x-\\u0000name#name": b64(b"x-\x00name"),
+        "headers/x-table/k\\u0000#name": b64(b"k\x00"),
+        "headers/x-table/k\\u0000": b64(b"v\xff"),
+    }
+    await rig.settled()
+    assert await _depth(rig, rig.unstorable) == 0
