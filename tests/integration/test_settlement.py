@@ -26,7 +26,7 @@ import asyncpg
 import pamqp.encode
 import pytest
 from aio_pika.abc import AbstractRobustConnection
-from broker_tools import rabbitmqctl
+from broker_tools import USER, rabbitmqctl
 from typer.testing import CliRunner
 
 from sagas.order_fulfilment import order_fulfilment
@@ -80,6 +80,8 @@ class Rig:
         return self.system.topology.unstorable_queue
 
     async def publish(self, exchange: str, routing_key: str, body: bytes, **props: Any) -> None:
+        """Publish as the tests' broker user (`user_id`), as an allowed publisher does."""
+        props.setdefault("user_id", USER)
         async with self.client.channel(publisher_confirms=True) as channel:
             target = (
                 channel.default_exchange if exchange == "" else await channel.get_exchange(exchange)
