@@ -26,7 +26,8 @@ import asyncpg
 import pamqp.encode
 import pytest
 from aio_pika.abc import AbstractRobustConnection
-from broker_tools import USER, rabbitmqctl
+from broker_tools import USER, publish_without_id, rabbitmqctl
+from pamqp import commands
 from typer.testing import CliRunner
 
 from sagas.order_fulfilment import order_fulfilment
@@ -476,3 +477,22 @@ async def test_header_names_with_nul_or_bytes_that_are_not_utf8_are_stored_escap
     }
     await rig.settled()
     assert await _depth(rig, rig.unstorable) == 0
+
+
+async def test_oversized_messages_without_id_are_told_apart_by_their_headers(rig: Rig) -> None:
+    body = b"x" * (rig.settings.max_message_bytes + 1)
+    for trace in ("t-1", "t-2"):
+        await publish_without_id(
+            exchange_name(rig.prefix, "orders"),
+            "order.placed",
+            body,
+            commands.Basic.Properties(
+                message_type="order.placed", user_id=USER, headers={"x-trace": trace}
+            ),
+        )
+
+    rows = await eventually(lambda: _when_count(rig.letters(), 2))
+    assert [(r["reason"], r["times_failed"]) for r in rows] == [("oversized", 1)] * 2
+    assert len({r["message_id"] for r in rows}) == 2, "two messages, two letters"
+    assert all(r["message_id"].startswith("no-id:") for r in rows)
+    await rig.settled()
