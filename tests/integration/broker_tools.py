@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import secrets
 import shutil
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -22,9 +25,12 @@ __all__ = [
     "AMQP_URL",
     "PUBLISHERS_JSON",
     "USER",
+    "RawPublisher",
+    "broker_user",
     "delete_prefixed",
     "publish_without_id",
     "rabbitmqctl",
+    "raw_publisher",
     "vhost_of",
 ]
 
@@ -66,6 +72,29 @@ async def rabbitmqctl(*args: str) -> list[dict[str, Any]]:
     return rows
 
 
+@contextlib.asynccontextmanager
+async def broker_user() -> AsyncIterator[tuple[str, str]]:
+    """A RabbitMQ user of its own (name, password), full rights on the tests' vhost; deleted."""
+    name, password = f"stranger-{secrets.token_hex(4)}", secrets.token_hex(12)
+    await _ctl("add_user", name, password)
+    try:
+        await _ctl("set_permissions", "-p", vhost_of(AMQP_URL), name, ".*", ".*", ".*")
+        yield name, password
+    finally:
+        await _ctl("delete_user", name)
+
+
+async def _ctl(*args: str) -> None:
+    executable = shutil.which("rabbitmqctl")
+    if executable is None:
+        pytest.fail("this test creates a broker user with rabbitmqctl, which is not on PATH")
+    process = await asyncio.create_subprocess_exec(
+        executable, "-q", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await process.communicate()
+    assert process.returncode == 0, f"rabbitmqctl {args[0]}: {out.decode()} {err.decode()}"
+
+
 async def delete_prefixed(broker: AbstractRobustConnection, prefix: str) -> None:
     """Delete every queue and exchange of the configured vhost whose name starts with `prefix`."""
     queues, exchanges = await asyncio.gather(
@@ -87,55 +116,111 @@ async def publish_without_id(
 
     aiormq (under aio-pika) gives every message it publishes an id of its
     own; a publisher that sets none is only possible on the wire, so this
-    speaks AMQP 0-9-1 itself (pamqp frames), and waits for the broker's confirm.
+    speaks AMQP 0-9-1 itself (`RawPublisher`), and waits for the broker's confirm.
     """
+    async with raw_publisher() as publisher:
+        await publisher.publish(exchange, routing_key, body, properties)
+
+
+@contextlib.asynccontextmanager
+async def raw_publisher(
+    user: str | None = None, password: str | None = None
+) -> AsyncIterator[RawPublisher]:
+    """A `RawPublisher` logged in as `user` (default: the tests' user), closed afterwards."""
     url = urlsplit(AMQP_URL)
-    reader, writer = await asyncio.open_connection(url.hostname, url.port or 5672)
-    buffer = b""
-
-    async def receive(*kinds: type[Any]) -> Any:
-        nonlocal buffer
-        while True:
-            if buffer:
-                try:
-                    used, _channel, value = frame.unmarshal(buffer)
-                except pamqp.exceptions.UnmarshalingException:
-                    used = 0
-                if used:
-                    buffer = buffer[used:]
-                    if isinstance(value, kinds):
-                        return value
-                    continue
-            chunk = await asyncio.wait_for(reader.read(65536), 10)
-            assert chunk, "the broker closed the connection"
-            buffer += chunk
-
-    def send(channel: int, *values: Any) -> None:
-        for value in values:
-            writer.write(frame.marshal(value, channel))
-
+    publisher = RawPublisher(
+        *await asyncio.open_connection(url.hostname, url.port or 5672),
+        user or unquote(url.username or "guest"),
+        password if user else unquote(url.password or "guest"),
+    )
     try:
-        writer.write(frame.marshal(header.ProtocolHeader(), 0))
-        await receive(commands.Connection.Start)
-        user, password = unquote(url.username or "guest"), unquote(url.password or "guest")
-        send(0, commands.Connection.StartOk(response=f"\0{user}\0{password}"))
-        tune = await receive(commands.Connection.Tune)
-        send(0, commands.Connection.TuneOk(tune.channel_max, tune.frame_max, 0))
-        send(0, commands.Connection.Open(virtual_host=vhost_of(AMQP_URL)))
-        await receive(commands.Connection.OpenOk)
-        send(1, commands.Channel.Open())
-        await receive(commands.Channel.OpenOk)
-        send(1, commands.Confirm.Select())
-        await receive(commands.Confirm.SelectOk)
-        send(
+        await publisher.open()
+        yield publisher
+    finally:
+        await publisher.close()
+
+
+class RawPublisher:
+    """One AMQP 0-9-1 connection spoken in pamqp frames: publishes exactly what it is given.
+
+    No client library in between adds an id or checks a property; each
+    publish waits for the broker's confirm, and a body larger than a frame
+    is sent in frames of the negotiated size.
+    """
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, user: str, password: str
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._user = user
+        self._password = password
+        self._buffer = b""
+        self._frame_max = 131072
+
+    async def open(self) -> None:
+        self._writer.write(frame.marshal(header.ProtocolHeader(), 0))
+        await self._receive(commands.Connection.Start)
+        self._send(0, commands.Connection.StartOk(response=f"\0{self._user}\0{self._password}"))
+        tune = await self._receive(commands.Connection.Tune)
+        self._frame_max = tune.frame_max or self._frame_max
+        self._send(0, commands.Connection.TuneOk(tune.channel_max, tune.frame_max, 0))
+        self._send(0, commands.Connection.Open(virtual_host=vhost_of(AMQP_URL)))
+        await self._receive(commands.Connection.OpenOk)
+        self._send(1, commands.Channel.Open())
+        await self._receive(commands.Channel.OpenOk)
+        self._send(1, commands.Confirm.Select())
+        await self._receive(commands.Confirm.SelectOk)
+
+    async def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: commands.Basic.Properties,
+    ) -> None:
+        """Publish one message and wait until the broker confirmed it (fails on a nack)."""
+        self._send(
             1,
             commands.Basic.Publish(exchange=exchange, routing_key=routing_key),
             header.ContentHeader(0, len(body), properties),
-            pamqp_body.ContentBody(body),
         )
-        confirmed = await receive(commands.Basic.Ack, commands.Basic.Nack, commands.Channel.Close)
-        assert isinstance(confirmed, commands.Basic.Ack), confirmed
-        send(0, commands.Connection.Close(200, "bye", 0, 0))
-        await receive(commands.Connection.CloseOk)
-    finally:
-        writer.close()
+        step = self._frame_max - 8
+        for start in range(0, len(body), step):
+            self._send(1, pamqp_body.ContentBody(body[start : start + step]))
+        confirmed = await self._receive(
+            commands.Basic.Ack,
+            commands.Basic.Nack,
+            commands.Channel.Close,
+            commands.Connection.Close,
+        )
+        assert isinstance(confirmed, commands.Basic.Ack), getattr(
+            confirmed, "reply_text", confirmed
+        )
+
+    async def close(self) -> None:
+        try:
+            self._send(0, commands.Connection.Close(200, "bye", 0, 0))
+            await self._receive(commands.Connection.CloseOk)
+        finally:
+            self._writer.close()
+
+    async def _receive(self, *kinds: type[Any]) -> Any:
+        while True:
+            if self._buffer:
+                try:
+                    used, _channel, value = frame.unmarshal(self._buffer)
+                except pamqp.exceptions.UnmarshalingException:
+                    used = 0
+                if used:
+                    self._buffer = self._buffer[used:]
+                    if isinstance(value, kinds):
+                        return value
+                    continue
+            chunk = await asyncio.wait_for(self._reader.read(65536), 10)
+            assert chunk, "the broker closed the connection"
+            self._buffer += chunk
+
+    def _send(self, channel: int, *values: Any) -> None:
+        for value in values:
+            self._writer.write(frame.marshal(value, channel))

@@ -26,7 +26,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 from uuid import UUID
@@ -126,6 +126,8 @@ class HandledRecord:
     delivery_count: int
     handled: Handled | None
     error: str | None = None
+    headers: Mapping[str, Any] = field(default_factory=dict)
+    """The delivery's headers as the use case read them."""
 
     @property
     def outcome(self) -> str:
@@ -167,6 +169,7 @@ class _Recorder:
                 inbound.delivery_count,
                 handled,
                 error,
+                inbound.headers,
             )
         )
 

@@ -8,11 +8,9 @@ RabbitMQ verifies; a second broker user is created for the test and removed.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import secrets
-import shutil
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aio_pika
 import asyncpg
 import pytest
-from broker_tools import AMQP_URL, USER, publish_without_id, vhost_of
+from broker_tools import AMQP_URL, USER, broker_user, publish_without_id
 from engine_harness import EngineHarness
 from pamqp import commands
 from typer.testing import CliRunner
@@ -278,11 +276,8 @@ async def test_naive_deadlines_and_unbounded_values_are_schema_invalid(
 
 @contextlib.asynccontextmanager
 async def _broker_user() -> AsyncIterator[tuple[aio_pika.abc.AbstractRobustConnection, str]]:
-    """A RabbitMQ user of its own with full rights on the tests' vhost, deleted afterwards."""
-    name, password = f"stranger-{secrets.token_hex(4)}", secrets.token_hex(12)
-    await _ctl("add_user", name, password)
-    try:
-        await _ctl("set_permissions", "-p", vhost_of(AMQP_URL), name, ".*", ".*", ".*")
+    """A connection as a RabbitMQ user of its own (`broker_user`), closed before it is deleted."""
+    async with broker_user() as (name, password):
         parts = urlsplit(AMQP_URL)
         netloc = f"{name}:{password}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
         connection = await aio_pika.connect_robust(urlunsplit(parts._replace(netloc=netloc)))
@@ -290,16 +285,3 @@ async def _broker_user() -> AsyncIterator[tuple[aio_pika.abc.AbstractRobustConne
             yield connection, name
         finally:
             await connection.close()
-    finally:
-        await _ctl("delete_user", name)
-
-
-async def _ctl(*args: str) -> None:
-    executable = shutil.which("rabbitmqctl")
-    if executable is None:
-        pytest.fail("this test creates a broker user with rabbitmqctl, which is not on PATH")
-    process = await asyncio.create_subprocess_exec(
-        executable, "-q", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    out, err = await process.communicate()
-    assert process.returncode == 0, f"rabbitmqctl {args[0]}: {out.decode()} {err.decode()}"

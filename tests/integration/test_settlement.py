@@ -26,7 +26,8 @@ import asyncpg
 import pamqp.encode
 import pytest
 from aio_pika.abc import AbstractRobustConnection
-from broker_tools import USER, rabbitmqctl
+from broker_tools import USER, publish_without_id, rabbitmqctl
+from pamqp import commands
 from typer.testing import CliRunner
 
 from sagas.order_fulfilment import order_fulfilment
@@ -80,7 +81,7 @@ class Rig:
         return self.system.topology.unstorable_queue
 
     async def publish(self, exchange: str, routing_key: str, body: bytes, **props: Any) -> None:
-        """Publish as the tests' broker user (`user_id`), as an allowed service would."""
+        """Publish as the tests' broker user (`user_id`), as an allowed publisher does."""
         props.setdefault("user_id", USER)
         async with self.client.channel(publisher_confirms=True) as channel:
             target = (
@@ -450,3 +451,48 @@ async def test_a_redelivered_dead_letter_is_not_a_new_failure_and_stays_archived
     (after,) = await rig.letters()
     assert (after["times_failed"], after["status"]) == (1, "archived")
     assert after["last_failed_at"] == letter["last_failed_at"]
+
+
+async def test_header_names_with_nul_or_bytes_that_are_not_utf8_are_stored_escaped(
+    rig: Rig, undecodable_publishing: None
+) -> None:
+    await rig.publish(
+        exchange_name(rig.prefix, "orders"),
+        "order.placed",
+        b"{}",
+        message_id="names-1",
+        type="order.placed",
+        headers={"x-\x00name": "v", "x-table": {"k\x00": "v\udcff"}},
+    )
+
+    (letter,) = await eventually(lambda: rig.letters())
+    assert (letter["reason"], letter["times_failed"]) == ("schema_invalid", 1)
+    headers = json.loads(letter["headers"])
+    assert headers["x-\\u0000name"] == "v"
+    assert headers["x-table"] == {"k\\u0000": "v\\xff"}
+    assert json.loads(letter["raw_fields"]) == {
+        "headers/x-\\u0000name#name": b64(b"x-\x00name"),
+        "headers/x-table/k\\u0000#name": b64(b"k\x00"),
+        "headers/x-table/k\\u0000": b64(b"v\xff"),
+    }
+    await rig.settled()
+    assert await _depth(rig, rig.unstorable) == 0
+
+
+async def test_oversized_messages_without_id_are_told_apart_by_their_headers(rig: Rig) -> None:
+    body = b"x" * (rig.settings.max_message_bytes + 1)
+    for trace in ("t-1", "t-2"):
+        await publish_without_id(
+            exchange_name(rig.prefix, "orders"),
+            "order.placed",
+            body,
+            commands.Basic.Properties(
+                message_type="order.placed", user_id=USER, headers={"x-trace": trace}
+            ),
+        )
+
+    rows = await eventually(lambda: _when_count(rig.letters(), 2))
+    assert [(r["reason"], r["times_failed"]) for r in rows] == [("oversized", 1)] * 2
+    assert len({r["message_id"] for r in rows}) == 2, "two messages, two letters"
+    assert all(r["message_id"].startswith("no-id:") for r in rows)
+    await rig.settled()

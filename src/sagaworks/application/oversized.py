@@ -49,7 +49,7 @@ class RejectOversized:
         whole = BodyDigest(len(body), hashlib.sha256(body).hexdigest())
         kept = replace(
             inbound,
-            message_id=inbound.message_id or f"no-id:{whole.sha256[:24]}",
+            message_id=inbound.message_id or inbound.content_key or f"no-id:{whole.sha256}",
             body=body[:KEPT_BYTES],
         )
         if inbound.queue == self._dead_letter_queue:

@@ -49,6 +49,18 @@ def _text_of(value: str, path: str, raw: dict[str, bytes]) -> str:
     return safe
 
 
+def _name_of(key: object, path: str, raw: dict[str, bytes]) -> str:
+    """A header's (or a nested table key's) name as stored; paths in `raw` use this form.
+
+    The paths are themselves stored (JSON keys of `raw_fields`), so a path made of
+    the name as it came would carry the NUL the escaping keeps out.
+    """
+    name = storable_text(str(key))
+    if name != str(key):
+        raw[f"{path}/{name}#name"] = original_bytes(str(key))
+    return name
+
+
 def _plain(value: Any, path: str, raw: dict[str, bytes]) -> Any:
     """Header values as storable JSON-friendly Python (AMQP tables hold bytes, datetimes, NaN)."""
     if isinstance(value, str):
@@ -64,10 +76,11 @@ def _plain(value: Any, path: str, raw: dict[str, bytes]) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return repr(value)
     if isinstance(value, dict):
-        return {
-            _text_of(str(k), f"{path}/{k}#name", raw): _plain(v, f"{path}/{k}", raw)
-            for k, v in value.items()
-        }
+        table = {}
+        for key, item in value.items():
+            name = _name_of(key, path, raw)
+            table[name] = _plain(item, f"{path}/{name}", raw)
+        return table
     if isinstance(value, list | tuple):
         return [_plain(v, f"{path}/{i}", raw) for i, v in enumerate(value)]
     return value
@@ -115,11 +128,11 @@ def inbound_of(
 ) -> InboundMessage:
     """The `InboundMessage` for a delivery's properties, headers and body; never raises."""
     raw: dict[str, bytes] = {}
-    headers = {
-        _text_of(str(k), f"headers/{k}#name", raw): _plain(v, f"headers/{k}", raw)
-        for k, v in raw_headers.items()
-        if k != _DELIVERY_COUNT
-    }
+    headers = {}
+    for key, value in raw_headers.items():
+        if key != _DELIVERY_COUNT:
+            name = _name_of(key, "headers", raw)
+            headers[name] = _plain(value, f"headers/{name}", raw)
     time = _attribute("time", headers, timestamp, raw)
     identity = _attribute("id", headers, message_id, raw) or ""
     return InboundMessage(
