@@ -8,6 +8,7 @@ RabbitMQ verifies; a second broker user is created for the test and removed.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import secrets
