@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
@@ -69,6 +71,7 @@ __all__ = [
     "RepeatingPublisher",
     "SagaRow",
     "WarehouseSend",
+    "running_harness",
 ]
 
 T = TypeVar("T")
@@ -615,3 +618,23 @@ class EngineHarness:
             for h in self.handled[-15:]
         )
         return f"last handled deliveries:\n{tail}\nledger effects: {dict(self.ledger.effects)}"
+
+
+@asynccontextmanager
+async def running_harness(
+    settings_factory: Callable[..., Settings], database_url: str, run_id: str
+) -> AsyncIterator[EngineHarness]:
+    """A harness on its own exchange prefix with one worker started, closed on exit."""
+    settings = settings_factory(
+        database_url=database_url,
+        exchange_prefix=f"{run_id}.{secrets.token_hex(3)}.",
+        grace_period_s=5.0,
+        db_pool_size=5,
+    )
+    harness = EngineHarness(settings, database_url)
+    await harness.open()
+    try:
+        await harness.start_worker()
+        yield harness
+    finally:
+        await harness.close()

@@ -31,7 +31,6 @@ import contextlib
 import json
 import os
 import random
-import secrets
 import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable
@@ -42,7 +41,7 @@ from typing import Any
 import psutil
 import pytest
 from broker_tools import USER, broker_user, rabbitmqctl, raw_publisher
-from engine_harness import EngineHarness, HandledRecord
+from engine_harness import EngineHarness, HandledRecord, running_harness
 from fuzz_deliveries import Delivery, describe, drawn, expected_reason
 from pamqp import commands, encode
 
@@ -80,19 +79,8 @@ async def harness(
     run_id: str,
     undecodable_publishing: None,
 ) -> AsyncIterator[EngineHarness]:
-    settings = settings_factory(
-        database_url=migrated_database_url,
-        exchange_prefix=f"{run_id}.{secrets.token_hex(3)}.",
-        grace_period_s=5.0,
-        db_pool_size=5,
-    )
-    h = EngineHarness(settings, migrated_database_url)
-    await h.open()
-    try:
-        await h.start_worker()
+    async with running_harness(settings_factory, migrated_database_url, run_id) as h:
         yield h
-    finally:
-        await h.close()
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import aio_pika
 import asyncpg
 import pytest
 from broker_tools import AMQP_URL, USER, broker_user, publish_without_id
-from engine_harness import EngineHarness
+from engine_harness import EngineHarness, running_harness
 from pamqp import commands
 from typer.testing import CliRunner
 
@@ -37,19 +37,8 @@ pytestmark = pytest.mark.integration
 async def harness(
     migrated_database_url: str, settings_factory: Callable[..., Settings], run_id: str
 ) -> AsyncIterator[EngineHarness]:
-    settings = settings_factory(
-        database_url=migrated_database_url,
-        exchange_prefix=f"{run_id}.{secrets.token_hex(3)}.",
-        grace_period_s=5.0,
-        db_pool_size=5,
-    )
-    h = EngineHarness(settings, migrated_database_url)
-    await h.open()
-    try:
-        await h.start_worker()
+    async with running_harness(settings_factory, migrated_database_url, run_id) as h:
         yield h
-    finally:
-        await h.close()
 
 
 def order(order_id: str, **changes: Any) -> dict[str, Any]:
