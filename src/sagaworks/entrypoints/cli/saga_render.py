@@ -22,6 +22,7 @@ from sagaworks.application.ports import (
 )
 
 __all__ = [
+    "WIDTH",
     "detail_lines",
     "duration",
     "list_lines",
