@@ -93,7 +93,7 @@ learned AS MATERIALIZED (
                        'retry_scheduled')
         AND h.at > now() - sagaworks_read.setting('stuck_learn_window', '7 days')::interval
       ORDER BY h.at DESC
-      LIMIT 1000
+      LIMIT 300
     ) e
     CROSS JOIN LATERAL (
       SELECT x.at FROM saga_history x
@@ -119,7 +119,8 @@ open_ports AS (
   GROUP BY b.port
 ),
 candidates AS (
-  SELECT s.id AS saga_id, s.saga_type, s.correlation_key, 'needs_attention' AS reason,
+  SELECT s.id AS saga_id, s.saga_type, s.correlation_key, s.status, s.current_step,
+         'needs_attention' AS reason,
          format('stopped at %s: %s', coalesce(s.current_step, 'the end'),
                 coalesce(s.progress->>'error', 'no error recorded')) AS detail,
          s.updated_at AS since,
@@ -127,7 +128,7 @@ candidates AS (
   FROM saga_instances s
   WHERE s.status = 'needs_attention'
   UNION ALL
-  SELECT f.id, f.saga_type, f.correlation_key, 'compensation_failing',
+  SELECT f.id, f.saga_type, f.correlation_key, f.status, f.current_step, 'compensation_failing',
          format('compensation of %s failed %s time(s)%s%s', f.step,
                 CASE WHEN f.retry_at IS NULL THEN f.attempt - 1 ELSE f.attempt END,
                 coalesce(' (' || (
@@ -141,7 +142,7 @@ candidates AS (
   WHERE f.status = 'compensating' AND f.kind = 'compensation'
     AND (f.retry_at IS NOT NULL OR f.attempt > 1)
   UNION ALL
-  SELECT f.id, f.saga_type, f.correlation_key, 'port_breaker_open',
+  SELECT f.id, f.saga_type, f.correlation_key, f.status, f.current_step, 'port_breaker_open',
          format('%s of %s waits on port %s, whose breaker is open in %s worker(s)',
                 f.kind, f.step, o.port, o.workers),
          o.since,
@@ -154,7 +155,7 @@ candidates AS (
   ) p
   JOIN open_ports o ON o.port = p.port
   UNION ALL
-  SELECT s.id, s.saga_type, s.correlation_key, 'dead_lettered',
+  SELECT s.id, s.saga_type, s.correlation_key, s.status, s.current_step, 'dead_lettered',
          format('dead letter %s (%s) of message %s: %s', d.id, d.reason, d.message_id,
                 coalesce(d.exception_type || ': ', '') || coalesce(d.exception_message, '')),
          d.last_failed_at,
@@ -163,7 +164,8 @@ candidates AS (
   JOIN dead_letters d ON d.id = ds.dead_letter_id AND d.status = 'active'
   JOIN saga_instances s ON s.id = ds.saga_id
   UNION ALL
-  SELECT w.id, w.saga_type, w.correlation_key, 'waiting_past_deadline',
+  SELECT w.id, w.saga_type, w.correlation_key, w.status, w.current_step,
+         'waiting_past_deadline',
          format('waiting at %s; its deadline %s passed and %s', w.current_step, u.until,
                 CASE WHEN w.timer_id IS NULL THEN 'no timer is set to fire it'
                      ELSE format('its timer is parked after %s failed attempt(s): %s',
@@ -179,7 +181,7 @@ candidates AS (
   ) u
   WHERE u.until < now()
   UNION ALL
-  SELECT s.id, s.saga_type, s.correlation_key, 'timer_overdue',
+  SELECT s.id, s.saga_type, s.correlation_key, s.status, s.current_step, 'timer_overdue',
          format('timer %s was due at %s and no worker has fired it', t.name, t.fire_at),
          t.fire_at,
          format('sagaworks saga retry %s --reason "..."', s.id)
@@ -188,7 +190,7 @@ candidates AS (
   WHERE t.parked_at IS NULL
     AND t.fire_at < now() - sagaworks_read.setting('stuck_timer_grace', '1 minute')::interval
   UNION ALL
-  SELECT s.id, s.saga_type, s.correlation_key, 'timer_overdue',
+  SELECT s.id, s.saga_type, s.correlation_key, s.status, s.current_step, 'timer_overdue',
          format('timer %s is parked after %s failed attempt(s): %s', t.name, t.attempts,
                 coalesce(t.last_error, 'no error recorded')),
          t.parked_at,
@@ -197,7 +199,7 @@ candidates AS (
   JOIN saga_instances s ON s.id = t.saga_id
   WHERE t.parked_at IS NOT NULL
   UNION ALL
-  SELECT f.id, f.saga_type, f.correlation_key, 'step_retrying',
+  SELECT f.id, f.saga_type, f.correlation_key, f.status, f.current_step, 'step_retrying',
          format('%s of %s failed %s time(s)%s; next attempt at %s', f.kind, f.step, f.attempt,
                 coalesce(' (' || (
                   SELECT h.detail->>'reason' FROM saga_history h
@@ -210,16 +212,18 @@ candidates AS (
   WHERE f.retry_at IS NOT NULL
     AND f.attempt >= sagaworks_read.setting('stuck_retry_attempts', '2')::int
   UNION ALL
-  SELECT p.saga_id, p.saga_type, p.correlation_key, 'parked_expiring',
+  SELECT p.saga_id, p.saga_type, p.correlation_key, s.status, s.current_step,
+         'parked_expiring',
          format('event %s (%s) parked because %s expires at %s', p.message_type,
                 p.message_id, p.reason, p.expires_at),
          p.received_at,
          format('sagaworks saga show %s', p.saga_id)
   FROM parked_messages p
+  LEFT JOIN saga_instances s ON s.id = p.saga_id
   WHERE p.expires_at < now()
         + sagaworks_read.setting('stuck_parked_within', '10 minutes')::interval
   UNION ALL
-  SELECT i.id, i.saga_type, i.correlation_key, 'idle_too_long',
+  SELECT i.id, i.saga_type, i.correlation_key, i.status, i.current_step, 'idle_too_long',
          format('%s of %s in flight since %s; usually done within %s', i.kind, i.step,
                 i.updated_at,
                 CASE WHEN l.samples > 0
@@ -233,10 +237,9 @@ candidates AS (
         - l.p95 * sagaworks_read.setting('stuck_idle_factor', '3')::float8
 )
 SELECT DISTINCT ON (c.saga_id)
-       c.saga_id, c.saga_type, c.correlation_key, s.status, s.current_step,
+       c.saga_id, c.saga_type, c.correlation_key, c.status, c.current_step,
        c.reason, c.detail, c.since, c.command
 FROM candidates c
-LEFT JOIN saga_instances s ON s.id = c.saga_id
 ORDER BY c.saga_id, sagaworks_read.reason_rank(c.reason), c.since DESC
 """
 
