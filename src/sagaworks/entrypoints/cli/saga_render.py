@@ -99,7 +99,7 @@ def list_lines(items: Sequence[SagaSummary], now: datetime, *, page: int, more: 
         (s.correlation_key, s.saga_type, s.status, s.current_step or "-", _ago(s.updated_at, now))
         for s in items
     ]
-    lines = _table(("KEY", "TYPE", "STATUS", "STEP", "CHANGED"), rows, (20, 16, 15, 16, 11))
+    lines = _table(("KEY", "TYPE", "STATUS", "STEP", "CHANGED"), rows, (16, 14, 15, 17, 10))
     following = f"; next: --page {page + 1}" if more else ""
     lines.append(f"page {page}: {len(items)} saga(s){following}")
     return lines

@@ -115,7 +115,7 @@ open_ports AS (
   SELECT b.port, count(*) AS workers, min(b.changed_at) AS since
   FROM port_breakers b
   WHERE b.state = 'open'
-    AND b.changed_at > now() - sagaworks_read.setting('stuck_breaker_fresh', '15 minutes')::interval
+    AND b.changed_at > now() - sagaworks_read.setting('stuck_breaker_fresh', '5 minutes')::interval
   GROUP BY b.port
 ),
 candidates AS (
@@ -135,7 +135,8 @@ candidates AS (
                   SELECT h.detail->>'reason' FROM saga_history h
                   WHERE h.saga_id = f.id AND h.kind = 'retry_scheduled'
                   ORDER BY h.seq DESC LIMIT 1) || ')', ''),
-                coalesce('; next attempt at ' || f.retry_at, '; attempt running')),
+                coalesce('; next attempt at ' || sagaworks_read.utc(f.retry_at),
+                         '; attempt running')),
          f.updated_at,
          format('sagaworks saga retry %s --reason "..."', f.id)
   FROM flight f
@@ -166,7 +167,8 @@ candidates AS (
   UNION ALL
   SELECT w.id, w.saga_type, w.correlation_key, w.status, w.current_step,
          'waiting_past_deadline',
-         format('waiting at %s; its deadline %s passed and %s', w.current_step, u.until,
+         format('waiting at %s; its deadline %s passed and %s', w.current_step,
+                sagaworks_read.utc(u.until),
                 CASE WHEN w.timer_id IS NULL THEN 'no timer is set to fire it'
                      ELSE format('its timer is parked after %s failed attempt(s): %s',
                                  w.attempts, coalesce(w.last_error, 'no error recorded'))
@@ -182,7 +184,8 @@ candidates AS (
   WHERE u.until < now()
   UNION ALL
   SELECT s.id, s.saga_type, s.correlation_key, s.status, s.current_step, 'timer_overdue',
-         format('timer %s was due at %s and no worker has fired it', t.name, t.fire_at),
+         format('timer %s was due at %s and no worker has fired it', t.name,
+                sagaworks_read.utc(t.fire_at)),
          t.fire_at,
          format('sagaworks saga retry %s --reason "..."', s.id)
   FROM timers t
@@ -205,7 +208,7 @@ candidates AS (
                   SELECT h.detail->>'reason' FROM saga_history h
                   WHERE h.saga_id = f.id AND h.kind = 'retry_scheduled'
                   ORDER BY h.seq DESC LIMIT 1) || ')', ''),
-                f.retry_at),
+                sagaworks_read.utc(f.retry_at)),
          f.updated_at,
          format('sagaworks saga retry %s --reason "..."', f.id)
   FROM flight f
@@ -214,8 +217,10 @@ candidates AS (
   UNION ALL
   SELECT p.saga_id, p.saga_type, p.correlation_key, s.status, s.current_step,
          'parked_expiring',
-         format('event %s (%s) parked because %s expires at %s', p.message_type,
-                p.message_id, p.reason, p.expires_at),
+         format('event %s (%s) parked because %s %s at %s', p.message_type,
+                p.message_id, p.reason,
+                CASE WHEN p.expires_at < now() THEN 'expired' ELSE 'expires' END,
+                sagaworks_read.utc(p.expires_at)),
          p.received_at,
          format('sagaworks saga show %s', p.saga_id)
   FROM parked_messages p
@@ -225,9 +230,10 @@ candidates AS (
   UNION ALL
   SELECT i.id, i.saga_type, i.correlation_key, i.status, i.current_step, 'idle_too_long',
          format('%s of %s in flight since %s; usually done within %s', i.kind, i.step,
-                i.updated_at,
+                sagaworks_read.utc(i.updated_at),
                 CASE WHEN l.samples > 0
-                     THEN format('%s (p95 of %s calls)', date_trunc('second', l.p95), l.samples)
+                     THEN format('%s s (p95 of %s calls)',
+                                 to_char(extract(epoch FROM l.p95), 'FM9999990.000'), l.samples)
                      ELSE 'an unknown time (no finished calls in history)' END),
          i.updated_at,
          format('sagaworks saga retry %s --reason "..."', i.id)
@@ -241,6 +247,13 @@ SELECT DISTINCT ON (c.saga_id)
        c.reason, c.detail, c.since, c.command
 FROM candidates c
 ORDER BY c.saga_id, sagaworks_read.reason_rank(c.reason), c.since DESC
+"""
+
+_UTC = """
+CREATE FUNCTION sagaworks_read.utc(at timestamptz) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+  SELECT to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS"Z"')
+$$
 """
 
 _REASON_RANK = """
@@ -293,6 +306,7 @@ def upgrade() -> None:
     op.execute("CREATE SCHEMA IF NOT EXISTS sagaworks_read")
     op.execute(_SETTING)
     op.execute(_REASON_RANK)
+    op.execute(_UTC)
     op.execute(_DEAD_LETTER_SAGAS)
     op.execute(_STUCK_SAGAS)
 
@@ -300,6 +314,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.execute("DROP VIEW sagaworks_read.stuck_sagas")
     op.execute("DROP VIEW sagaworks_read.dead_letter_sagas")
+    op.execute("DROP FUNCTION sagaworks_read.utc(timestamptz)")
     op.execute("DROP FUNCTION sagaworks_read.reason_rank(text)")
     op.execute("DROP FUNCTION sagaworks_read.setting(text, text)")
     op.execute(
