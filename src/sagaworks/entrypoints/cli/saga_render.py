@@ -78,13 +78,12 @@ def _cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _table(
-    header: Sequence[str], rows: Sequence[Sequence[str]], limits: Sequence[int]
-) -> list[str]:
-    widths = [
-        min(limit, max([len(header[i]), *(len(r[i]) for r in rows)]))
-        for i, limit in enumerate(limits)
-    ]
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Columns as wide as their values, the widest cut first until the line fits."""
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
+    while sum(widths) + 2 * (len(widths) - 1) > WIDTH:
+        widest = widths.index(max(widths))
+        widths[widest] -= 1
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(_cut(c, w).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
@@ -99,7 +98,7 @@ def list_lines(items: Sequence[SagaSummary], now: datetime, *, page: int, more: 
         (s.correlation_key, s.saga_type, s.status, s.current_step or "-", _ago(s.updated_at, now))
         for s in items
     ]
-    lines = _table(("KEY", "TYPE", "STATUS", "STEP", "CHANGED"), rows, (16, 14, 15, 17, 10))
+    lines = _table(("KEY", "TYPE", "STATUS", "STEP", "CHANGED"), rows)
     following = f"; next: --page {page + 1}" if more else ""
     lines.append(f"page {page}: {len(items)} saga(s){following}")
     return lines

@@ -39,6 +39,17 @@ _CALL_ENDS = (
     "kind IN ('step_completed', 'compensation_completed', 'step_failed', 'retry_scheduled')"
 )
 
+_CAN_CREATE_SCHEMA = """
+DO $$ BEGIN
+  IF NOT has_database_privilege(current_database(), 'CREATE') THEN
+    RAISE EXCEPTION 'role % may not create the schema sagaworks_read in this database',
+      current_user
+      USING HINT = 'run `sagaworks db roles` as an administrator (it grants the migrator '
+                   'CREATE on the database), then `sagaworks db upgrade` again';
+  END IF;
+END $$
+"""
+
 _SETTING = """
 CREATE FUNCTION sagaworks_read.setting(name text, fallback text) RETURNS text
 LANGUAGE sql STABLE AS $$
@@ -303,6 +314,7 @@ def upgrade() -> None:
         ["message_id"],
         postgresql_ops={"message_id": "text_pattern_ops"},
     )
+    op.execute(_CAN_CREATE_SCHEMA)
     op.execute("CREATE SCHEMA IF NOT EXISTS sagaworks_read")
     op.execute(_SETTING)
     op.execute(_REASON_RANK)
