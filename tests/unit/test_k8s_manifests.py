@@ -30,7 +30,10 @@ pytestmark = pytest.mark.unit
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 KUBERNETES_VERSION = "1.31.0"
-KEDA_KINDS = {"ScaledObject": keda.ScaledObject, "TriggerAuthentication": keda.TriggerAuthentication}
+KEDA_KINDS = {
+    "ScaledObject": keda.ScaledObject,
+    "TriggerAuthentication": keda.TriggerAuthentication,
+}
 
 
 def _documents() -> list[dict[str, Any]]:
@@ -42,9 +45,7 @@ def _documents() -> list[dict[str, Any]]:
 
 
 def _one(kind: str, name: str | None = None) -> dict[str, Any]:
-    found = [
-        d for d in _documents() if d["kind"] == kind and name in (None, d["metadata"]["name"])
-    ]
+    found = [d for d in _documents() if d["kind"] == kind and name in (None, d["metadata"]["name"])]
     assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
     return found[0]
 
