@@ -7,6 +7,7 @@ wired system without touching `os.environ`.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -129,6 +130,11 @@ class Settings(BaseSettings):
         default=20.0,
         gt=0,
         description="On SIGTERM/SIGINT: time to settle in-flight work and flush the outbox.",
+    )
+    health_file: Path = Field(
+        default_factory=lambda: Path(tempfile.gettempdir()) / "sagaworks-worker-health.json",
+        description="Where the worker writes its health on every heartbeat and "
+        "`sagaworks health` reads it (one file per worker process on a host).",
     )
     park_for_s: float = Field(
         default=300.0,

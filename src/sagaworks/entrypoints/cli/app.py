@@ -1,4 +1,4 @@
-"""`sagaworks`: the worker, migrations, topology, configuration, dead letters, diagrams.
+"""`sagaworks`: the worker, its health, migrations, topology, configuration, dead letters, diagrams.
 
 Further commands (the reference saga's `demo` and `bench`) come from the
 `sagaworks.commands` entry points of installed packages (`plugins.py`).
@@ -207,6 +207,21 @@ def worker() -> None:
             await system.aclose()
 
     run_async(go())
+
+
+@app.command("health")
+def health() -> None:
+    """Exit 0 if this host's worker beats and its connections are up; else 1 with why.
+
+    For an exec probe (Kubernetes liveness/readiness): it reads the file the
+    worker writes on every heartbeat (SAGAWORKS_HEALTH_FILE) and connects to nothing.
+    """
+    from sagaworks.entrypoints.health import judge
+
+    verdict = judge(load_settings().health_file)
+    if not verdict.healthy:
+        fail(verdict.line, 1)
+    _echo(verdict.line)
 
 
 @app.command("graph")
