@@ -530,3 +530,58 @@ async def test_a_rejected_request_is_redelivered_up_to_the_limit_then_dead_lette
     assert counts == list(range(limit + 1)), "x-delivery-count of each delivery"
     assert await rig.status(bad) == "running", "the saga waits for the letter to be replayed"
     assert not rig.changes, "a rejected request says nothing about the port's health"
+
+
+# -- undo before do --------------------------------------------------------------------------
+
+
+async def test_an_action_held_past_the_retry_budget_lands_after_its_undo_and_is_refused(
+    rig_factory: RigFactory,
+) -> None:
+    # A breaker threshold above the attempts: the retry budget decides, not an open breaker.
+    impatient = PortPolicy(
+        call_timeout_s=0.5,
+        immediate_attempts=2,
+        immediate_wait_s=0.02,
+        immediate_wait_max_s=0.05,
+        delayed_retries=2,
+        delayed_base_s=0.2,
+        delayed_max_s=0.5,
+        breaker_failures=50,
+        breaker_reset_s=2.0,
+    )
+    attempts = impatient.immediate_attempts * (impatient.delayed_retries + 1)
+    budget_s = attempts * impatient.call_timeout_s + impatient.delayed_retries * 0.5
+    rig = await rig_factory(policies={"payments": impatient})
+    payments = rig.services.payments
+    held, other = "held-payment", "unheld-payment"
+    held_saga, other_saga = (str(saga_id_for(order_fulfilment.name, o)) for o in (held, other))
+    payments.hold("authorise", order_id=held, delay_s=budget_s + 8.0)
+
+    await rig.place(held)
+    await rig.place(other)
+
+    assert await rig.wait_for_status(held) == "compensated"
+    assert not [k for op, k in payments.answers if op == "authorise" and held_saga in k], (
+        "the saga compensated while every attempt was still held"
+    )
+    history = await rig.history(held)
+    failed = [h for h in history if h[0] == "step_failed"]
+    assert [(h[1], h[2]["outcome_unknown"]) for h in failed] == [("authorise_payment", True)]
+    assert [h[1] for h in history if h[0] == "compensation_completed"] == [
+        "authorise_payment",
+        "reserve_stock",
+    ]
+    (void_key,) = payments.keys("void")
+    assert payments.answers[("void", void_key)] == (200, {"undone": False})
+
+    await rig.wait_for(lambda: _true(payments.holding == 0), "the held calls to land", 30.0)
+    late = [c for c in payments.calls if c.operation == "authorise" and c.order_id == held]
+    assert len(late) == attempts, "every held attempt landed after the undo"
+    assert {c.status for c in late} == {410}, "and each was refused"
+    assert payments.effects[("authorise", held)] == 0
+    assert {k.split(":")[0] for k in payments.standing("authorise")} == {other_saga}
+    assert {k.split(":")[0] for k in rig.services.inventory.standing("reserve")} == {other_saga}
+    assert await rig.wait_for_status(other) == "completed"
+    assert await rig.status(held) == "compensated", "the late refusal changed nothing"
+    assert await rig.dead_letters() == 0
