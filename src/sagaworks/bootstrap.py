@@ -42,6 +42,7 @@ from sagaworks.adapters.postgres.engine import (
 from sagaworks.adapters.postgres.migrations_runner import check_schema_current
 from sagaworks.adapters.postgres.notify import PostgresOutboxWakeUps
 from sagaworks.adapters.postgres.pool import ConnectionPool
+from sagaworks.adapters.postgres.retention import PostgresRetention
 from sagaworks.adapters.postgres.store import PostgresStore
 from sagaworks.adapters.rabbitmq.connection import broker_user, connect
 from sagaworks.adapters.rabbitmq.publisher import RabbitPublisher
@@ -81,12 +82,14 @@ from sagaworks.application.ports import (
     InboundMessage,
     OutboxWakeUps,
     PortCaller,
+    Prunable,
     Publisher,
     Store,
 )
 from sagaworks.application.published_marks import PublishedMarks
 from sagaworks.application.registry import SagaRegistry
 from sagaworks.application.results import Handled
+from sagaworks.application.retention import PruneDatabase, RetentionPolicy
 from sagaworks.application.timers import ExpireParkedEvents, FireDueTimers
 from sagaworks.application.wire import Wire
 from sagaworks.domain.decide import COMMANDS_DOMAIN
@@ -106,6 +109,7 @@ __all__ = [
     "in_memory",
     "own_user",
     "preflight",
+    "retention_policy",
     "topology_for",
 ]
 
@@ -197,6 +201,8 @@ class System:
     """This process's circuit breakers; None when a test hands in its own `PortCaller`."""
     record_breaker_change: RecordBreakerChange | None = None
     """Records breaker changes and announces them; None with a store handed in that is neither."""
+    prune: PruneDatabase | None = None
+    """Retention on the PostgreSQL store (the worker's schedule); None with a store handed in."""
 
     def routes(self) -> list[Route]:
         """The queue -> use case table: every saga's queue, every port's, the dead letters'."""
@@ -348,6 +354,7 @@ async def bootstrap(
         connection=connection,
         breakers=caller.breakers if isinstance(caller, ResilientCaller) else None,
         record_breaker_change=record_breaker_change,
+        prune=None if engine is None else _prune(settings, engine, clock),
     )
     try:
         await _open_ports(system.port_lifecycle, ports)
@@ -367,6 +374,7 @@ class OperatorTools:
     """Publishes mandatory to the default exchange: a replay to a queue that is gone fails."""
     connection: AbstractRobustConnection | None = None
     engine: AsyncEngine | None = None
+    prune: PruneDatabase | None = None
 
     async def aclose(self) -> None:
         await _close_all(
@@ -383,16 +391,23 @@ async def bootstrap_tools(
     dead_letters: bool = False,
     broker: bool = False,
     replay_publisher: bool = False,
+    prune: bool = False,
 ) -> OperatorTools:
     """Only what an operator command needs: no worker, no use cases of the engine.
 
     `dead_letters`: the PostgreSQL dead-letter store; `broker`: a connection to
-    RabbitMQ; `replay_publisher`: a publisher for replays (connects as well).
+    RabbitMQ; `replay_publisher`: a publisher for replays (connects as well);
+    `prune`: retention on the database.
     """
     tools = OperatorTools(settings)
-    if dead_letters:
+    if dead_letters or prune:
         tools.engine = create_engine_from_settings(settings)
+    if dead_letters:
+        assert tools.engine is not None
         tools.dead_letters = PostgresDeadLetters(tools.engine, client_hostname=socket.gethostname())
+    if prune:
+        assert tools.engine is not None
+        tools.prune = _prune(settings, tools.engine, SystemClock())
     try:
         if broker or replay_publisher:
             tools.connection = await _connect(settings)
@@ -431,6 +446,26 @@ def boundary_for(settings: Settings, registry: SagaRegistry) -> Boundary:
     return Boundary(
         lambda domain: exchange_name(prefix, domain), allowed, frozenset({own_user(settings)})
     )
+
+
+def retention_policy(settings: Settings) -> RetentionPolicy:
+    """How long each kind of row is kept, from `SAGAWORKS_RETAIN_*` (0: for ever)."""
+    seconds = {
+        Prunable.INBOX: settings.retain_inbox_s,
+        Prunable.OUTBOX: settings.retain_published_outbox_s,
+        Prunable.SAGAS: settings.retain_finished_sagas_s,
+        Prunable.DEAD_LETTERS: settings.retain_dead_letters_s,
+        Prunable.BREAKERS: settings.retain_breakers_s,
+    }
+    return RetentionPolicy(
+        keep={what: timedelta(seconds=s) if s > 0 else None for what, s in seconds.items()},
+        batch_size=settings.prune_batch_size,
+        pause=timedelta(seconds=settings.prune_pause_s),
+    )
+
+
+def _prune(settings: Settings, engine: AsyncEngine, clock: Clock) -> PruneDatabase:
+    return PruneDatabase(PostgresRetention(engine), clock, retention_policy(settings))
 
 
 def _wire(settings: Settings) -> Wire:
