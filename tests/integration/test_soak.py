@@ -1,9 +1,11 @@
 """The soak: the demo's traffic mix for many minutes with pruning on; the tables must stay flat.
 
-Runs only with `SAGAWORKS_SOAK_MINUTES` set (e.g. 30). A `sagaworks worker`
-subprocess (simulated participants, scheduled pruning with retention scaled
-down to minutes so the steady state arrives early) serves orders this process
-publishes at `SAGAWORKS_SOAK_RATE` orders/s (default 43: about half the
+Runs only with `SAGAWORKS_SOAK_MINUTES` set (e.g. 30). The database is a
+private PostgreSQL cluster with the stock configuration (autovacuum on: the
+shared test cluster runs without it, and table sizes mean nothing there). A
+`sagaworks worker` subprocess (simulated participants, scheduled pruning with
+retention scaled down to minutes so the steady state arrives early) serves
+orders this process publishes at `SAGAWORKS_SOAK_RATE` orders/s (default 43: about half the
 benchmark's steps/s in the mix's steps per order). Every minute it samples
 table sizes and row counts, the steps and sagas ended in that minute, and
 the step latency percentiles from the history; the samples go to
@@ -18,10 +20,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import statistics
+import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,10 +35,12 @@ import aio_pika
 import asyncpg
 import pytest
 from broker_tools import USER
+from private_services import POSTGRES_BIN_DIRS, _binary, _run, free_port
 from test_worker_lifecycle import Spawn, WorkerProcess, spawn, worker_env  # noqa: F401
 
 from sagas.order_fulfilment.simulation.order_mix import OrderPlan, Send, plan_orders
 from sagas.order_fulfilment.simulation.shop import publish
+from sagaworks.adapters.postgres.migrations_runner import upgrade
 from sagaworks.adapters.rabbitmq.topology import exchange_name, saga_queue_name
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.soak]
@@ -86,6 +93,30 @@ class Sample:
     step_p99_ms: float | None
     rows: dict[str, int] = field(default_factory=dict)
     kib: dict[str, int] = field(default_factory=dict)
+
+
+@contextmanager
+def stock_postgres() -> Iterator[str]:
+    """A private cluster with PostgreSQL's stock settings on a free port: yields its base URL."""
+    initdb = _binary("initdb", POSTGRES_BIN_DIRS, "the soak needs PostgreSQL 15")
+    pg_ctl = _binary("pg_ctl", POSTGRES_BIN_DIRS, "the soak needs PostgreSQL 15")
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    runtime = Path(tempfile.mkdtemp(prefix="sagaworks-soak-pg-"))
+    if as_user:
+        shutil.chown(runtime, "postgres", "postgres")
+    data = runtime / "data"
+    _run([*as_user, str(initdb), "-D", str(data), "-U", "postgres", "--auth=trust"],
+         what="initdb", timeout_s=120)  # fmt: skip
+    port = free_port()
+    options = f"-p {port} -k {runtime} -c listen_addresses=127.0.0.1"
+    _run([*as_user, str(pg_ctl), "-D", str(data), "-l", str(runtime / "postgres.log"), "-w",
+          "-o", options, "start"], what="pg_ctl start", timeout_s=120)  # fmt: skip
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}"
+    finally:
+        _run([*as_user, str(pg_ctl), "-D", str(data), "-m", "fast", "-w", "stop"],
+             what="pg_ctl stop", timeout_s=120)  # fmt: skip
+        shutil.rmtree(runtime, ignore_errors=True)
 
 
 def _soak_minutes() -> float:
@@ -169,18 +200,35 @@ def print_table(samples: list[Sample]) -> str:
 
 async def test_soak_with_pruning_keeps_the_tables_flat(
     spawn: Spawn,  # noqa: F811
-    migrated_database_url: str,
     run_id: str,
     tmp_path: Path,
     broker: aio_pika.abc.AbstractRobustConnection,
 ) -> None:
     minutes = _soak_minutes()
+    with stock_postgres() as server:
+        await _soak(spawn, f"{server}/soak", minutes, run_id, tmp_path, broker)
+
+
+async def _soak(
+    spawn: Spawn,  # noqa: F811
+    database_url: str,
+    minutes: float,
+    run_id: str,
+    tmp_path: Path,
+    broker: aio_pika.abc.AbstractRobustConnection,
+) -> None:
+    admin = await asyncpg.connect(database_url.rsplit("/", 1)[0] + "/postgres")
+    try:
+        await admin.execute("CREATE DATABASE soak")
+    finally:
+        await admin.close()
+    await upgrade(database_url, "head")
     rate = float(os.environ.get("SAGAWORKS_SOAK_RATE", "43"))
     report = Path(os.environ.get("SAGAWORKS_SOAK_REPORT", str(tmp_path / "soak.json")))
     prefix = f"{run_id}.soak."
-    env = worker_env(migrated_database_url, prefix, **RETENTION)
+    env = worker_env(database_url, prefix, **RETENTION)
     worker: WorkerProcess = await spawn(env)
-    db = await asyncpg.connect(migrated_database_url.replace("+asyncpg", ""))
+    db = await asyncpg.connect(database_url)
     channel = await broker.channel(publisher_confirms=True)
     exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
 
