@@ -236,10 +236,13 @@ async def _replay_parked(
     instance: SagaInstance,
     now: datetime,
 ) -> None:
-    """Apply what the saga can take now; when it ended, dead-letter what it never took.
+    """Apply what the saga can take now; once it has ended, dead-letter what it never took.
 
-    Events stay parked while the saga lives, however long it takes (a saga
-    that needs attention lives: a person may resume it).
+    An event leaves the park when the saga takes it, or when the saga ends
+    (completed or compensated; one that needs attention lives on: a person
+    may resume it). Until then it waits, however long the saga takes, also
+    when the saga would ignore it now (it is compensating, say): its letter
+    then says how the saga ended.
     """
     if instance.status is Status.NEEDS_ATTENTION:
         return
@@ -266,10 +269,12 @@ async def _replay_parked(
                 continue
             given = EventReceived(envelope_of(item.inbound, now), message)
             decision = decide(definition, instance, given, now)
-            if decision.outcome == "park":
+            if decision.outcome == "park" or (
+                decision.outcome == "ignored" and not instance.status.ended
+            ):
                 continue
             await _note_ignored(tx, decision)
-            if decision.outcome == "ignored" and instance.status.ended:
+            if decision.outcome == "ignored":
                 await tx.dead_letter(_never_taken(definition, instance, item), now)
             if decision.outcome == "applied":
                 await tx.save(wire.change(definition, decision))
