@@ -133,8 +133,8 @@ class Settings(BaseSettings):
     park_for_s: float = Field(
         default=300.0,
         gt=0,
-        description="How long an event that arrived before its saga could take it is kept "
-        "before it is dead-lettered (`no_saga`, `unexpected_event`).",
+        description="How long an event that arrived before its saga existed is kept before "
+        "it is dead-lettered (`no_saga`); one whose saga exists waits as long as the saga lives.",
     )
     parked_expiry_interval_s: float = Field(
         default=5.0,
