@@ -34,7 +34,7 @@ from pathlib import Path
 import aio_pika
 import asyncpg
 import pytest
-from broker_tools import USER
+from broker_tools import USER, delete_prefixed
 from private_services import POSTGRES_BIN_DIRS, _binary, _run, free_port
 from test_worker_lifecycle import Spawn, WorkerProcess, spawn, worker_env  # noqa: F401
 
@@ -205,8 +205,11 @@ async def test_soak_with_pruning_keeps_the_tables_flat(
     broker: aio_pika.abc.AbstractRobustConnection,
 ) -> None:
     minutes = _soak_minutes()
-    with stock_postgres() as server:
-        await _soak(spawn, f"{server}/soak", minutes, run_id, tmp_path, broker)
+    try:
+        with stock_postgres() as server:
+            await _soak(spawn, f"{server}/soak", minutes, run_id, tmp_path, broker)
+    finally:
+        await delete_prefixed(broker, f"{run_id}.soak.")
 
 
 async def _soak(
