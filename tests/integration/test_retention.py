@@ -11,18 +11,26 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 
+import aio_pika
 import asyncpg
 import pytest
+from broker_tools import delete_prefixed
 from test_cli import cli_env, sagaworks
 
+from sagas.order_fulfilment import order_fulfilment
+from sagas.order_fulfilment.simulation.participants import simulated_ports
 from sagaworks.adapters.memory.clock import FakeClock
 from sagaworks.adapters.postgres.engine import create_engine
 from sagaworks.adapters.postgres.retention import PostgresRetention
 from sagaworks.application.ports import Prunable
 from sagaworks.application.retention import Prune, Pruned, PruneDatabase, RetentionPolicy
 from sagaworks.application.stored import lock_key
+from sagaworks.bootstrap import bootstrap
+from sagaworks.entrypoints.worker import Worker
+from sagaworks.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -138,7 +146,7 @@ async def seed(db: asyncpg.Connection, now: datetime = NOW) -> dict[str, object]
 
 
 @pytest.fixture
-async def retention(migrated_database_url: str) -> PostgresRetention:
+async def retention(migrated_database_url: str) -> AsyncIterator[PostgresRetention]:
     engine = create_engine(migrated_database_url, pool_size=2, max_overflow=0)
     yield PostgresRetention(engine)
     await engine.dispose()
@@ -277,3 +285,34 @@ async def test_concurrent_hot_path_writes_are_never_blocked_for_long(
             prune_with(retention)(Prune(only=frozenset({Prunable.INBOX}))), 30
         )
     assert [p.rows for p in pruned] == [4], "the row a transaction holds is skipped, not awaited"
+
+
+async def test_a_worker_prunes_on_its_schedule(
+    db: asyncpg.Connection,
+    migrated_database_url: str,
+    settings_factory: Callable[..., Settings],
+    broker: aio_pika.abc.AbstractRobustConnection,
+) -> None:
+    await seed(db, datetime.now(UTC))
+    settings = settings_factory(
+        database_url=migrated_database_url,
+        prune_interval_s=0.5,
+        retain_inbox_s=3600,
+        retain_finished_sagas_s=0,
+    )
+    system = await bootstrap(settings, [order_fulfilment], simulated_ports())
+    worker = Worker(system)
+    await worker.start()
+    try:
+        deadline = asyncio.get_running_loop().time() + 30
+        while await db.fetchval("SELECT count(*) FROM inbox") > 1:
+            assert asyncio.get_running_loop().time() < deadline, "the worker never pruned"
+            await asyncio.sleep(0.2)
+    finally:
+        await worker.stop()
+        await system.aclose()
+        await delete_prefixed(broker, settings.exchange_prefix)
+
+    assert await db.fetchval("SELECT message_id FROM inbox") == "new"
+    assert await db.fetchval("SELECT count(*) FROM saga_instances") == 5, "sagas: kept for ever"
+    assert await db.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 1
