@@ -7,6 +7,9 @@ Answers are mapped to what the saga engine understands:
 - 2xx: success, the body parsed into the port's result model;
 - 402, 409, 422 (as each endpoint defines them): `BusinessFailure` with the
   `error` the body names: not retried, the saga compensates at once;
+- 410 to an action that has an undo: the action's key was undone before the
+  action arrived, and the participant refused it (`BusinessFailure`,
+  `already_undone`): it did not happen, so there is nothing to compensate;
 - 408, 425, 429, 5xx, timeouts, refused or broken connections, and a 2xx
   whose body is not the documented JSON: `PortUnavailable`, retried under
   the port's policy and counted by its circuit breaker;
@@ -31,6 +34,7 @@ from pydantic import BaseModel, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sagas.order_fulfilment.ports import (
+    ALREADY_UNDONE,
     Authorisation,
     AuthorisePayment,
     BookShipment,
@@ -64,6 +68,8 @@ __all__ = [
 SAGA = order_fulfilment
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+_UNDONE_STATUS = 410
 
 R = TypeVar("R", bound=BaseModel)
 
@@ -178,7 +184,7 @@ class HttpInventory(_Participant):
             command.idempotency_key,
             command,
             StockReservation,
-            {409: "out_of_stock"},
+            {409: "out_of_stock", _UNDONE_STATUS: ALREADY_UNDONE},
         )
 
     async def release(self, command: ReleaseStock) -> None:
@@ -192,7 +198,7 @@ class HttpPayments(_Participant):
             command.idempotency_key,
             command,
             Authorisation,
-            {402: "payment_declined"},
+            {402: "payment_declined", _UNDONE_STATUS: ALREADY_UNDONE},
         )
 
     async def void(self, command: VoidAuthorisation) -> None:
@@ -209,7 +215,7 @@ class HttpShipping(_Participant):
             command.idempotency_key,
             command,
             ShipmentBooking,
-            {422: "address_unserviceable"},
+            {422: "address_unserviceable", _UNDONE_STATUS: ALREADY_UNDONE},
         )
 
     async def cancel(self, command: CancelShipment) -> None:

@@ -4,6 +4,9 @@ Each call takes one command object carrying the idempotency key, so a call
 repeated after a crash or a retry has no second effect on the participant.
 An undo names the request it undoes by that request's key: when a request
 timed out, nobody knows whether it took effect, and the participant does.
+The participant remembers that key even when nothing was done, and refuses
+the action if it arrives later (`BusinessFailure(ALREADY_UNDONE)`), so an
+action that lands after its undo has no effect.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pydantic import BaseModel, ConfigDict
 from sagas.order_fulfilment.messages import OrderLine
 
 __all__ = [
+    "ALREADY_UNDONE",
     "Authorisation",
     "AuthorisePayment",
     "BookShipment",
@@ -30,6 +34,9 @@ __all__ = [
     "StockReservation",
     "VoidAuthorisation",
 ]
+
+ALREADY_UNDONE = "already_undone"
+"""The refusal of an action whose key an undo named first: the action did not happen."""
 
 
 class _Command(BaseModel):

@@ -42,6 +42,7 @@ from sagaworks.adapters.postgres.engine import (
 from sagaworks.adapters.postgres.migrations_runner import check_schema_current
 from sagaworks.adapters.postgres.notify import PostgresOutboxWakeUps
 from sagaworks.adapters.postgres.pool import ConnectionPool
+from sagaworks.adapters.postgres.retention import PostgresRetention
 from sagaworks.adapters.postgres.saga_queries import PostgresSagaQueries
 from sagaworks.adapters.postgres.store import PostgresStore
 from sagaworks.adapters.rabbitmq.connection import broker_user, connect
@@ -82,6 +83,7 @@ from sagaworks.application.ports import (
     InboundMessage,
     OutboxWakeUps,
     PortCaller,
+    Prunable,
     Publisher,
     SagaQueries,
     Store,
@@ -89,6 +91,7 @@ from sagaworks.application.ports import (
 from sagaworks.application.published_marks import PublishedMarks
 from sagaworks.application.registry import SagaRegistry
 from sagaworks.application.results import Handled
+from sagaworks.application.retention import PruneDatabase, RetentionPolicy
 from sagaworks.application.timers import ExpireParkedEvents, FireDueTimers
 from sagaworks.application.wire import Wire
 from sagaworks.domain.decide import COMMANDS_DOMAIN
@@ -108,6 +111,7 @@ __all__ = [
     "in_memory",
     "own_user",
     "preflight",
+    "retention_policy",
     "topology_for",
 ]
 
@@ -199,6 +203,8 @@ class System:
     """This process's circuit breakers; None when a test hands in its own `PortCaller`."""
     record_breaker_change: RecordBreakerChange | None = None
     """Records breaker changes and announces them; None with a store handed in that is neither."""
+    prune: PruneDatabase | None = None
+    """Retention on the PostgreSQL store (the worker's schedule); None with a store handed in."""
 
     def routes(self) -> list[Route]:
         """The queue -> use case table: every saga's queue, every port's, the dead letters'."""
@@ -350,6 +356,7 @@ async def bootstrap(
         connection=connection,
         breakers=caller.breakers if isinstance(caller, ResilientCaller) else None,
         record_breaker_change=record_breaker_change,
+        prune=None if engine is None else _prune(settings, engine, clock),
     )
     try:
         await _open_ports(system.port_lifecycle, ports)
@@ -370,6 +377,7 @@ class OperatorTools:
     connection: AbstractRobustConnection | None = None
     engine: AsyncEngine | None = None
     saga_queries: SagaQueries | None = None
+    prune: PruneDatabase | None = None
 
     async def aclose(self) -> None:
         await _close_all(
@@ -387,20 +395,24 @@ async def bootstrap_tools(
     broker: bool = False,
     replay_publisher: bool = False,
     saga_queries: bool = False,
+    prune: bool = False,
 ) -> OperatorTools:
     """Only what an operator command needs: no worker, no use cases of the engine.
 
     `dead_letters`: the PostgreSQL dead-letter store; `broker`: a connection to
     RabbitMQ; `replay_publisher`: a publisher for replays (connects as well);
-    `saga_queries`: operators' reads of sagas (`sagaworks saga ...`).
+    `saga_queries`: operators' reads of sagas (`sagaworks saga ...`); `prune`:
+    retention on the database.
     """
     tools = OperatorTools(settings)
-    if dead_letters or saga_queries:
+    if dead_letters or saga_queries or prune:
         engine = tools.engine = create_engine_from_settings(settings)
         if dead_letters:
             tools.dead_letters = PostgresDeadLetters(engine, client_hostname=socket.gethostname())
         if saga_queries:
             tools.saga_queries = PostgresSagaQueries(engine)
+        if prune:
+            tools.prune = _prune(settings, engine, SystemClock())
     try:
         if broker or replay_publisher:
             tools.connection = await _connect(settings)
@@ -439,6 +451,26 @@ def boundary_for(settings: Settings, registry: SagaRegistry) -> Boundary:
     return Boundary(
         lambda domain: exchange_name(prefix, domain), allowed, frozenset({own_user(settings)})
     )
+
+
+def retention_policy(settings: Settings) -> RetentionPolicy:
+    """How long each kind of row is kept, from `SAGAWORKS_RETAIN_*` (0: for ever)."""
+    seconds = {
+        Prunable.INBOX: settings.retain_inbox_s,
+        Prunable.OUTBOX: settings.retain_published_outbox_s,
+        Prunable.SAGAS: settings.retain_finished_sagas_s,
+        Prunable.DEAD_LETTERS: settings.retain_dead_letters_s,
+        Prunable.BREAKERS: settings.retain_breakers_s,
+    }
+    return RetentionPolicy(
+        keep={what: timedelta(seconds=s) if s > 0 else None for what, s in seconds.items()},
+        batch_size=settings.prune_batch_size,
+        pause=timedelta(seconds=settings.prune_pause_s),
+    )
+
+
+def _prune(settings: Settings, engine: AsyncEngine, clock: Clock) -> PruneDatabase:
+    return PruneDatabase(PostgresRetention(engine), clock, retention_policy(settings))
 
 
 def _wire(settings: Settings) -> Wire:

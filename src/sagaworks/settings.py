@@ -139,8 +139,8 @@ class Settings(BaseSettings):
     park_for_s: float = Field(
         default=300.0,
         gt=0,
-        description="How long an event that arrived before its saga could take it is kept "
-        "before it is dead-lettered (`no_saga`, `unexpected_event`).",
+        description="How long an event that arrived before its saga existed is kept before "
+        "it is dead-lettered (`no_saga`); one whose saga exists waits as long as the saga lives.",
     )
     parked_expiry_interval_s: float = Field(
         default=5.0,
@@ -185,6 +185,53 @@ class Settings(BaseSettings):
         gt=0,
         le=60,
         description="Longest wait between sweeps for outbox rows nobody published.",
+    )
+    retain_inbox_s: float = Field(
+        default=7 * 86400.0,
+        ge=0,
+        description="How long inbox rows (processed message ids) are kept; longer than any "
+        "redelivery or publisher retry can arrive. 0: for ever (see docs/retention.md).",
+    )
+    retain_published_outbox_s: float = Field(
+        default=3600.0,
+        ge=0,
+        description="How long outbox rows are kept after they were published. 0: for ever.",
+    )
+    retain_finished_sagas_s: float = Field(
+        default=30 * 86400.0,
+        ge=0,
+        description="How long completed and compensated sagas, with their history, are kept "
+        "after they ended. 0: for ever.",
+    )
+    retain_dead_letters_s: float = Field(
+        default=30 * 86400.0,
+        ge=0,
+        description="How long replayed and archived dead letters are kept after their last "
+        "failure or operator action (their audit rows stay). 0: for ever.",
+    )
+    retain_breakers_s: float = Field(
+        default=7 * 86400.0,
+        ge=0,
+        description="How long a breaker row unchanged that long is kept (workers that are gone; "
+        "a live worker writes its row again on its next change). 0: for ever.",
+    )
+    prune_interval_s: float = Field(
+        default=900.0,
+        ge=0,
+        description="How often a worker prunes (one worker at a time cluster-wide); "
+        "0: never, prune with `sagaworks db prune` instead.",
+    )
+    prune_batch_size: int = Field(
+        default=1000,
+        ge=1,
+        le=100_000,
+        description="Rows deleted per transaction when pruning.",
+    )
+    prune_pause_s: float = Field(
+        default=0.05,
+        ge=0,
+        le=60,
+        description="Rest between two pruning batches, so the hot path always gets its turn.",
     )
     sagas: tuple[str, ...] = Field(
         default=(),

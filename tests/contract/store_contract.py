@@ -927,6 +927,39 @@ class StoreContract:
         assert await backend.probe.parked_ids() == []
         assert (await self.locked(backend)).has_parked is False
 
+    async def test_expiry_keeps_events_of_a_living_saga_and_takes_those_of_an_ended_one(
+        self, backend: Backend
+    ) -> None:
+        alive, attention, ended = "o-alive", "o-attention", "o-ended"
+        await self.apply(backend, placed(alive), order_id=alive)
+        for given in (
+            placed(attention),
+            succeeded("reserve_stock"),
+            failed("authorise_payment", "payment_declined", business=True),
+            failed("reserve_stock", "ledger_closed", business=True, kind="compensation"),
+        ):
+            await self.apply(backend, given, order_id=attention)
+        for given in (placed(ended), failed("reserve_stock", "out_of_stock", business=True)):
+            decision, _ = await self.apply(backend, given, order_id=ended)
+        assert decision.instance is not None
+        assert decision.instance.status is Status.COMPENSATED
+        async with backend.store.transaction() as tx:
+            for order in (alive, attention, ended, "o-none"):
+                await tx.park(
+                    SAGA.name,
+                    saga_id_for(SAGA.name, order),
+                    order,
+                    inbound(f"m-{order}"),
+                    "unexpected_event",
+                    T0,
+                )
+
+        async with backend.store.transaction() as tx:
+            expired = await tx.expire_parked(T0 + timedelta(days=365), 10)
+
+        assert sorted(p.inbound.message_id for p in expired) == ["m-o-ended", "m-o-none"]
+        assert len(await backend.probe.parked_ids()) == 2, "a living saga's events wait for it"
+
     async def test_expiry_skips_parked_messages_another_transaction_holds(
         self, backend: Backend
     ) -> None:

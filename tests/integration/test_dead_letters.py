@@ -259,7 +259,7 @@ async def drain(env: Env, queue_name: str, settle_s: float = 1.0) -> list[Abstra
     return got
 
 
-async def test_delivery_limit_and_unexpected_event_are_stored_and_replay_completes_the_saga(
+async def test_delivery_limit_is_stored_and_replay_completes_the_saga_with_its_waiting_event(
     env: Env,
 ) -> None:
     env.inventory.broken = True
@@ -291,49 +291,37 @@ async def test_delivery_limit_and_unexpected_event_are_stored_and_replay_complet
     assert headers["x-death"][0]["reason"] == "delivery_limit"
     assert json.loads(crashed["body"])["step"] == "reserve_stock"
 
-    # The warehouse dispatches before the saga can take it; it waits, then gives up.
+    # The warehouse dispatches before the saga can take it: it waits for as long as the
+    # saga lives, past the parking window, and is not dead-lettered.
     await env.publish(
         "warehouse", "shipment.dispatched", {"order_id": "o-1", "shipment_id": "s-1"}, "disp-o-1"
     )
     await eventually(lambda: env.db.fetchval("SELECT count(*) FROM parked_messages"))
     await asyncio.sleep(1.1)
-    assert await env.system.expire_parked_events() == 1
-    early = await env.letter(reason="unexpected_event")
-    assert early["queue"] == saga_queue_name(env.prefix, SAGA)
-    assert (early["exchange"], early["routing_key"]) == (
-        env.exchange("warehouse"),
-        "shipment.dispatched",
-    )
-    assert (early["message_id"], early["message_type"]) == ("disp-o-1", "shipment.dispatched")
-    assert early["exception_type"] == "NotApplicable"
-    assert json.loads(early["body"]) == {"order_id": "o-1", "shipment_id": "s-1"}
-    early_headers = json.loads(early["headers"])
-    assert early_headers["cloudEvents_source"] == "test-shop"
-    assert early_headers["cloudEvents_correlationid"] == "corr-disp-o-1"
+    assert await env.system.expire_parked_events() == 0
+    assert await env.db.fetchval("SELECT count(*) FROM parked_messages") == 1
+    assert await env.letters(reason="unexpected_event") == []
 
-    # The port answers again: replaying the command makes the saga go on.
+    # The port answers again: replaying the command makes the saga go on, and it takes
+    # the dispatch that waited for it.
     env.inventory.broken = False
     result = await env.cli("dlq", "replay", str(crashed["id"]), "--operator", "alice")
     assert result.exit_code == 0, result.output
     assert "replayed 1 of 1" in result.stdout
-    await env.saga_status("o-1", "await_dispatch")
-    result = await env.cli("dlq", "replay", str(early["id"]), "--operator", "alice")
-    assert result.exit_code == 0, result.output
     await env.saga_status("o-1", "completed")
+    assert await env.db.fetchval("SELECT count(*) FROM parked_messages") == 0
     effects = dict(env.ledger.effects)
     history = await env.history("o-1")
 
-    # Replaying both again changes nothing: a stale command and a duplicate event.
-    for letter in (crashed, early):
-        result = await env.cli("dlq", "replay", str(letter["id"]), "--operator", "bob")
-        assert result.exit_code == 0, result.output
+    # Replaying it again changes nothing: a stale command.
+    result = await env.cli("dlq", "replay", str(crashed["id"]), "--operator", "bob")
+    assert result.exit_code == 0, result.output
     await asyncio.sleep(1.0)
     assert dict(env.ledger.effects) == effects
     assert env.ledger.duplicate_effects() == 0
     assert await env.history("o-1") == history
-    for letter in (crashed, early):
-        (row,) = await env.letters(id=letter["id"])
-        assert (row["status"], row["times_replayed"], row["times_failed"]) == ("replayed", 2, 1)
+    (row,) = await env.letters(id=crashed["id"])
+    assert (row["status"], row["times_replayed"], row["times_failed"]) == ("replayed", 2, 1)
     audit = await env.db.fetch(
         "SELECT operator, action, outcome, batch_id FROM dead_letter_audit "
         "WHERE dead_letter_id = $1 ORDER BY id",

@@ -530,3 +530,134 @@ async def test_a_rejected_request_is_redelivered_up_to_the_limit_then_dead_lette
     assert counts == list(range(limit + 1)), "x-delivery-count of each delivery"
     assert await rig.status(bad) == "running", "the saga waits for the letter to be replayed"
     assert not rig.changes, "a rejected request says nothing about the port's health"
+
+
+# -- undo before do --------------------------------------------------------------------------
+
+
+async def test_an_action_held_past_the_retry_budget_lands_after_its_undo_and_is_refused(
+    rig_factory: RigFactory,
+) -> None:
+    # A breaker threshold above the attempts: the retry budget decides, not an open breaker.
+    impatient = PortPolicy(
+        call_timeout_s=0.5,
+        immediate_attempts=2,
+        immediate_wait_s=0.02,
+        immediate_wait_max_s=0.05,
+        delayed_retries=2,
+        delayed_base_s=0.2,
+        delayed_max_s=0.5,
+        breaker_failures=50,
+        breaker_reset_s=2.0,
+    )
+    attempts = impatient.immediate_attempts * (impatient.delayed_retries + 1)
+    budget_s = attempts * impatient.call_timeout_s + impatient.delayed_retries * 0.5
+    rig = await rig_factory(policies={"payments": impatient})
+    payments = rig.services.payments
+    held, other = "held-payment", "unheld-payment"
+    held_saga, other_saga = (str(saga_id_for(order_fulfilment.name, o)) for o in (held, other))
+    payments.hold("authorise", order_id=held, delay_s=budget_s + 8.0)
+
+    await rig.place(held)
+    await rig.place(other)
+
+    assert await rig.wait_for_status(held) == "compensated"
+    assert not [k for op, k in payments.answers if op == "authorise" and held_saga in k], (
+        "the saga compensated while every attempt was still held"
+    )
+    history = await rig.history(held)
+    failed = [h for h in history if h[0] == "step_failed"]
+    assert [(h[1], h[2]["outcome_unknown"]) for h in failed] == [("authorise_payment", True)]
+    assert [h[1] for h in history if h[0] == "compensation_completed"] == [
+        "authorise_payment",
+        "reserve_stock",
+    ]
+    (void_key,) = payments.keys("void")
+    assert payments.answers[("void", void_key)] == (200, {"undone": False})
+
+    await rig.wait_for(lambda: _true(payments.holding == 0), "the held calls to land", 30.0)
+    late = [c for c in payments.calls if c.operation == "authorise" and c.order_id == held]
+    assert len(late) == attempts, "every held attempt landed after the undo"
+    assert {c.status for c in late} == {410}, "and each was refused"
+    assert payments.effects[("authorise", held)] == 0
+    assert {k.split(":")[0] for k in payments.standing("authorise")} == {other_saga}
+    assert {k.split(":")[0] for k in rig.services.inventory.standing("reserve")} == {other_saga}
+    assert await rig.wait_for_status(other) == "completed"
+    assert await rig.status(held) == "compensated", "the late refusal changed nothing"
+    assert await rig.dead_letters() == 0
+
+
+# -- events parked while their saga lives -----------------------------------------------------
+
+
+async def test_an_event_parked_for_a_slow_saga_outlives_the_window_until_its_saga_takes_it(
+    rig_factory: RigFactory,
+) -> None:
+    # Payments fail for longer than the parking window; a patient policy keeps retrying.
+    patient = PortPolicy(
+        call_timeout_s=0.5,
+        immediate_attempts=1,
+        delayed_retries=60,
+        delayed_base_s=0.2,
+        delayed_max_s=0.5,
+        breaker_failures=1000,
+        breaker_reset_s=2.0,
+    )
+    park_for_s = 2.0
+    rig = await rig_factory(
+        policies={"payments": patient}, park_for_s=park_for_s, parked_expiry_interval_s=0.2
+    )
+    slow, cancelled = "keep-slow", "keep-cancelled"
+    rig.services.payments.fail("authorise", order_id=slow, for_s=4 * park_for_s)
+    rig.services.payments.fail("authorise", order_id=cancelled)
+    for order in (slow, cancelled):
+        await rig.place(order)
+    for order in (slow, cancelled):
+        await rig.wait_for(lambda o=order: _retrying(rig, o), f"{order} retrying its payment")
+        dispatched = ShipmentDispatched(order_id=order, shipment_id=f"shp-{order}")
+        await rig.send(dispatched, f"{order}/dispatched", order)
+    await rig.wait_for(lambda: _parked_count(rig, 2), "both dispatches parked")
+    parked_at = {
+        r["message_id"]: r["received_at"]
+        for r in await rig.db.fetch("SELECT message_id, received_at FROM parked_messages")
+    }
+    await asyncio.sleep(park_for_s * 1.5)
+    await rig.cancel(cancelled)
+
+    assert await rig.wait_for_status(slow, timeout_s=60) == "completed"
+    taken = await rig.db.fetchval(
+        "SELECT h.at FROM saga_history h JOIN saga_instances s ON s.id = h.saga_id "
+        "WHERE s.correlation_key = $1 AND h.kind = 'event_received'",
+        slow,
+    )
+    waited = (taken - parked_at[f"{slow}/dispatched"]).total_seconds()
+    assert waited > 2 * park_for_s, "the dispatch waited well past the window, then was applied"
+    assert await rig.wait_for_status(cancelled) == "compensated"
+
+    async def lettered() -> bool:
+        return await rig.db.fetchval("SELECT count(*) FROM dead_letters") == 1
+
+    await rig.wait_for(lettered, "the cancelled order's dispatch to be dead-lettered")
+    letter = await rig.db.fetchrow(
+        "SELECT message_id, reason, exception_type, exception_message, saga_type FROM dead_letters"
+    )
+    assert letter is not None
+    assert (letter["message_id"], letter["reason"], letter["exception_type"]) == (
+        f"{cancelled}/dispatched",
+        "saga_ended",
+        "SagaEnded",
+    )
+    assert "ended compensated (customer_cancelled)" in letter["exception_message"]
+    assert letter["saga_type"] == order_fulfilment.name
+    assert await rig.db.fetchval("SELECT count(*) FROM parked_messages") == 0
+
+
+async def _retrying(rig: Rig, order_id: str) -> bool:
+    return any(
+        kind == "retry_scheduled" and step == "authorise_payment"
+        for kind, step, _ in await rig.history(order_id)
+    )
+
+
+async def _parked_count(rig: Rig, count: int) -> bool:
+    return bool(await rig.db.fetchval("SELECT count(*) FROM parked_messages") == count)

@@ -15,7 +15,12 @@ from sagas.order_fulfilment.http_ports import (
     RequestRejected,
     http_ports,
 )
-from sagas.order_fulfilment.ports import Authorisation, AuthorisePayment, VoidAuthorisation
+from sagas.order_fulfilment.ports import (
+    ALREADY_UNDONE,
+    Authorisation,
+    AuthorisePayment,
+    VoidAuthorisation,
+)
 from sagaworks import BusinessFailure, PortUnavailable
 
 pytestmark = pytest.mark.unit
@@ -139,3 +144,13 @@ async def test_each_port_declares_its_policy_with_the_timeout_from_settings() ->
     finally:
         for port in ports.values():
             await port.aclose()
+
+
+async def test_an_action_refused_because_its_key_was_undone_is_a_business_failure() -> None:
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(410, json={"error": "already_undone", "detail": "voided first"})
+
+    with pytest.raises(BusinessFailure) as refused:
+        await payments(httpx.MockTransport(answer)).authorise(AUTHORISE)
+
+    assert refused.value.reason == ALREADY_UNDONE

@@ -4,10 +4,15 @@ Each service speaks the protocol of docs/participants-http.md: it applies an
 effect once per `Idempotency-Key` and replays its first definitive answer to
 a repeated key, declines payments of customers whose id starts with
 `declined-` (402), and is out of stock for SKUs starting with `sold-out-`
-(409). A test can make it misbehave for a while or for good:
+(409). An undo records the key it undoes even when nothing was done, and an
+action arriving later with that key is refused (410, `already_undone`). A
+test can make it misbehave for a while or for good:
 
 - `unavailable_for(s)`: every call answers 503 (nothing is applied);
 - `slow_for(s, delay_s)`: calls are applied, then answered `delay_s` late;
+- `hold(operation, order_id=..., delay_s=...)`: calls are held (queued) for
+  `delay_s` before they are applied, as a participant's backed-up queue does,
+  whether or not the caller still waits;
 - `fail(operation, order_id=..., for_s=..., status=503)`: one operation fails;
 - `stop()` / `start(port)`: connections are refused in between.
 
@@ -30,6 +35,7 @@ from typing import Any
 from aiohttp import web
 
 from sagas.order_fulfilment.http_ports import IDEMPOTENCY_HEADER, HttpSettings
+from sagas.order_fulfilment.ports import ALREADY_UNDONE
 from sagas.order_fulfilment.simulation.participants import DECLINED_CUSTOMER_PREFIX
 
 __all__ = [
@@ -66,6 +72,7 @@ class _Fault:
     order_id: str | None = None
     status: int | None = None
     delay_s: float = 0.0
+    hold_s: float = 0.0
 
     def applies(self, operation: str, order_id: str, now: float) -> bool:
         return (
@@ -85,8 +92,11 @@ class FakeParticipant:
     calls: list[Call] = field(default_factory=list)
     effects: Counter[tuple[str, str]] = field(default_factory=Counter)
     answers: dict[tuple[str, str], Answer] = field(default_factory=dict)
+    undone: set[str] = field(default_factory=set)
+    """Keys an undo named, whether or not their action had taken effect."""
     port: int = 0
     _faults: list[_Fault] = field(default_factory=list)
+    _held: set[asyncio.Task[Answer]] = field(default_factory=set)
     _runner: web.AppRunner | None = None
 
     @property
@@ -105,6 +115,23 @@ class FakeParticipant:
     def slow_for(self, seconds: float | None, delay_s: float) -> None:
         """Apply calls as usual but answer `delay_s` late, for `seconds`."""
         self._faults.append(_Fault(_until(seconds), delay_s=delay_s))
+
+    def hold(
+        self,
+        operation: str,
+        *,
+        delay_s: float,
+        order_id: str | None = None,
+        for_s: float | None = None,
+    ) -> None:
+        """Queue calls of `operation` arriving within `for_s` for `delay_s`, then apply them.
+
+        A held call is applied when its time comes even if its caller gave up
+        (timed out) long before: the late action that undo-before-do is about.
+        """
+        self._faults.append(
+            _Fault(_until(for_s), frozenset({operation}), order_id=order_id, hold_s=delay_s)
+        )
 
     def fail(
         self,
@@ -133,7 +160,12 @@ class FakeParticipant:
         self.port = int(self._runner.addresses[0][1])
 
     async def stop(self) -> None:
-        """Close the listening socket and every open connection: new calls are refused."""
+        """Close the listening socket and every open connection: new calls are refused.
+
+        Held calls not applied yet are dropped, as a participant's queue would lose them.
+        """
+        for task in list(self._held):
+            task.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -154,6 +186,19 @@ class FakeParticipant:
     def duplicate_effects(self) -> int:
         return sum(n - 1 for n in self.effects.values() if n > 1)
 
+    def standing(self, operation: str) -> set[str]:
+        """Keys of `operation` that took effect and were never undone: effects left behind."""
+        return {
+            key
+            for (op, key), (status, _) in self.answers.items()
+            if op == operation and 200 <= status < 300 and key not in self.undone
+        }
+
+    @property
+    def holding(self) -> int:
+        """Held calls not applied yet."""
+        return len(self._held)
+
     # -- serving ---------------------------------------------------------------------------------
 
     async def _handle(self, request: web.Request) -> web.Response:
@@ -172,8 +217,15 @@ class FakeParticipant:
         order_id = body["order_id"]
         faults = [f for f in self._faults if f.applies(operation, order_id, arrived)]
         refusal = next((f.status for f in faults if f.status is not None), None)
+        hold = max((f.hold_s for f in faults), default=0.0)
         if refusal is not None:
             status, answer = refusal, {"error": "unavailable" if refusal >= 500 else "rejected"}
+        elif hold:
+            later = self._apply_later(hold, operation, key, order_id, body, does)
+            task = asyncio.create_task(later)
+            self._held.add(task)
+            task.add_done_callback(self._held.discard)
+            status, answer = await asyncio.shield(task)
         else:
             status, answer = self._answer(operation, key, order_id, body, does)
         self.calls.append(Call(operation, key, order_id, arrived, status))
@@ -182,13 +234,32 @@ class FakeParticipant:
             await asyncio.sleep(delay)
         return web.json_response(answer, status=status)
 
+    async def _apply_later(
+        self,
+        hold_s: float,
+        operation: str,
+        key: str,
+        order_id: str,
+        body: dict[str, Any],
+        does: Operation,
+    ) -> Answer:
+        await asyncio.sleep(hold_s)
+        return self._answer(operation, key, order_id, body, does)
+
     def _answer(
         self, operation: str, key: str, order_id: str, body: dict[str, Any], does: Operation
     ) -> Answer:
-        """The first answer to a key is the answer to every repeat of it."""
+        """The first answer to a key is the answer to every repeat of it.
+
+        An action whose key was undone before it arrived is refused, never applied.
+        """
         known = self.answers.get((operation, key))
         if known is not None:
             return known
+        if key in self.undone:
+            refused = (410, {"error": ALREADY_UNDONE, "detail": f"{key} was undone first"})
+            self.answers[(operation, key)] = refused
+            return refused
         status, answer = does(order_id, body)
         self.answers[(operation, key)] = (status, answer)
         if 200 <= status < 300 and answer.get("undone", True):
@@ -276,9 +347,11 @@ def _made(field_name: str, prefix: str) -> Operation:
 
 
 def _undo(participant: FakeParticipant, action: str) -> Operation:
-    """Undo the request named by `undoes` if it took effect; undoing nothing is a no-op."""
+    """Undo the request named by `undoes`, and remember its key so it never takes effect later."""
 
     def undo(order_id: str, body: dict[str, Any]) -> Answer:
-        return 200, {"undone": participant.succeeded(action, str(body.get("undoes", "")))}
+        undoes = str(body.get("undoes", ""))
+        participant.undone.add(undoes)
+        return 200, {"undone": participant.succeeded(action, undoes)}
 
     return undo

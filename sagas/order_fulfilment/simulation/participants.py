@@ -2,9 +2,12 @@
 
 Each simulated port behaves like a careful real service: it applies an
 effect once per idempotency key (a repeated key returns the first result),
-can be slow and can fail transiently at a configured rate. It also records
-every effect by (operation, order), so a test can prove that no order was
-charged, reserved or shipped twice.
+can be slow and can fail transiently at a configured rate. An undo records
+the key it undoes even when nothing was done, and an action arriving later
+with that key is refused (`BusinessFailure("already_undone")`): undo before
+do leaves nothing behind. It also records every effect by (operation,
+order), so a test can prove that no order was charged, reserved or shipped
+twice.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sagas.order_fulfilment.ports import (
+    ALREADY_UNDONE,
     Authorisation,
     AuthorisePayment,
     BookShipment,
@@ -67,6 +71,8 @@ class Ledger:
     results: dict[str, Any] = field(default_factory=dict)
     effects: Counter[tuple[str, str]] = field(default_factory=Counter)
     calls: Counter[str] = field(default_factory=Counter)
+    undone: set[str] = field(default_factory=set)
+    """Keys an undo named, whether or not their action had taken effect."""
 
     def duplicate_effects(self) -> int:
         """Effects applied more than once for one order: zero when idempotency holds."""
@@ -96,18 +102,22 @@ class _Participant:
             await asyncio.sleep(self._sim.latency_s)
         if self._sim.failure_rate and self._sim.rng.random() < self._sim.failure_rate:
             raise PortUnavailable(f"{self._name} answered 503 (simulated)")
-        if key in self.ledger.results:
-            return self.ledger.results[key]
-        result = effect()
-        self.ledger.results[key] = result
-        if counts:
-            self.ledger.effects[(operation, order_id)] += 1
-        return result
+        if key in self.ledger.undone and key not in self.ledger.results:
+            self.ledger.results[key] = BusinessFailure(ALREADY_UNDONE, f"{key} was undone first")
+        if key not in self.ledger.results:
+            self.ledger.results[key] = effect()
+            if counts:
+                self.ledger.effects[(operation, order_id)] += 1
+        known = self.ledger.results[key]
+        if isinstance(known, BusinessFailure):
+            raise known
+        return known
 
     async def _undo(self, operation: str, key: str, order_id: str, undoes: str) -> None:
-        """Undo the request `undoes` if it took effect; an undo of nothing is a no-op."""
+        """Undo the request `undoes` if it took effect, and refuse it if it comes later."""
 
         def undo() -> None:
+            self.ledger.undone.add(undoes)
             done = self.ledger.results.get(undoes)
             if done is not None and not isinstance(done, BusinessFailure):
                 self.ledger.effects[(operation, order_id)] += 1
@@ -136,12 +146,9 @@ class SimulatedPayments(_Participant):
                 return BusinessFailure("payment_declined", f"card of {command.customer_id}")
             return Authorisation(authorisation_id=f"auth-{command.order_id}")
 
-        result = await self._apply(
+        result: Authorisation = await self._apply(
             "authorise", command.idempotency_key, command.order_id, authorise
         )
-        if isinstance(result, BusinessFailure):
-            raise result
-        assert isinstance(result, Authorisation)
         return result
 
     async def void(self, command: VoidAuthorisation) -> None:

@@ -8,6 +8,7 @@ Use cases (each a class named for what it does, called with one input):
     dead_letters.py         IngestDeadLetter, ReplayDeadLetters, EditDeadLetter,
                             ArchiveDeadLetters, PurgeDeadLetters
     oversized.py            RejectOversized: a body over the limit, stored cut short, unparsed
+    retention.py            PruneDatabase: delete what retention allows, in short batches
     circuit.py              RecordBreakerChange, and CircuitOpen: a call a breaker refused
 
 What they share:

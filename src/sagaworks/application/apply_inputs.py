@@ -30,6 +30,7 @@ from sagaworks.application.ports import (
     DeadLetter,
     InboundMessage,
     LockedSaga,
+    ParkedMessage,
     SagaClaim,
     SagaTransaction,
     Store,
@@ -39,7 +40,7 @@ from sagaworks.application.stored import dead_letter
 from sagaworks.application.wire import Wire
 from sagaworks.domain.decide import Decision, EventReceived, Input, decide
 from sagaworks.domain.definition import SagaDefinition
-from sagaworks.domain.instance import SagaInstance
+from sagaworks.domain.instance import SagaInstance, Status
 
 __all__ = ["ApplyInputs", "Arrival", "apply_to_locked_saga"]
 
@@ -212,6 +213,22 @@ async def _note_ignored(tx: SagaTransaction, decision: Decision) -> None:
         await tx.append_history(decision.instance.id, decision.at, decision.history)
 
 
+def _never_taken(
+    definition: SagaDefinition[Any], instance: SagaInstance, item: ParkedMessage
+) -> DeadLetter:
+    """The letter of an event kept for a saga that ended without it: with the saga's outcome."""
+    outcome = instance.status.value + (f" ({instance.reason})" if instance.reason else "")
+    return dead_letter(
+        item.inbound,
+        "saga_ended",
+        "SagaEnded",
+        f"saga {definition.name} {instance.id} ({instance.correlation_key}) ended {outcome} "
+        f"without taking this event, kept for it since it arrived ({item.reason})",
+        handler=definition.name,
+        saga_type=definition.name,
+    )
+
+
 async def _replay_parked(
     tx: SagaTransaction,
     wire: Wire,
@@ -219,6 +236,16 @@ async def _replay_parked(
     instance: SagaInstance,
     now: datetime,
 ) -> None:
+    """Apply what the saga can take now; once it has ended, dead-letter what it never took.
+
+    An event leaves the park when the saga takes it, or when the saga ends
+    (completed or compensated; one that needs attention lives on: a person
+    may resume it). Until then it waits, however long the saga takes, also
+    when the saga would ignore it now (it is compensating, say): its letter
+    then says how the saga ended.
+    """
+    if instance.status is Status.NEEDS_ATTENTION:
+        return
     parked = await tx.parked_for(instance.id)
     progressed = True
     while parked and progressed:
@@ -242,9 +269,13 @@ async def _replay_parked(
                 continue
             given = EventReceived(envelope_of(item.inbound, now), message)
             decision = decide(definition, instance, given, now)
-            if decision.outcome == "park":
+            if decision.outcome == "park" or (
+                decision.outcome == "ignored" and not instance.status.ended
+            ):
                 continue
             await _note_ignored(tx, decision)
+            if decision.outcome == "ignored":
+                await tx.dead_letter(_never_taken(definition, instance, item), now)
             if decision.outcome == "applied":
                 await tx.save(wire.change(definition, decision))
                 assert decision.instance is not None

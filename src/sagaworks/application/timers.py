@@ -104,7 +104,12 @@ class FireDueTimers:
 
 
 class ExpireParkedEvents:
-    """Events kept past their bound go to the dead-letter store with the reason they waited."""
+    """Events kept past their bound with no saga to take them go to the dead-letter store.
+
+    The store hands out only events whose saga does not exist or has ended: a
+    living saga's events wait for it, whatever their bound (`apply_inputs`
+    dead-letters them as `saga_ended` if it ends without them).
+    """
 
     def __init__(self, store: Store, clock: Clock) -> None:
         self._store = store
@@ -120,8 +125,8 @@ class ExpireParkedEvents:
                         parked.inbound,
                         parked.reason,
                         "NotApplicable",
-                        f"kept until {parked.expires_at.isoformat()} but the saga "
-                        "never became ready for it",
+                        f"kept until {parked.expires_at.isoformat()} but no living saga "
+                        "was there to take it",
                         handler=parked.saga_type,
                         saga_type=parked.saga_type,
                     ),

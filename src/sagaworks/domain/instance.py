@@ -31,6 +31,11 @@ class Status(StrEnum):
     def terminal(self) -> bool:
         return self in {Status.COMPLETED, Status.COMPENSATED, Status.NEEDS_ATTENTION}
 
+    @property
+    def ended(self) -> bool:
+        """Over for good; a saga that needs attention may still be resumed by a person."""
+        return self in {Status.COMPLETED, Status.COMPENSATED}
+
 
 @dataclass(frozen=True, slots=True)
 class InFlight:

@@ -184,6 +184,8 @@ class Worker:
             asyncio.create_task(self._fire_timers(), name="timers"),
             asyncio.create_task(self._expire_parked(), name="parked-expiry"),
         ]
+        if self.system.prune is not None and self.system.settings.prune_interval_s > 0:
+            self._background.append(asyncio.create_task(self._prune(), name="retention"))
         _log.info(
             "worker consuming",
             sagas=[d.name for d in self.system.registry],
@@ -227,6 +229,16 @@ class Worker:
         while True:
             await self._guard("parked expiry", self.system.expire_parked_events(), 0)
             await asyncio.sleep(self.system.settings.parked_expiry_interval_s)
+
+    async def _prune(self) -> None:
+        """Retention on a schedule: one worker of the cluster at a time (an advisory lock)."""
+        prune = self.system.prune
+        assert prune is not None
+        while True:
+            await asyncio.sleep(self.system.settings.prune_interval_s)
+            pruned = await self._guard("pruning", prune.if_nobody_else(), None)
+            if pruned and any(p.rows for p in pruned):
+                _log.info("pruned", **{p.what.value: p.rows for p in pruned})
 
     async def _guard(self, what: str, work: Awaitable[T], nothing: T) -> T:
         try:

@@ -45,6 +45,7 @@ from sagaworks.application.ports import (
 from sagaworks.application.stored import lock_key, refuse_repeats
 from sagaworks.domain.decide import Decision, HistoryEntry
 from sagaworks.domain.definition import SagaDefinition
+from sagaworks.domain.instance import Status
 
 __all__ = ["MemoryTransaction"]
 
@@ -92,6 +93,11 @@ class MemoryTransaction(Owner):
 
     def _timers(self) -> dict[tuple[UUID, str], TimerRecord]:
         return overlay(self._tables.timers, self._changes.timers)
+
+    def _lives(self, saga_id: UUID) -> bool:
+        """The saga exists and has not ended: events kept for it wait for it."""
+        saga = self._saga(saga_id)
+        return saga is not None and not Status(saga.status).ended
 
     def _parked(self) -> dict[int, ParkedRecord]:
         return overlay(self._tables.parked, self._changes.parked)
@@ -440,7 +446,11 @@ class MemoryTransaction(Owner):
         try:
             moment = utc(now)
             candidates = sorted(
-                (p for p in self._parked().values() if p.expires_at <= moment),
+                (
+                    p
+                    for p in self._parked().values()
+                    if p.expires_at <= moment and not self._lives(p.saga_id)
+                ),
                 key=lambda p: (p.expires_at, p.id),
             )
             expired: list[ParkedRecord] = []

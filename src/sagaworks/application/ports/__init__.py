@@ -27,6 +27,7 @@ from sagaworks.application.ports.messages import (
     decode_raw_fields,
     encode_raw_fields,
 )
+from sagaworks.application.ports.retention import Prunable, Retention
 from sagaworks.application.ports.saga_queries import (
     BreakerReading,
     OutboxReading,
@@ -77,7 +78,9 @@ __all__ = [
     "PendingMessage",
     "PortCaller",
     "PriorFailure",
+    "Prunable",
     "Publisher",
+    "Retention",
     "SagaChange",
     "SagaClaim",
     "SagaDetail",

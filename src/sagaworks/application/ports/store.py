@@ -199,7 +199,10 @@ class SagaTransaction(Protocol):
         ...
 
     async def expire_parked(self, now: datetime, limit: int) -> list[ParkedMessage]:
-        """Remove parked messages past their bound (`SKIP LOCKED`) and return them."""
+        """Remove parked messages past their bound (`SKIP LOCKED`) and return them.
+
+        Only those whose saga does not exist or has ended: a living saga's wait for it.
+        """
         ...
 
     async def dead_letter(self, letter: DeadLetter, now: datetime) -> None: ...
