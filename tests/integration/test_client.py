@@ -12,6 +12,8 @@ import json
 import secrets
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import aio_pika
 import pytest
@@ -25,6 +27,7 @@ from sagaworks.settings import Settings
 
 pytestmark = pytest.mark.integration
 
+MESSAGES_DOC = Path(__file__).resolve().parents[2] / "docs" / "messages.md"
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
@@ -120,3 +123,32 @@ async def test_a_missing_exchange_is_refused_with_what_to_check(harness: EngineH
             await publisher.publish(placed("never"))
         assert f"{harness.prefix}absent.orders" in str(refused.value)
         assert "sagaworks topology apply" in str(refused.value)
+
+
+def documented_example() -> dict[str, Any]:
+    """The client example of docs/messages.md, as a module (not run as `__main__`)."""
+    text = MESSAGES_DOC.read_text(encoding="utf-8")
+    block = text.split("<!-- client-example:start -->", 1)[1].split("<!-- client-example:end -->")[
+        0
+    ]
+    code = block.split("```python\n", 1)[1].rsplit("```", 1)[0]
+    namespace: dict[str, Any] = {"__name__": "messages_md_example"}
+    exec(compile(code, str(MESSAGES_DOC), "exec"), namespace)
+    return namespace
+
+
+async def test_the_documented_example_publishes_once_however_often_it_runs(
+    harness: EngineHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ORDER_SERVICE_AMQP_URL", harness.settings.amqp_url.get_secret_value())
+    monkeypatch.setenv("SAGAWORKS_EXCHANGE_PREFIX", harness.prefix)
+    place = documented_example()["place"]
+    oid = f"doc-{secrets.token_hex(3)}"
+    first = await place(oid)
+    again = await place(oid)
+    assert first == again == stable_id(OrderPlaced, oid)
+    outcomes = [h.outcome for h in await harness.wait_for_handled(first, times=2)]
+    assert outcomes == ["applied", "duplicate"]
+    saga = await harness.saga(oid)
+    assert saga is not None
+    assert saga.state["amount_cents"] == 4_990
