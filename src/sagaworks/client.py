@@ -33,7 +33,12 @@ from typing import Any
 
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
-from aiormq.exceptions import ChannelAccessRefused, ChannelClosed, ChannelNotFoundEntity
+from aiormq.exceptions import (
+    ChannelAccessRefused,
+    ChannelClosed,
+    ChannelNotFoundEntity,
+    ChannelPreconditionFailed,
+)
 
 from sagaworks.adapters.rabbitmq.connection import broker_user, connect
 from sagaworks.adapters.rabbitmq.publisher import amqp_properties
@@ -219,6 +224,11 @@ class EventPublisher:
             raise MessageRefused(
                 f"the broker refused {what}: {_reply_text(error)}. Broker user "
                 f'"{self._user_id}" needs write permission on the exchange'
+            ) from error
+        except ChannelPreconditionFailed as error:
+            raise MessageRefused(
+                f"the broker refused {what} and closed the channel: {_reply_text(error)}. "
+                f'user_id "{self._user_id}" must be the broker user the connection logged in as'
             ) from error
         except ChannelClosed as error:
             raise MessageRefused(

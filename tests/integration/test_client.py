@@ -8,15 +8,19 @@ what to check.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
+import shutil
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import pytest
+from broker_tools import AMQP_URL, broker_user, vhost_of
 from engine_harness import EngineHarness, running_harness
 
 from sagas.order_fulfilment.messages import OrderLine, OrderPlaced, ShipmentDispatched
@@ -152,3 +156,50 @@ async def test_the_documented_example_publishes_once_however_often_it_runs(
     saga = await harness.saga(oid)
     assert saga is not None
     assert saga.state["amount_cents"] == 4_990
+
+
+async def test_a_user_id_that_is_not_the_connections_is_refused_by_the_broker(
+    harness: EngineHarness,
+) -> None:
+    connection = await aio_pika.connect_robust(harness.settings.amqp_url.get_secret_value())
+    publisher = EventPublisher(
+        connection, user_id="someone-else", source="order-service", exchange_prefix=harness.prefix
+    )
+    try:
+        with pytest.raises(MessageRefused, match="closed the channel") as refused:
+            await publisher.publish(placed("forged"))
+        assert "user_id" in str(refused.value)
+        # A new channel is opened for the next message; the forged one never arrived.
+        honest = EventPublisher(
+            connection, user_id=harness.user, source="order-service", exchange_prefix=harness.prefix
+        )
+        await honest.publish(placed("honest"))
+        await honest.close()
+    finally:
+        await publisher.close()
+        await connection.close()
+    await harness.wait_for_status("honest", "running", "completed", "compensated")
+    assert await harness.saga("forged") is None
+
+
+async def test_a_user_without_write_permission_is_told_which_it_lacks(
+    harness: EngineHarness,
+) -> None:
+    async with broker_user() as (name, password):
+        ctl = shutil.which("rabbitmqctl")
+        assert ctl is not None
+        process = await asyncio.create_subprocess_exec(
+            ctl, "-q", "set_permissions", "-p", vhost_of(AMQP_URL), name, ".*", "^$", ".*"
+        )
+        assert await process.wait() == 0
+        parts = urlsplit(AMQP_URL)
+        netloc = f"{name}:{password}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        async with EventPublisher.connect(
+            urlunsplit(parts._replace(netloc=netloc)),
+            source="order-service",
+            exchange_prefix=harness.prefix,
+        ) as publisher:
+            with pytest.raises(MessageRefused, match="needs write permission") as refused:
+                await publisher.publish(placed("no-write"))
+    assert "ACCESS_REFUSED" in str(refused.value)
+    assert f'"{name}"' in str(refused.value)

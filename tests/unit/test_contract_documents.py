@@ -14,9 +14,11 @@ from typing import Any
 
 import pytest
 import yaml
+from typer.testing import CliRunner
 
 from sagas.order_fulfilment.messages import OrderPlaced
 from sagaworks.application.contract import REJECTION_REASONS
+from sagaworks.entrypoints.cli.app import app
 from sagaworks.entrypoints.cli.contract import Contract, contract_of
 from sagaworks.settings import Settings
 
@@ -140,3 +142,26 @@ def test_json_schemas_are_standalone_2020_12(contract: Contract) -> None:
     assert placed["properties"]["dispatch_by"]["format"] == "date-time"
     assert placed["properties"]["lines"]["items"] == {"$ref": "#/$defs/OrderLine"}
     assert set(files) == {f"{m.message_type}.json" for m in contract.messages}
+
+
+def test_the_contract_commands(tmp_path: Path) -> None:
+    runner = CliRunner()
+    env = {"SAGAWORKS_SAGAS": '["sagas.order_fulfilment"]', "SAGAWORKS_PUBLISHERS": None}
+    printed = runner.invoke(app, ["contract", "asyncapi"], env=env)
+    assert printed.exit_code == 0, printed.output
+    assert yaml.safe_load(printed.stdout)["asyncapi"] == "3.0.0"
+    (tmp_path / "gone.type.json").write_text("{}", encoding="utf-8")
+    written = runner.invoke(app, ["contract", "schemas", "-o", str(tmp_path)], env=env)
+    assert written.exit_code == 0, written.output
+    assert "removed" in written.stdout
+    names = {p.name for p in tmp_path.glob("*.json")}
+    assert "gone.type.json" not in names
+    assert "order.placed.json" in names
+    unset = runner.invoke(app, ["contract", "asyncapi"], env={"SAGAWORKS_SAGAS": None})
+    assert unset.exit_code == 7
+    assert "SAGAWORKS_SAGAS" in unset.stderr
+    missing = runner.invoke(
+        app, ["contract", "asyncapi"], env={"SAGAWORKS_SAGAS": '["no.such.module"]'}
+    )
+    assert missing.exit_code == 2
+    assert 'cannot import saga module "no.such.module"' in missing.stderr
