@@ -2,7 +2,7 @@
 
 The parser is the npm package `@asyncapi/parser` (what the AsyncAPI CLI's
 `validate` runs), installed by .ci/run into tools/asyncapi/node_modules. The
-tests run where node is; in CI a missing parser is a failure, not a skip.
+tests run where node is; in CI with npm a missing parser is a failure, not a skip.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ def validate(path: Path) -> subprocess.CompletedProcess[str]:
         pytest.skip("node is not installed; the AsyncAPI parser runs on node")
     if not (TOOL / "node_modules" / "@asyncapi" / "parser").is_dir():
         message = f"the AsyncAPI parser is not installed: {INSTALL}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
+        if os.environ.get("CI") and shutil.which("npm"):
+            pytest.fail(message)  # .ci/run installs it wherever npm is
         pytest.skip(message)
     return subprocess.run(
         [node, str(TOOL / "validate.mjs"), str(path)],
