@@ -3,11 +3,14 @@
 The CloudEvents attributes are read from the headers of any CloudEvents
 binding, else from the AMQP properties (`cloudevents.py`); an attribute that
 came only as a property is added to the headers too, so a stored delivery
-sent again loses none of them. A structured-mode message (`application/cloudevents+json`) is
-read as binary mode carries it: its attributes become `cloudEvents_*`
-headers and its data the body, so everything after this module (the
-boundary, the body's validation, the inbox's body hash, a dead letter and
-its replay) sees one form.
+sent again loses none of them.
+
+A structured-mode message (`application/cloudevents+json`) is read as binary
+mode carries it: its attributes become `cloudEvents_*` headers and its data
+the body, so everything after this module (the boundary, the body's
+validation, the inbox's body hash, a dead letter and its replay) sees one
+form.
+
 RabbitMQ's death records (`x-death`, else `x-first-death-*`) become
 `PriorFailure`s: the use cases never read a broker header.
 
