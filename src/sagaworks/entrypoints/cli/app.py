@@ -38,7 +38,6 @@ app.add_typer(db_app, name="db")
 app.add_typer(topology_app, name="topology")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(contract_app, name="contract")
-app.command("publish")(publish)
 
 
 def _echo(text: str) -> None:
@@ -229,6 +228,9 @@ def graph(
     except (UnknownSaga, SagaModuleError, DefinitionError) as error:
         fail(str(error), 2)
     _echo(mermaid(definition).rstrip("\n"))
+
+
+app.command("publish")(publish)
 
 
 def main(argv: list[str] | None = None) -> Any:
