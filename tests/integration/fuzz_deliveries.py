@@ -55,7 +55,7 @@ PARSER_DEPTH = 200
 bodies stay well clear of it on either side, so the oracle need not know it exactly."""
 
 ID_HEADERS = ("cloudEvents_id", "cloudEvents:id")
-"""Where the id is read from when there is no `message_id` property."""
+"""Where the id is read from before the `message_id` property."""
 
 ORDER = "@order"
 """Stands for the delivery's own order id (`jk-<seq>`) in a generated body."""
@@ -404,14 +404,12 @@ def _has_id(delivery: Delivery, seq: int) -> bool:
 
 
 def _type_of(delivery: Delivery) -> str:
-    """The type as the worker reads it: the property, else the first non-empty header."""
-    if delivery.message_type:
-        return delivery.message_type
+    """The type as the worker reads it: the first non-empty header, else the property."""
     for name in ("cloudEvents_type", "cloudEvents:type"):
         value = delivery.headers.get(name)
         if _present(value):
             return _as_text(value)
-    return ""
+    return delivery.message_type or ""
 
 
 def _present(value: Any) -> bool:

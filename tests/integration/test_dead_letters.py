@@ -453,6 +453,7 @@ class _FakeIncoming:
     app_id: None = None
     correlation_id: None = None
     user_id: None = None
+    content_type: str = "application/json"
 
 
 async def test_poison_is_fixed_with_edit_then_replayed(env: Env, tmp_path: Path) -> None:

@@ -113,7 +113,7 @@ def test_attributes_that_came_only_as_properties_are_kept_as_headers() -> None:
         timestamp=NOW,
         correlation_id="c-1",
     )
-    assert inbound.source == "from-property"
+    assert inbound.source == "from-header"  # the binding's header wins over the property
     assert inbound.headers == {
         "cloudEvents_source": "from-header",
         "cloudEvents_id": "m-1",

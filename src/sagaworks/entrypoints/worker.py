@@ -116,7 +116,7 @@ class Worker:
         async def settle(message: RabbitMessage) -> None:
             raw = message.raw_message
             try:
-                inbound = to_inbound(raw, queue)
+                inbound = to_inbound(raw, queue, unwrap_up_to=reject_oversized.max_bytes)
             except Exception:  # noqa: BLE001 - unreadable: the broker moves it on, bytes intact
                 _log.exception(
                     "delivery could not be read; rejected to the queue's dead-letter exchange",

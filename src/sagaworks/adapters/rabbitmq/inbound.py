@@ -1,8 +1,16 @@
 """Reading a delivery into a transport-neutral `InboundMessage`.
 
-The CloudEvents attributes are read from AMQP properties or `cloudEvents_*`
-headers (`cloudevents.py`); an attribute that came only as a property is
-added to the headers too, so a stored delivery sent again loses none of them.
+The CloudEvents attributes are read from the headers of any CloudEvents
+binding, else from the AMQP properties (`cloudevents.py`); an attribute that
+came only as a property is added to the headers too, so a stored delivery
+sent again loses none of them.
+
+A structured-mode message (`application/cloudevents+json`) is read as binary
+mode carries it: its attributes become `cloudEvents_*` headers and its data
+the body, so everything after this module (the boundary, the body's
+validation, the inbox's body hash, a dead letter and its replay) sees one
+form.
+
 RabbitMQ's death records (`x-death`, else `x-first-death-*`) become
 `PriorFailure`s: the use cases never read a broker header.
 
@@ -29,7 +37,14 @@ from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from sagaworks.adapters.rabbitmq.cloudevents import CE_PREFIX, is_broker_owned, parse_time
+from sagaworks.adapters.rabbitmq.cloudevents import (
+    CE_PREFIX,
+    HEADER_PREFIXES,
+    is_broker_owned,
+    is_structured,
+    parse_time,
+    read_structured,
+)
 from sagaworks.application.ports import InboundMessage, PriorFailure
 from sagaworks.application.stored import original_bytes, storable_text
 
@@ -95,8 +110,14 @@ def _count(value: Any) -> int:
     return 0
 
 
-def to_inbound(raw: AbstractIncomingMessage, queue: str) -> InboundMessage:
-    """The delivery as aio-pika received it: properties as sent, none made up."""
+def to_inbound(
+    raw: AbstractIncomingMessage, queue: str, *, unwrap_up_to: int | None = None
+) -> InboundMessage:
+    """The delivery as aio-pika received it: properties as sent, none made up.
+
+    A structured-mode body over `unwrap_up_to` bytes is left whole, unparsed,
+    for the size check to refuse.
+    """
     return inbound_of(
         raw.headers or {},
         raw.body,
@@ -109,6 +130,8 @@ def to_inbound(raw: AbstractIncomingMessage, queue: str) -> InboundMessage:
         timestamp=raw.timestamp,
         correlation_id=raw.correlation_id,
         user_id=raw.user_id,
+        content_type=raw.content_type,
+        unwrap_up_to=unwrap_up_to,
     )
 
 
@@ -125,8 +148,21 @@ def inbound_of(
     timestamp: datetime | None = None,
     correlation_id: str | None = None,
     user_id: str | None = None,
+    content_type: str | None = None,
+    unwrap_up_to: int | None = None,
 ) -> InboundMessage:
-    """The `InboundMessage` for a delivery's properties, headers and body; never raises."""
+    """The `InboundMessage` for a delivery's properties, headers and body; never raises.
+
+    A structured-mode body (at most `unwrap_up_to` bytes, when given) that is a
+    JSON object gives its attributes, over any header of the same name, and its
+    data as the body; one that is not is read as it came.
+    """
+    if is_structured(content_type) and (unwrap_up_to is None or len(body) <= unwrap_up_to):
+        event = read_structured(body)
+        if event is not None:
+            body = event.data
+            attributes = {f"{CE_PREFIX}{name}": value for name, value in event.attributes.items()}
+            raw_headers = {**raw_headers, **attributes}
     raw: dict[str, bytes] = {}
     headers = {}
     for key, value in raw_headers.items():
@@ -173,11 +209,13 @@ def _attribute(
 ) -> str | None:
     """`read_attribute`, and a value that came only as a property is copied into `headers`."""
     in_headers: str | None = None
-    for key in (f"{CE_PREFIX}{name}", f"cloudEvents:{name}"):
-        value = headers.get(key)
+    for prefix in HEADER_PREFIXES:
+        value = headers.get(f"{prefix}{name}")
         if value not in (None, ""):
             in_headers = value if isinstance(value, str) else str(value)
             break
+    if in_headers is not None and (name != "time" or parse_time(in_headers) is not None):
+        return in_headers
     if prop in (None, ""):
         return in_headers
     found = (

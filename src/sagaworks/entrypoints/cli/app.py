@@ -14,10 +14,12 @@ from typing import Annotated, Any
 import typer
 
 from sagaworks.adapters.observability.logging import configure_logging
+from sagaworks.entrypoints.cli.contract import contract_app
 from sagaworks.entrypoints.cli.dlq import dlq_app
 from sagaworks.entrypoints.cli.errors import fail, load_settings, quiet_first_connect, run_async
 from sagaworks.entrypoints.cli.plugins import PluginGroup
 from sagaworks.entrypoints.cli.prune import db_prune
+from sagaworks.entrypoints.cli.publish import publish
 from sagaworks.entrypoints.cli.saga import saga_app
 
 __all__ = ["app", "main"]
@@ -39,6 +41,7 @@ app.add_typer(topology_app, name="topology")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(saga_app, name="saga")
 db_app.command("prune")(db_prune)
+app.add_typer(contract_app, name="contract")
 
 
 def _echo(text: str) -> None:
@@ -244,6 +247,9 @@ def graph(
     except (UnknownSaga, SagaModuleError, DefinitionError) as error:
         fail(str(error), 2)
     _echo(mermaid(definition).rstrip("\n"))
+
+
+app.command("publish")(publish)
 
 
 def main(argv: list[str] | None = None) -> Any:
