@@ -27,17 +27,15 @@ down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-_TERMINAL = "('completed', 'compensated')"
-
 _VIEWS: dict[str, str] = {
-    "sagas_in_progress": f"""
+    "sagas_in_progress": """
         SELECT saga_type, status, current_step,
                count(*)::bigint AS sagas,
                min(created_at) AS oldest_started_at,
                extract(epoch FROM now() - min(created_at))::float8 AS oldest_age_s,
                extract(epoch FROM now() - min(updated_at))::float8 AS longest_unchanged_s
         FROM saga_instances
-        WHERE status NOT IN {_TERMINAL}
+        WHERE status NOT IN ('completed', 'compensated')
         GROUP BY saga_type, status, current_step
     """,
     "activity_now": """
