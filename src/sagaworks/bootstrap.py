@@ -39,6 +39,7 @@ from sagaworks.adapters.postgres.engine import (
     create_engine_from_settings,
     probe_database,
 )
+from sagaworks.adapters.postgres.heartbeats import PostgresHeartbeats
 from sagaworks.adapters.postgres.migrations_runner import check_schema_current
 from sagaworks.adapters.postgres.notify import PostgresOutboxWakeUps
 from sagaworks.adapters.postgres.pool import ConnectionPool
@@ -78,6 +79,7 @@ from sagaworks.application.ports import (
     BreakerLog,
     Clock,
     DeadLetterRepository,
+    HeartbeatLog,
     InboundMessage,
     OutboxWakeUps,
     PortCaller,
@@ -197,6 +199,8 @@ class System:
     """This process's circuit breakers; None when a test hands in its own `PortCaller`."""
     record_breaker_change: RecordBreakerChange | None = None
     """Records breaker changes and announces them; None with a store handed in that is neither."""
+    heartbeats: HeartbeatLog | None = None
+    """Where the worker beats (`worker_heartbeats`); None without PostgreSQL."""
 
     def routes(self) -> list[Route]:
         """The queue -> use case table: every saga's queue, every port's, the dead letters'."""
@@ -348,6 +352,7 @@ async def bootstrap(
         connection=connection,
         breakers=caller.breakers if isinstance(caller, ResilientCaller) else None,
         record_breaker_change=record_breaker_change,
+        heartbeats=PostgresHeartbeats(engine) if engine is not None else None,
     )
     try:
         await _open_ports(system.port_lifecycle, ports)

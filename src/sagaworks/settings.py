@@ -180,6 +180,13 @@ class Settings(BaseSettings):
         le=60,
         description="Longest wait between sweeps for outbox rows nobody published.",
     )
+    heartbeat_interval_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="How often a worker refreshes its row in `worker_heartbeats` (one upsert); "
+        "a worker silent for three intervals shows as gone.",
+    )
     sagas: tuple[str, ...] = Field(
         default=(),
         description="Modules whose `SAGA` the worker runs; each also provides `build_ports()`. "

@@ -4,12 +4,13 @@ Four login roles, named `<prefix>migrator`, `<prefix>worker`, `<prefix>operator`
 and `<prefix>readonly` (docs/security.md):
 
 - the **migrator** owns every sagaworks table and trigger function: only it
-  (and superusers) can `ALTER`, `DROP` or `TRUNCATE` them;
+  (and superusers) can `ALTER`, `DROP` or `TRUNCATE` them; it creates the
+  read models' schema `sagaworks_read` (so it may create schemas);
 - the **worker** reads and writes the engine's tables, but only appends to
   the saga history and the dead-letter audit;
 - the **operator** reads everything and writes what `sagaworks dlq` writes
   (dead letters, replay rows in the outbox, new audit rows);
-- the **readonly** role (dashboards) only reads.
+- the **readonly** role (dashboards) only reads, the views of `sagaworks_read` too.
 
 `apply_roles` (what `sagaworks db roles` runs, as an administrator) creates
 or updates the roles, hands existing sagaworks objects to the migrator and
@@ -44,6 +45,7 @@ from sagaworks.adapters.postgres.tables import ALEMBIC_VERSION_TABLE, metadata
 __all__ = [
     "APPEND_ONLY_TABLES",
     "OPERATOR_WRITES",
+    "READ_MODEL_SCHEMA",
     "RoleNames",
     "RolesReport",
     "apply_grants",
@@ -56,6 +58,9 @@ __all__ = [
 _DML = ("SELECT", "INSERT", "UPDATE", "DELETE")
 _INSUFFICIENT_PRIVILEGE = "42501"
 _SCRAM_ITERATIONS = 4096
+
+READ_MODEL_SCHEMA = "sagaworks_read"
+"""The schema of the read models (docs/operations.md), which operators and dashboards read."""
 
 APPEND_ONLY_TABLES = frozenset({"saga_history", "dead_letter_audit"})
 """Tables nobody but their owner may `UPDATE`, `DELETE` or `TRUNCATE`."""
@@ -191,7 +196,21 @@ async def apply_grants(conn: AsyncConnection, names: RoleNames) -> int:
             await conn.execute(
                 text(f"GRANT {', '.join(privileges)} ON TABLE {quoted} TO {grantee}")
             )
+    await _grant_read_models(conn, [r for r in (names.operator, names.readonly) if r in present])
     return len(tables)
+
+
+async def _grant_read_models(conn: AsyncConnection, readers: list[str]) -> None:
+    """Let operators and dashboards read every view of `READ_MODEL_SCHEMA`, once it exists."""
+    exists = await conn.scalar(
+        text("SELECT 1 FROM pg_namespace WHERE nspname = :schema"), {"schema": READ_MODEL_SCHEMA}
+    )
+    if not exists or not readers:
+        return
+    schema = _quote(conn, READ_MODEL_SCHEMA)
+    grantees = ", ".join(_quote(conn, role) for role in readers)
+    await conn.execute(text(f"GRANT USAGE ON SCHEMA {schema} TO {grantees}"))
+    await conn.execute(text(f"GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {grantees}"))
 
 
 @dataclass(frozen=True)
@@ -262,6 +281,8 @@ async def _apply(
     others = ", ".join(_quote(conn, role) for role in names.grantees())
     everyone = f"{migrator}, {others}"
     await conn.execute(text(f"GRANT CONNECT ON DATABASE {_quote(conn, database)} TO {everyone}"))
+    # The migrator creates the read models' schema (docs/operations.md), nothing else of its kind.
+    await conn.execute(text(f"GRANT CREATE ON DATABASE {_quote(conn, database)} TO {migrator}"))
     schema = _quote(conn, str(await conn.scalar(text("SELECT current_schema()"))))
     await conn.execute(text(f"GRANT USAGE, CREATE ON SCHEMA {schema} TO {migrator}"))
     await conn.execute(text(f"GRANT USAGE ON SCHEMA {schema} TO {others}"))
@@ -290,7 +311,8 @@ async def _set_password(conn: AsyncConnection, role: str, quoted: str, password:
 
 
 async def _hand_over(conn: AsyncConnection, migrator: str) -> None:
-    """Make the migrator own sagaworks' tables and trigger functions made by someone else."""
+    """Make the migrator own sagaworks' tables, trigger functions and read models made by
+    someone else."""
     owner = _quote(conn, migrator)
     for table in await _existing_tables(conn):
         await conn.execute(text(f"ALTER TABLE {_quote(conn, table)} OWNER TO {owner}"))
@@ -303,6 +325,20 @@ async def _hand_over(conn: AsyncConnection, migrator: str) -> None:
     )
     for signature in functions.scalars():
         await conn.execute(text(f"ALTER FUNCTION {signature} OWNER TO {owner}"))
+    views = await conn.execute(
+        text(
+            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = :schema AND c.relkind = 'v'"
+        ),
+        {"schema": READ_MODEL_SCHEMA},
+    )
+    schema = _quote(conn, READ_MODEL_SCHEMA)
+    for view in views.scalars():
+        await conn.execute(text(f"ALTER VIEW {schema}.{_quote(conn, view)} OWNER TO {owner}"))
+    if await conn.scalar(
+        text("SELECT 1 FROM pg_namespace WHERE nspname = :schema"), {"schema": READ_MODEL_SCHEMA}
+    ):
+        await conn.execute(text(f"ALTER SCHEMA {schema} OWNER TO {owner}"))
 
 
 async def reconcile_grants(url: str, names: RoleNames) -> int:

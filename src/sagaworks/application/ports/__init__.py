@@ -1,7 +1,7 @@
 """The engine's ports: every Protocol the use cases need, and the records they pass.
 
 Grouped by role (messages in and out, the saga store, calls and time, dead
-letters, breaker changes); import them from here. Adapters implement them,
+letters, breaker changes, worker heartbeats); import them from here. Adapters implement them,
 use cases see nothing else of the outside world.
 """
 
@@ -38,6 +38,7 @@ from sagaworks.application.ports.store import (
     Store,
     TimerFailure,
 )
+from sagaworks.application.ports.workers import Heartbeat, HeartbeatLog, QueueDepth
 
 __all__ = [
     "AuditEntry",
@@ -52,6 +53,8 @@ __all__ = [
     "DeadLetterRepository",
     "DueTimer",
     "FailureGroup",
+    "Heartbeat",
+    "HeartbeatLog",
     "InboundMessage",
     "LockedSaga",
     "OutboxRow",
@@ -62,6 +65,7 @@ __all__ = [
     "PortCaller",
     "PriorFailure",
     "Publisher",
+    "QueueDepth",
     "SagaChange",
     "SagaClaim",
     "SagaTransaction",

@@ -240,7 +240,23 @@ def upgrade() -> None:
     op.create_index(
         op.f("ix_saga_history_at_brin"), "saga_history", ["at"], postgresql_using="brin"
     )
-    op.execute("CREATE SCHEMA IF NOT EXISTS sagaworks_read")
+    op.execute(
+        """
+        DO $$
+        BEGIN
+            IF NOT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'sagaworks_read') THEN
+                IF NOT has_database_privilege(current_database(), 'CREATE') THEN
+                    RAISE EXCEPTION 'the migrations role % may not create schema sagaworks_read',
+                        current_user
+                        USING HINT = 'run "sagaworks db roles" as an administrator first, '
+                            'or CREATE SCHEMA sagaworks_read AUTHORIZATION ' || current_user;
+                END IF;
+                CREATE SCHEMA sagaworks_read;
+            END IF;
+        END
+        $$
+        """
+    )
     for name, query in _VIEWS.items():
         op.execute(f"CREATE VIEW sagaworks_read.{name} AS {query}")
 
