@@ -1,7 +1,7 @@
 """Read models for dashboards: worker heartbeats and the views of schema `sagaworks_read`.
 
 Revision ID: 0009
-Revises: 0006
+Revises: 0007
 
 `worker_heartbeats`: one row per live worker process, upserted every
 `SAGAWORKS_HEARTBEAT_INTERVAL_S` and deleted when the worker stops gracefully;
@@ -23,7 +23,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = "0009"
-down_revision: str | None = "0006"
+down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -270,6 +270,9 @@ def downgrade() -> None:
         BEGIN
             IF NOT EXISTS (
                 SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                WHERE n.nspname = 'sagaworks_read'
+            ) AND NOT EXISTS (
+                SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
                 WHERE n.nspname = 'sagaworks_read'
             ) THEN
                 DROP SCHEMA IF EXISTS sagaworks_read;
