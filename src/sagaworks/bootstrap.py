@@ -43,6 +43,7 @@ from sagaworks.adapters.postgres.heartbeats import PostgresHeartbeats
 from sagaworks.adapters.postgres.migrations_runner import check_schema_current
 from sagaworks.adapters.postgres.notify import PostgresOutboxWakeUps
 from sagaworks.adapters.postgres.pool import ConnectionPool
+from sagaworks.adapters.postgres.read_models import PostgresReadModels
 from sagaworks.adapters.postgres.saga_queries import PostgresSagaQueries
 from sagaworks.adapters.postgres.store import PostgresStore
 from sagaworks.adapters.rabbitmq.connection import broker_user, connect
@@ -375,6 +376,7 @@ class OperatorTools:
     connection: AbstractRobustConnection | None = None
     engine: AsyncEngine | None = None
     saga_queries: SagaQueries | None = None
+    read_models: PostgresReadModels | None = None
 
     async def aclose(self) -> None:
         await _close_all(
@@ -392,20 +394,24 @@ async def bootstrap_tools(
     broker: bool = False,
     replay_publisher: bool = False,
     saga_queries: bool = False,
+    read_models: bool = False,
 ) -> OperatorTools:
     """Only what an operator command needs: no worker, no use cases of the engine.
 
     `dead_letters`: the PostgreSQL dead-letter store; `broker`: a connection to
     RabbitMQ; `replay_publisher`: a publisher for replays (connects as well);
-    `saga_queries`: operators' reads of sagas (`sagaworks saga ...`).
+    `saga_queries`: operators' reads of sagas (`sagaworks saga ...`);
+    `read_models`: the dashboards' views (`sagaworks top`).
     """
     tools = OperatorTools(settings)
-    if dead_letters or saga_queries:
+    if dead_letters or saga_queries or read_models:
         engine = tools.engine = create_engine_from_settings(settings)
         if dead_letters:
             tools.dead_letters = PostgresDeadLetters(engine, client_hostname=socket.gethostname())
         if saga_queries:
             tools.saga_queries = PostgresSagaQueries(engine)
+        if read_models:
+            tools.read_models = PostgresReadModels(engine)
     try:
         if broker or replay_publisher:
             tools.connection = await _connect(settings)
