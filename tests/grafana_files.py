@@ -67,7 +67,10 @@ def panel_queries() -> list[GrafanaQuery]:
                 shape = "time_series" if target["format"] == "time_series" else panel["type"]
                 found.append(
                     GrafanaQuery(
-                        f"{board['uid']} / {panel['title']}", target["rawSql"], shape, panel["title"]
+                        f"{board['uid']} / {panel['title']}",
+                        target["rawSql"],
+                        shape,
+                        panel["title"],
                     )
                 )
     return found

@@ -88,7 +88,8 @@ async def test_a_panel_query_returns_what_its_panel_draws(
     if query.shape == "time_series":
         assert columns.get("time") == "timestamptz", columns
         values = {name: kind for name, kind in columns.items() if name not in {"time", "metric"}}
-        assert values and set(values.values()) <= NUMERIC, columns
+        assert values, columns
+        assert set(values.values()) <= NUMERIC, columns
         assert columns.get("metric", "text") in TEXT
         times = [row["time"] for row in rows]
         assert times == sorted(times), "Grafana needs a time series in time order"
@@ -103,7 +104,8 @@ async def test_an_alert_query_returns_one_number(
     readonly: asyncpg.Connection, query: GrafanaQuery
 ) -> None:
     columns, rows = await run(readonly, query)
-    assert len(columns) == 1 and set(columns.values()) <= NUMERIC, columns
+    assert len(columns) == 1, columns
+    assert set(columns.values()) <= NUMERIC, columns
     assert len(rows) == 1
 
 

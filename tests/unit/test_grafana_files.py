@@ -67,9 +67,12 @@ def the_datasource() -> dict[str, Any]:
 
 
 def test_the_datasource_is_the_read_only_role_with_a_fixed_uid() -> None:
-    assert yaml.safe_load((DEPLOY / "provisioning/datasources/sagaworks.yaml").read_text())[
-        "apiVersion"
-    ] == 1
+    assert (
+        yaml.safe_load((DEPLOY / "provisioning/datasources/sagaworks.yaml").read_text())[
+            "apiVersion"
+        ]
+        == 1
+    )
     source = the_datasource()
     assert source["type"] == DATASOURCE_TYPE
     assert source["uid"] == "sagaworks-postgres"
@@ -113,14 +116,19 @@ def test_a_dashboard_has_what_grafana_loads(name: str) -> None:
     reference = {"type": DATASOURCE_TYPE, "uid": the_datasource()["uid"]}
     for panel in board["panels"]:
         assert panel["type"] in PANEL_TYPES
-        assert panel["title"] and panel["description"]
+        assert panel["title"]
+        assert panel["description"]
         grid = panel["gridPos"]
-        assert grid["x"] >= 0 and grid["w"] > 0 and grid["x"] + grid["w"] <= 24
+        assert grid["x"] >= 0
+        assert grid["w"] > 0
+        assert grid["x"] + grid["w"] <= 24
         assert panel["datasource"] == reference
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
             assert target["datasource"] == reference
-            assert target["refId"] and target["rawQuery"] is True and target["rawSql"].strip()
+            assert target["refId"]
+            assert target["rawQuery"] is True
+            assert target["rawSql"].strip()
             assert target["format"] in {"table", "time_series"}
             if target["format"] == "time_series":
                 assert panel["type"] == "timeseries"
@@ -147,7 +155,9 @@ def test_the_alert_file_has_what_grafana_provisions() -> None:
     document = alert_rules()
     assert document["apiVersion"] == 1
     for group in document["groups"]:
-        assert group["orgId"] == 1 and group["name"] and group["folder"]
+        assert group["orgId"] == 1
+        assert group["name"]
+        assert group["folder"]
         assert DURATION.match(group["interval"])
     assert {rule["uid"] for rule in rules()} == REQUIRED_ALERTS
 
@@ -155,7 +165,8 @@ def test_the_alert_file_has_what_grafana_provisions() -> None:
 @pytest.mark.parametrize("uid", sorted(REQUIRED_ALERTS))
 def test_an_alert_rule_is_complete_and_its_references_resolve(uid: str) -> None:
     (rule,) = [r for r in rules() if r["uid"] == uid]
-    assert len(rule["uid"]) <= 40 and rule["title"]
+    assert len(rule["uid"]) <= 40
+    assert rule["title"]
     assert rule["noDataState"] in NO_DATA_STATES
     assert rule["execErrState"] in EXEC_ERR_STATES
     assert DURATION.match(rule["for"])
@@ -195,7 +206,8 @@ def resolve(command_line: str) -> Any:
 def test_each_alert_names_a_view_and_a_command_that_exists(uid: str) -> None:
     (rule,) = [r for r in rules() if r["uid"] == uid]
     annotations = rule["annotations"]
-    assert annotations["summary"] and annotations["description"]
+    assert annotations["summary"]
+    assert annotations["description"]
     view = annotations["view"]
     assert view.startswith("sagaworks_read.")
     sql = " ".join(q["model"]["rawSql"] for q in rule["data"] if "rawSql" in q["model"])
