@@ -8,19 +8,34 @@ stat, one number for an alert), and rows wherever the demo produced data.
 
 from __future__ import annotations
 
+import asyncio
+import io
+import json
+import os
 import secrets
+import shutil
+import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 from grafana_files import GrafanaQuery, alert_rules, panel_queries, rule_queries
 from read_model_world import DemoWorld, demo_world
+from rich.console import Console
 
+from sagaworks.adapters.postgres.engine import create_engine
+from sagaworks.adapters.postgres.read_models import PostgresReadModels, ReadModelSnapshot
 from sagaworks.adapters.postgres.roles import RoleNames, apply_roles
+from sagaworks.entrypoints.cli.top_render import render
 
 pytestmark = pytest.mark.integration
+
+SAGAWORKS = str(Path(sys.executable).parent / "sagaworks")
+T = TypeVar("T")
 
 NUMERIC = {"int2", "int4", "int8", "float4", "float8", "numeric"}
 TEXT = {"text", "varchar", "name"}
@@ -46,6 +61,8 @@ async def _drop_roles(dsn: str, names: RoleNames) -> None:
     try:
         for role in (*names.grantees(), names.migrator):
             if await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role):
+                # Hand the tables back first: the worker of the world still uses them.
+                await conn.execute(f'REASSIGN OWNED BY "{role}" TO CURRENT_USER')
                 await conn.execute(f'DROP OWNED BY "{role}" CASCADE')
                 await conn.execute(f'DROP ROLE "{role}"')
     finally:
@@ -61,17 +78,64 @@ async def world(
 
 
 @pytest.fixture(scope="module")
-async def readonly(world: DemoWorld, run_id: str) -> AsyncIterator[asyncpg.Connection]:
-    """A connection as the read-only role `sagaworks db roles` makes, as Grafana connects."""
+async def readonly_url(world: DemoWorld, run_id: str) -> AsyncIterator[str]:
+    """The URL of the read-only role `sagaworks db roles` makes, as Grafana connects."""
     names = RoleNames.with_prefix(f"{run_id}_{secrets.token_hex(2)}_")
     password = secrets.token_urlsafe(12)
     await apply_roles(world.dsn, names, {names.readonly: password})
-    conn = await asyncpg.connect(as_role(world.dsn, names.readonly, password))
+    try:
+        yield as_role(world.dsn, names.readonly, password)
+    finally:
+        await _drop_roles(world.dsn, names)
+
+
+@pytest.fixture(scope="module")
+async def readonly(readonly_url: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(readonly_url)
     try:
         yield conn
     finally:
         await conn.close()
-        await _drop_roles(world.dsn, names)
+
+
+async def sagaworks_command(*args: str, database_url: str) -> tuple[int, str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.upper().startswith("SAGAWORKS_")}
+    process = await asyncio.create_subprocess_exec(
+        SAGAWORKS,
+        *args,
+        env={**clean, "SAGAWORKS_DATABASE_URL": database_url, "SAGAWORKS_LOG_FORMAT": "json"},
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, stdout.decode(), stderr.decode()
+
+
+async def tmux(*args: str, check: bool = True) -> str:
+    executable = shutil.which("tmux")
+    if executable is None:
+        pytest.fail("the terminal test drives `sagaworks top` in tmux, which is not on PATH")
+    process = await asyncio.create_subprocess_exec(
+        executable, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 10)
+    if check:
+        assert process.returncode == 0, stderr.decode()
+    return stdout.decode()
+
+
+async def until(read: Callable[[], Awaitable[T]], holds: Callable[[T], bool]) -> T:
+    """Read until `holds(value)`; fail with the last value after 20 s."""
+    deadline = time.monotonic() + 20.0
+    while True:
+        value = await read()
+        if holds(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within 20 s; last seen:\n{value}")
+        await asyncio.sleep(0.2)
 
 
 async def run(conn: asyncpg.Connection, query: GrafanaQuery) -> tuple[dict[str, str], list[Any]]:
@@ -178,3 +242,90 @@ async def test_the_latency_panel_names_every_step_and_its_port(
     for row in rows:
         if row["attempts"]:
             assert 0 <= row["attempt_p50_s"] <= row["attempt_p95_s"] <= row["attempt_p99_s"]
+
+
+@pytest.fixture(scope="module")
+async def snapshot(world: DemoWorld) -> AsyncIterator[ReadModelSnapshot]:
+    engine = create_engine(world.dsn)
+    try:
+        yield await PostgresReadModels(engine).snapshot()
+    finally:
+        await engine.dispose()
+
+
+def screen(snapshot: ReadModelSnapshot, width: int = 100) -> str:
+    console = Console(record=True, width=width, file=io.StringIO())
+    console.print(render(snapshot))
+    return console.export_text()
+
+
+async def test_top_shows_what_a_person_on_call_needs(
+    snapshot: ReadModelSnapshot, world: DemoWorld
+) -> None:
+    text = screen(snapshot)
+    report = world.report
+    assert f"last hour: {report.completed} completed, {report.compensated} compensated" in text
+    assert "stuck: 0" in text
+    assert "workers: 1 live" in text
+    in_flight = next(line for line in text.splitlines() if "await_dispatch" in line)
+    assert "order_fulfilment" in in_flight
+    assert "running" in in_flight
+    reserve = next(line for line in text.splitlines() if line.strip().startswith("reserve_stock"))
+    assert "inventory" in reserve
+    letters = next(line for line in text.splitlines() if "schema_invalid" in line)
+    assert letters.split()[-3:] == ["1", "1", "1"], "one letter, new in the hour and the day"
+    (worker,) = snapshot.workers
+    assert any(worker["worker"] in line and "live" in line for line in text.splitlines())
+
+
+async def test_top_fits_eighty_columns(snapshot: ReadModelSnapshot) -> None:
+    lines = screen(snapshot, width=80).splitlines()
+    assert max(len(line.rstrip()) for line in lines) <= 80
+    assert any(line.strip().startswith("authorise_payment") for line in lines), (
+        "step names are not cut"
+    )
+
+
+async def test_top_json_is_the_same_snapshot_for_scripts(
+    world: DemoWorld, readonly_url: str
+) -> None:
+    code, out, err = await sagaworks_command("top", "--json", database_url=readonly_url)
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["outcomes"]["completed"] == world.report.completed
+    assert [w["alive"] for w in data["workers"]] == [True]
+    assert data["in_progress"][0]["current_step"] == "await_dispatch"
+    assert data["dead_letter_groups"][0]["reason"] == "schema_invalid"
+
+
+async def test_top_without_the_read_models_says_to_migrate(
+    database_factory: Callable[[], Awaitable[str]],
+) -> None:
+    code, _, err = await sagaworks_command("top", "--once", database_url=await database_factory())
+    assert code == 4
+    assert 'run "sagaworks db upgrade"' in err
+
+
+async def test_top_refreshes_in_a_real_terminal(readonly_url: str) -> None:
+    session = f"sagaworks-top-{secrets.token_hex(3)}"
+    command = f"env SAGAWORKS_DATABASE_URL='{readonly_url}' {SAGAWORKS} top"
+    await tmux("new-session", "-d", "-s", session, "-x", "110", "-y", "60", command)
+    try:
+
+        async def pane() -> str:
+            return await tmux("capture-pane", "-p", "-t", session)
+
+        first = await until(pane, lambda text: "workers" in text and "live" in text)
+        assert "sagaworks top" in first
+        assert "await_dispatch" in first
+        assert "schema_invalid" in first
+        header = first.splitlines()[0]
+        later = await until(pane, lambda text: text.splitlines()[0] != header)
+        assert later.splitlines()[0].startswith("sagaworks top")
+        await tmux("send-keys", "-t", session, "C-c")
+        await until(
+            lambda: tmux("list-sessions", "-F", "#{session_name}", check=False),
+            lambda names: session not in names.split(),
+        )
+    finally:
+        await tmux("kill-session", "-t", session, check=False)

@@ -42,7 +42,9 @@ def duration(seconds: float | None) -> str:
 
 
 def _table(title: str, *columns: str) -> Table:
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(
+        title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False
+    )
     for column in columns:
         text_column = column[:1].islower()
         table.add_column(column, justify="left" if text_column else "right", no_wrap=text_column)
@@ -205,12 +207,15 @@ def _workers(snapshot: ReadModelSnapshot) -> RenderableType:
 
 def render(snapshot: ReadModelSnapshot) -> Group:
     """The whole screen for one snapshot."""
-    return Group(
-        _headline(snapshot),
+    sections = [
         _in_flight(snapshot.in_progress),
-        _latency(snapshot.latency),
         _ports(snapshot),
-        _queues(snapshot.queues),
         _dead_letters(snapshot.dead_letter_groups),
         _workers(snapshot),
-    )
+        _latency(snapshot.latency),
+        _queues(snapshot.queues),
+    ]
+    spaced: list[RenderableType] = [_headline(snapshot)]
+    for section in sections:
+        spaced += [Text(""), section]
+    return Group(*spaced)
