@@ -4,13 +4,12 @@ Four login roles, named `<prefix>migrator`, `<prefix>worker`, `<prefix>operator`
 and `<prefix>readonly` (docs/security.md):
 
 - the **migrator** owns every sagaworks table and trigger function: only it
-  (and superusers) can `ALTER`, `DROP` or `TRUNCATE` them; it creates the
-  read models' schema `sagaworks_read` (so it may create schemas);
+  (and superusers) can `ALTER`, `DROP` or `TRUNCATE` them;
 - the **worker** reads and writes the engine's tables, but only appends to
   the saga history and the dead-letter audit;
 - the **operator** reads everything and writes what `sagaworks dlq` writes
   (dead letters, replay rows in the outbox, new audit rows);
-- the **readonly** role (dashboards) only reads, the views of `sagaworks_read` too.
+- the **readonly** role (dashboards) only reads.
 
 `apply_roles` (what `sagaworks db roles` runs, as an administrator) creates
 or updates the roles, hands existing sagaworks objects to the migrator and
@@ -40,12 +39,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from sagaworks.adapters.postgres.engine import connect, create_engine, sqlstate, to_asyncpg_url
 from sagaworks.adapters.postgres.errors import RolesNotApplied
-from sagaworks.adapters.postgres.tables import ALEMBIC_VERSION_TABLE, metadata
+from sagaworks.adapters.postgres.tables import ALEMBIC_VERSION_TABLE, READ_MODELS_SCHEMA, metadata
 
 __all__ = [
     "APPEND_ONLY_TABLES",
     "OPERATOR_WRITES",
-    "READ_MODEL_SCHEMA",
     "RoleNames",
     "RolesReport",
     "apply_grants",
@@ -58,9 +56,6 @@ __all__ = [
 _DML = ("SELECT", "INSERT", "UPDATE", "DELETE")
 _INSUFFICIENT_PRIVILEGE = "42501"
 _SCRAM_ITERATIONS = 4096
-
-READ_MODEL_SCHEMA = "sagaworks_read"
-"""The schema of the read models (docs/operations.md), which operators and dashboards read."""
 
 APPEND_ONLY_TABLES = frozenset({"saga_history", "dead_letter_audit"})
 """Tables nobody but their owner may `UPDATE`, `DELETE` or `TRUNCATE`."""
@@ -184,6 +179,7 @@ async def apply_grants(conn: AsyncConnection, names: RoleNames) -> int:
     present = await _existing(conn, names.grantees())
     if not present:
         return 0
+    await _grant_read_models(conn, names, present)
     wanted = table_grants(names)
     tables = await _existing_tables(conn)
     for table in tables:
@@ -196,21 +192,22 @@ async def apply_grants(conn: AsyncConnection, names: RoleNames) -> int:
             await conn.execute(
                 text(f"GRANT {', '.join(privileges)} ON TABLE {quoted} TO {grantee}")
             )
-    await _grant_read_models(conn, [r for r in (names.operator, names.readonly) if r in present])
     return len(tables)
 
 
-async def _grant_read_models(conn: AsyncConnection, readers: list[str]) -> None:
-    """Let operators and dashboards read every view of `READ_MODEL_SCHEMA`, once it exists."""
+async def _grant_read_models(conn: AsyncConnection, names: RoleNames, present: set[str]) -> None:
+    """Operators and dashboards read every view of `sagaworks_read` (when it exists)."""
     exists = await conn.scalar(
-        text("SELECT 1 FROM pg_namespace WHERE nspname = :schema"), {"schema": READ_MODEL_SCHEMA}
+        text("SELECT 1 FROM pg_namespace WHERE nspname = :name"), {"name": READ_MODELS_SCHEMA}
     )
+    readers = [_quote(conn, r) for r in (names.operator, names.readonly) if r in present]
     if not exists or not readers:
         return
-    schema = _quote(conn, READ_MODEL_SCHEMA)
-    grantees = ", ".join(_quote(conn, role) for role in readers)
-    await conn.execute(text(f"GRANT USAGE ON SCHEMA {schema} TO {grantees}"))
-    await conn.execute(text(f"GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {grantees}"))
+    schema = _quote(conn, READ_MODELS_SCHEMA)
+    await conn.execute(text(f"GRANT USAGE ON SCHEMA {schema} TO {', '.join(readers)}"))
+    await conn.execute(
+        text(f"GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {', '.join(readers)}")
+    )
 
 
 @dataclass(frozen=True)
@@ -281,7 +278,7 @@ async def _apply(
     others = ", ".join(_quote(conn, role) for role in names.grantees())
     everyone = f"{migrator}, {others}"
     await conn.execute(text(f"GRANT CONNECT ON DATABASE {_quote(conn, database)} TO {everyone}"))
-    # The migrator creates the read models' schema (docs/operations.md), nothing else of its kind.
+    # Creating the schema of the read models (`sagaworks_read`) takes CREATE on the database.
     await conn.execute(text(f"GRANT CREATE ON DATABASE {_quote(conn, database)} TO {migrator}"))
     schema = _quote(conn, str(await conn.scalar(text("SELECT current_schema()"))))
     await conn.execute(text(f"GRANT USAGE, CREATE ON SCHEMA {schema} TO {migrator}"))
@@ -311,8 +308,7 @@ async def _set_password(conn: AsyncConnection, role: str, quoted: str, password:
 
 
 async def _hand_over(conn: AsyncConnection, migrator: str) -> None:
-    """Make the migrator own sagaworks' tables, trigger functions and read models made by
-    someone else."""
+    """Make the migrator own sagaworks' tables and trigger functions made by someone else."""
     owner = _quote(conn, migrator)
     for table in await _existing_tables(conn):
         await conn.execute(text(f"ALTER TABLE {_quote(conn, table)} OWNER TO {owner}"))
@@ -325,20 +321,38 @@ async def _hand_over(conn: AsyncConnection, migrator: str) -> None:
     )
     for signature in functions.scalars():
         await conn.execute(text(f"ALTER FUNCTION {signature} OWNER TO {owner}"))
-    views = await conn.execute(
+    await _hand_over_read_models(conn, owner)
+
+
+_ALTER_KIND = {"r": "TABLE", "v": "VIEW", "m": "MATERIALIZED VIEW"}
+
+
+async def _hand_over_read_models(conn: AsyncConnection, owner: str) -> None:
+    """The schema `sagaworks_read`, its views and functions: the migrator's too."""
+    params = {"name": READ_MODELS_SCHEMA}
+    if not await conn.scalar(text("SELECT 1 FROM pg_namespace WHERE nspname = :name"), params):
+        return
+    schema = _quote(conn, READ_MODELS_SCHEMA)
+    await conn.execute(text(f"ALTER SCHEMA {schema} OWNER TO {owner}"))
+    relations = await conn.execute(
         text(
-            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE n.nspname = :schema AND c.relkind = 'v'"
+            "SELECT c.relkind::text, c.oid::regclass::text FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = :name AND c.relkind IN ('r', 'v', 'm')"
         ),
-        {"schema": READ_MODEL_SCHEMA},
+        params,
     )
-    schema = _quote(conn, READ_MODEL_SCHEMA)
-    for view in views.scalars():
-        await conn.execute(text(f"ALTER VIEW {schema}.{_quote(conn, view)} OWNER TO {owner}"))
-    if await conn.scalar(
-        text("SELECT 1 FROM pg_namespace WHERE nspname = :schema"), {"schema": READ_MODEL_SCHEMA}
-    ):
-        await conn.execute(text(f"ALTER SCHEMA {schema} OWNER TO {owner}"))
+    for kind, name in relations.all():
+        await conn.execute(text(f"ALTER {_ALTER_KIND[kind]} {name} OWNER TO {owner}"))
+    functions = await conn.execute(
+        text(
+            "SELECT p.oid::regprocedure::text FROM pg_proc p "
+            "JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = :name"
+        ),
+        params,
+    )
+    for signature in functions.scalars():
+        await conn.execute(text(f"ALTER FUNCTION {signature} OWNER TO {owner}"))
 
 
 async def reconcile_grants(url: str, names: RoleNames) -> int:

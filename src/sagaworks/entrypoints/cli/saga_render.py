@@ -22,6 +22,7 @@ from sagaworks.application.ports import (
 )
 
 __all__ = [
+    "WIDTH",
     "detail_lines",
     "duration",
     "list_lines",
@@ -144,9 +145,10 @@ def _flight(progress: Mapping[str, Any]) -> str | None:
     return f"{flight.get('kind')} of {flight.get('step')}, attempt {flight.get('attempt')}{after}"
 
 
-def _section(title: str, lines: Iterable[str]) -> list[str]:
+def _section(title: str, lines: Iterable[str], count: int | None = None) -> list[str]:
     body = list(lines)
-    return ["", f"{title} ({len(body)})", *body] if body else []
+    shown = len(body) if count is None else count
+    return ["", f"{title} ({shown})", *body] if body else []
 
 
 def detail_lines(d: SagaDetail, now: datetime) -> list[str]:
@@ -205,7 +207,7 @@ def detail_lines(d: SagaDetail, now: datetime) -> list[str]:
             for x in d.dead_letters
         ),
     )
-    lines += _section("timeline", _timeline(d.timeline))
+    lines += _section("timeline", _timeline(d.timeline), len(d.timeline))
     return [_cut(line, WIDTH) for line in lines]
 
 

@@ -78,7 +78,7 @@ idle AS MATERIALIZED (
   WHERE f.retry_at IS NULL
     AND f.updated_at < now() - sagaworks_read.setting('stuck_idle_floor', '5 minutes')::interval
 ),
-learned AS (
+learned AS MATERIALIZED (
   SELECT k.saga_type, k.step, l.p95, l.samples
   FROM (SELECT DISTINCT saga_type, step FROM idle) k
   CROSS JOIN LATERAL (
