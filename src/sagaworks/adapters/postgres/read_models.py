@@ -1,12 +1,16 @@
 """One snapshot of every read model in `sagaworks_read`, for `sagaworks top`.
 
 The views are the contract (docs/operations.md documents them column by
-column); this module only selects from them, in one read-only transaction so
-the figures of one snapshot agree with each other.
+column); this module only selects from them. The views are read in parallel,
+each on a connection of its own, so a snapshot takes as long as its slowest
+view rather than their sum; its parts may differ by the milliseconds between
+them.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -14,7 +18,7 @@ from typing import Any
 from uuid import UUID
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = ["PostgresReadModels", "ReadModelSnapshot"]
 
@@ -39,7 +43,7 @@ class ReadModelSnapshot:
     dead_letter_groups: list[Row]
     stuck_by_reason: dict[str, int]
     stuck_oldest: list[Row]
-    """The longest-stuck sagas, at most ten."""
+    """The longest-stuck sagas, at most ten (as JSON: times are ISO 8601 text)."""
     workers: list[Row]
 
     def as_json(self) -> dict[str, Any]:
@@ -69,50 +73,84 @@ class PostgresReadModels:
         self._engine = engine
 
     async def snapshot(self) -> ReadModelSnapshot:
-        async with self._engine.connect() as conn:
-            await conn.execute(text("START TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY"))
-            try:
-                return await self._read(conn)
-            finally:
-                await conn.rollback()
+        """Every read model at once, each on a connection of its own (in parallel)."""
+        one, rows = self._one, self._rows
+        try:
+            async with asyncio.TaskGroup() as group:
+                head = group.create_task(self._now_and(_ACTIVITY))
+                outcomes = group.create_task(one(_OUTCOMES))
+                in_progress = group.create_task(rows(_IN_PROGRESS))
+                latency = group.create_task(rows(_LATENCY))
+                ports = group.create_task(rows(_PORTS))
+                breakers = group.create_task(rows(_BREAKERS))
+                backlog = group.create_task(one(_BACKLOG))
+                queues = group.create_task(rows(_QUEUES))
+                dead_letter_groups = group.create_task(rows(_DEAD_LETTER_GROUPS))
+                stuck = group.create_task(one(_STUCK))
+                workers = group.create_task(rows(_WORKERS))
+        except ExceptionGroup as failed:
+            raise failed.exceptions[0] from None  # callers handle one database error
+        taken_at, activity = head.result()
+        return ReadModelSnapshot(
+            taken_at=taken_at,
+            activity=activity,
+            outcomes=outcomes.result(),
+            in_progress=in_progress.result(),
+            latency=latency.result(),
+            ports=ports.result(),
+            breakers=breakers.result(),
+            backlog=backlog.result(),
+            queues=queues.result(),
+            dead_letter_groups=dead_letter_groups.result(),
+            stuck_by_reason={
+                reason: int(n) for reason, n in json.loads(stuck.result()["by_reason"]).items()
+            },
+            stuck_oldest=json.loads(stuck.result()["oldest"]),
+            workers=workers.result(),
+        )
 
-    async def _read(self, conn: AsyncConnection) -> ReadModelSnapshot:
-        async def rows(sql: str) -> list[Row]:
+    async def _rows(self, sql: str) -> list[Row]:
+        async with self._engine.connect() as conn:
             return [dict(row) for row in (await conn.execute(text(sql))).mappings()]
 
-        async def one(sql: str) -> Row:
-            return dict((await conn.execute(text(sql))).mappings().one())
+    async def _one(self, sql: str) -> Row:
+        (row,) = await self._rows(sql)
+        return row
 
-        stuck = await rows(
-            "SELECT reason, count(*) AS sagas FROM sagaworks_read.stuck_sagas GROUP BY 1"
-        )
-        return ReadModelSnapshot(
-            taken_at=(await conn.execute(text("SELECT now()"))).scalar_one(),
-            activity=await one("SELECT * FROM sagaworks_read.activity_now"),
-            outcomes=await one(
-                "SELECT coalesce(sum(completed), 0)::bigint AS completed, "
-                "coalesce(sum(compensated), 0)::bigint AS compensated, "
-                "coalesce(sum(needs_attention), 0)::bigint AS needs_attention "
-                "FROM sagaworks_read.throughput_per_minute"
-            ),
-            in_progress=await rows(
-                "SELECT * FROM sagaworks_read.sagas_in_progress "
-                "ORDER BY saga_type, status, current_step"
-            ),
-            latency=await rows(
-                "SELECT * FROM sagaworks_read.step_latency ORDER BY saga_type, step, kind"
-            ),
-            ports=await rows("SELECT * FROM sagaworks_read.port_activity ORDER BY port"),
-            breakers=await rows("SELECT * FROM sagaworks_read.breakers ORDER BY port, worker"),
-            backlog=await one("SELECT * FROM sagaworks_read.backlog"),
-            queues=await rows("SELECT * FROM sagaworks_read.queue_depths ORDER BY queue"),
-            dead_letter_groups=await rows(
-                "SELECT * FROM sagaworks_read.dead_letter_groups ORDER BY letters DESC, reason"
-            ),
-            stuck_by_reason={row["reason"]: int(row["sagas"]) for row in stuck},
-            stuck_oldest=await rows(
-                "SELECT saga_id, saga_type, correlation_key, reason, since, command "
-                "FROM sagaworks_read.stuck_sagas ORDER BY since LIMIT 10"
-            ),
-            workers=await rows("SELECT * FROM sagaworks_read.workers ORDER BY alive DESC, worker"),
-        )
+    async def _now_and(self, sql: str) -> tuple[datetime, Row]:
+        row = await self._one(sql)
+        taken_at = row.pop("taken_at")
+        assert isinstance(taken_at, datetime)
+        return taken_at, row
+
+
+_ACTIVITY = "SELECT now() AS taken_at, * FROM sagaworks_read.activity_now"
+_OUTCOMES = (
+    "SELECT coalesce(sum(completed), 0)::bigint AS completed, "
+    "coalesce(sum(compensated), 0)::bigint AS compensated, "
+    "coalesce(sum(needs_attention), 0)::bigint AS needs_attention "
+    "FROM sagaworks_read.throughput_per_minute"
+)
+_IN_PROGRESS = (
+    "SELECT * FROM sagaworks_read.sagas_in_progress ORDER BY saga_type, status, current_step"
+)
+_LATENCY = "SELECT * FROM sagaworks_read.step_latency ORDER BY saga_type, step, kind"
+_PORTS = "SELECT * FROM sagaworks_read.port_activity ORDER BY port"
+_BREAKERS = "SELECT * FROM sagaworks_read.breakers ORDER BY port, worker"
+_BACKLOG = "SELECT * FROM sagaworks_read.backlog"
+_QUEUES = "SELECT * FROM sagaworks_read.queue_depths ORDER BY queue"
+_DEAD_LETTER_GROUPS = (
+    "SELECT * FROM sagaworks_read.dead_letter_groups ORDER BY letters DESC, reason"
+)
+_STUCK = """
+WITH stuck AS MATERIALIZED (
+  SELECT saga_id, saga_type, correlation_key, reason, since, command
+  FROM sagaworks_read.stuck_sagas
+)
+SELECT
+  (SELECT coalesce(json_object_agg(reason, sagas), '{}')::text
+   FROM (SELECT reason, count(*) AS sagas FROM stuck GROUP BY reason) counted) AS by_reason,
+  (SELECT coalesce(json_agg(oldest ORDER BY since), '[]')::text
+   FROM (SELECT * FROM stuck ORDER BY since LIMIT 10) oldest) AS oldest
+"""
+_WORKERS = "SELECT * FROM sagaworks_read.workers ORDER BY alive DESC, worker"

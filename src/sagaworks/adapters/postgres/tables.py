@@ -144,7 +144,12 @@ saga_history = Table(
     Column("message_id", Text, nullable=True),
     Column("detail", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
     UniqueConstraint("saga_id", "seq"),
-    Index("ix_saga_history_at_brin", "at", postgresql_using="brin"),
+    Index(
+        "ix_saga_history_at_brin",
+        "at",
+        postgresql_using="brin",
+        postgresql_with={"autosummarize": "on"},
+    ),
     Index(
         "ix_saga_history_step_at",
         "step",

@@ -11,7 +11,12 @@ The views in `sagaworks_read` are what Grafana, alerts and `sagaworks top`
 read (docs/operations.md documents them column by column). Views over the
 saga history look at a fixed recent window and find it through the BRIN
 index `ix_saga_history_at_brin`: a few kilobytes for millions of rows, and
-next to nothing per insert, because history rows arrive in time order.
+next to nothing per insert, because history rows arrive in time order; it
+summarizes each block range as soon as it fills (`autosummarize`), so a query
+never scans a long unsummarized tail. They
+join only sagas changed within the window (`ix_saga_instances_updated_at`):
+every transition that writes history also sets the saga's `updated_at` to the
+same instant, so a saga with history in the window was changed in it.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ _VIEWS: dict[str, str] = {
                extract(epoch FROM now() - min(created_at))::float8 AS oldest_age_s,
                extract(epoch FROM now() - min(updated_at))::float8 AS longest_unchanged_s
         FROM saga_instances
-        WHERE status NOT IN ('completed', 'compensated')
+        WHERE status IN ('running', 'compensating', 'needs_attention')
         GROUP BY saga_type, status, current_step
     """,
     "activity_now": """
@@ -56,23 +61,27 @@ _VIEWS: dict[str, str] = {
                count(*) FILTER (WHERE h.kind = 'step_started')::bigint AS steps_run
         FROM saga_history h
         JOIN saga_instances s ON s.id = h.saga_id
+         AND s.updated_at >= date_trunc('minute', now()) - interval '59 minutes'
         WHERE h.at >= date_trunc('minute', now()) - interval '59 minutes'
           AND h.kind IN ('started', 'completed', 'compensated', 'needs_attention', 'step_started')
         GROUP BY 1, 2
     """,
     "step_latency": """
         WITH recent AS (
-            SELECT h.saga_id, h.seq, h.at, h.kind, h.step, h.detail, s.saga_type
+            SELECT h.saga_id, h.seq, h.at, h.kind, h.step, s.saga_type,
+                   h.detail->>'port' AS port, h.detail->>'kind' AS step_kind,
+                   h.detail->>'attempt' AS attempt
             FROM saga_history h
             JOIN saga_instances s ON s.id = h.saga_id
+             AND s.updated_at >= now() - interval '15 minutes'
             WHERE h.at >= now() - interval '15 minutes' AND h.step IS NOT NULL
         ),
         ports AS (
-            SELECT DISTINCT saga_type, step, detail->>'port' AS port
-            FROM recent WHERE kind = 'step_started' AND detail->>'port' IS NOT NULL
+            SELECT DISTINCT saga_type, step, port
+            FROM recent WHERE kind = 'step_started' AND port IS NOT NULL
         ),
         attempts AS (
-            SELECT saga_type, step, detail->>'kind' AS kind,
+            SELECT saga_type, step, step_kind AS kind,
                    extract(epoch FROM lead(at) OVER w - at) AS seconds,
                    kind AS row_kind
             FROM recent
@@ -82,11 +91,11 @@ _VIEWS: dict[str, str] = {
         ),
         stays AS (
             SELECT saga_type, step,
-                   CASE WHEN kind = 'waiting' THEN 'wait' ELSE detail->>'kind' END AS kind,
+                   CASE WHEN kind = 'waiting' THEN 'wait' ELSE step_kind END AS kind,
                    extract(epoch FROM lead(at) OVER w - at) AS seconds,
                    kind AS row_kind
             FROM recent
-            WHERE (kind = 'step_started' AND detail->>'attempt' = '1')
+            WHERE (kind = 'step_started' AND attempt = '1')
                OR kind IN ('waiting', 'step_completed', 'step_failed', 'compensation_completed',
                            'needs_attention', 'step_abandoned', 'event_received',
                            'deadline_missed')
@@ -124,6 +133,7 @@ _VIEWS: dict[str, str] = {
             SELECT h.kind, h.step, h.detail, s.saga_type
             FROM saga_history h
             JOIN saga_instances s ON s.id = h.saga_id
+             AND s.updated_at >= now() - interval '15 minutes'
             WHERE h.at >= now() - interval '15 minutes'
               AND h.kind IN ('step_started', 'step_failed', 'retry_scheduled', 'needs_attention')
         ),
@@ -238,7 +248,11 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("worker", name=op.f("pk_worker_heartbeats")),
     )
     op.create_index(
-        op.f("ix_saga_history_at_brin"), "saga_history", ["at"], postgresql_using="brin"
+        op.f("ix_saga_history_at_brin"),
+        "saga_history",
+        ["at"],
+        postgresql_using="brin",
+        postgresql_with={"autosummarize": "on"},
     )
     op.execute(
         """
