@@ -1,8 +1,8 @@
 """The engine's ports: every Protocol the use cases need, and the records they pass.
 
 Grouped by role (messages in and out, the saga store, calls and time, dead
-letters, breaker changes, worker heartbeats); import them from here. Adapters implement them,
-use cases see nothing else of the outside world.
+letters, breaker changes, operators' reads of sagas, worker heartbeats); import
+them from here. Adapters implement them, use cases see nothing else of the outside world.
 """
 
 from sagaworks.application.ports.breakers import BreakerChange, BreakerLog, BreakerState

@@ -34,17 +34,21 @@ __all__ = [
 WIDTH = 80
 
 
+def _plain(value: Any) -> str:
+    return value.isoformat() if isinstance(value, datetime) else str(value)
+
+
 def to_json(value: Any) -> str:
     """Records (dataclasses, or lists of them) as indented JSON; times in ISO 8601."""
     plain = [asdict(v) for v in value] if isinstance(value, list) else asdict(value)
-    return json.dumps(plain, indent=2, default=str, ensure_ascii=False)
+    return json.dumps(plain, indent=2, default=_plain, ensure_ascii=False)
 
 
 def page_json(found: SagaPage, *, page: int, limit: int) -> str:
     """One page of `saga list` as JSON, with whether another page follows."""
     items = [asdict(s) for s in found.items]
     body = {"page": page, "limit": limit, "more": found.more, "items": items}
-    return json.dumps(body, indent=2, default=str, ensure_ascii=False)
+    return json.dumps(body, indent=2, default=_plain, ensure_ascii=False)
 
 
 def duration(delta: timedelta) -> str:
@@ -78,13 +82,12 @@ def _cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _table(
-    header: Sequence[str], rows: Sequence[Sequence[str]], limits: Sequence[int]
-) -> list[str]:
-    widths = [
-        min(limit, max([len(header[i]), *(len(r[i]) for r in rows)]))
-        for i, limit in enumerate(limits)
-    ]
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Columns as wide as their values, the widest cut first until the line fits."""
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
+    while sum(widths) + 2 * (len(widths) - 1) > WIDTH:
+        widest = widths.index(max(widths))
+        widths[widest] -= 1
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(_cut(c, w).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
@@ -99,7 +102,7 @@ def list_lines(items: Sequence[SagaSummary], now: datetime, *, page: int, more: 
         (s.correlation_key, s.saga_type, s.status, s.current_step or "-", _ago(s.updated_at, now))
         for s in items
     ]
-    lines = _table(("KEY", "TYPE", "STATUS", "STEP", "CHANGED"), rows, (20, 16, 15, 16, 11))
+    lines = _table(("KEY", "TYPE", "STATUS", "STEP", "CHANGED"), rows)
     following = f"; next: --page {page + 1}" if more else ""
     lines.append(f"page {page}: {len(items)} saga(s){following}")
     return lines
