@@ -39,9 +39,11 @@ from sagaworks.adapters.postgres.engine import (
     create_engine_from_settings,
     probe_database,
 )
+from sagaworks.adapters.postgres.heartbeats import PostgresHeartbeats
 from sagaworks.adapters.postgres.migrations_runner import check_schema_current
 from sagaworks.adapters.postgres.notify import PostgresOutboxWakeUps
 from sagaworks.adapters.postgres.pool import ConnectionPool
+from sagaworks.adapters.postgres.read_models import PostgresReadModels
 from sagaworks.adapters.postgres.retention import PostgresRetention
 from sagaworks.adapters.postgres.saga_queries import PostgresSagaQueries
 from sagaworks.adapters.postgres.store import PostgresStore
@@ -80,6 +82,7 @@ from sagaworks.application.ports import (
     BreakerLog,
     Clock,
     DeadLetterRepository,
+    HeartbeatLog,
     InboundMessage,
     OutboxWakeUps,
     PortCaller,
@@ -205,6 +208,8 @@ class System:
     """Records breaker changes and announces them; None with a store handed in that is neither."""
     prune: PruneDatabase | None = None
     """Retention on the PostgreSQL store (the worker's schedule); None with a store handed in."""
+    heartbeats: HeartbeatLog | None = None
+    """Where the worker beats (`worker_heartbeats`); None without PostgreSQL."""
 
     def routes(self) -> list[Route]:
         """The queue -> use case table: every saga's queue, every port's, the dead letters'."""
@@ -357,6 +362,7 @@ async def bootstrap(
         breakers=caller.breakers if isinstance(caller, ResilientCaller) else None,
         record_breaker_change=record_breaker_change,
         prune=None if engine is None else _prune(settings, engine, clock),
+        heartbeats=PostgresHeartbeats(engine) if engine is not None else None,
     )
     try:
         await _open_ports(system.port_lifecycle, ports)
@@ -378,6 +384,7 @@ class OperatorTools:
     engine: AsyncEngine | None = None
     saga_queries: SagaQueries | None = None
     prune: PruneDatabase | None = None
+    read_models: PostgresReadModels | None = None
 
     async def aclose(self) -> None:
         await _close_all(
@@ -396,16 +403,17 @@ async def bootstrap_tools(
     replay_publisher: bool = False,
     saga_queries: bool = False,
     prune: bool = False,
+    read_models: bool = False,
 ) -> OperatorTools:
     """Only what an operator command needs: no worker, no use cases of the engine.
 
     `dead_letters`: the PostgreSQL dead-letter store; `broker`: a connection to
     RabbitMQ; `replay_publisher`: a publisher for replays (connects as well);
     `saga_queries`: operators' reads of sagas (`sagaworks saga ...`); `prune`:
-    retention on the database.
+    retention on the database; `read_models`: the dashboards' views (`sagaworks top`).
     """
     tools = OperatorTools(settings)
-    if dead_letters or saga_queries or prune:
+    if dead_letters or saga_queries or prune or read_models:
         engine = tools.engine = create_engine_from_settings(settings)
         if dead_letters:
             tools.dead_letters = PostgresDeadLetters(engine, client_hostname=socket.gethostname())
@@ -413,6 +421,8 @@ async def bootstrap_tools(
             tools.saga_queries = PostgresSagaQueries(engine)
         if prune:
             tools.prune = _prune(settings, engine, SystemClock())
+        if read_models:
+            tools.read_models = PostgresReadModels(engine)
     try:
         if broker or replay_publisher:
             tools.connection = await _connect(settings)

@@ -233,6 +233,13 @@ class Settings(BaseSettings):
         le=60,
         description="Rest between two pruning batches, so the hot path always gets its turn.",
     )
+    heartbeat_interval_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="How often a worker refreshes its row in `worker_heartbeats` (one upsert); "
+        "a worker silent for three intervals shows as gone.",
+    )
     sagas: tuple[str, ...] = Field(
         default=(),
         description="Modules whose `SAGA` the worker runs; each also provides `build_ports()`. "

@@ -42,6 +42,7 @@ from sagaworks.application.results import Handled
 from sagaworks.application.timers import FailedTimer, TimersRun
 from sagaworks.bootstrap import System
 from sagaworks.entrypoints.consumers import cancel_consumer
+from sagaworks.entrypoints.heartbeat import HeartbeatLoop
 from sagaworks.entrypoints.port_gate import PortGate
 
 __all__ = ["Worker"]
@@ -83,6 +84,13 @@ class Worker:
             after_shutdown=[self._stop_background],
         )
         self._background: list[asyncio.Task[None]] = []
+        self.in_flight = 0
+        """Deliveries being handled now, for the heartbeat."""
+        self.heartbeat = (
+            HeartbeatLoop(system, system.heartbeats, lambda: self.in_flight)
+            if system.heartbeats is not None
+            else None
+        )
         self._subscribe()
 
     def _subscribe(self) -> None:
@@ -113,6 +121,13 @@ class Worker:
             decoder=_decode,
             no_reply=True,
         )
+        async def counted(message: RabbitMessage) -> None:
+            self.in_flight += 1
+            try:
+                await settle(message)
+            finally:
+                self.in_flight -= 1
+
         async def settle(message: RabbitMessage) -> None:
             raw = message.raw_message
             try:
@@ -186,6 +201,8 @@ class Worker:
         ]
         if self.system.prune is not None and self.system.settings.prune_interval_s > 0:
             self._background.append(asyncio.create_task(self._prune(), name="retention"))
+        if self.heartbeat is not None:
+            self._background.append(asyncio.create_task(self.heartbeat.run(), name="heartbeat"))
         _log.info(
             "worker consuming",
             sagas=[d.name for d in self.system.registry],
@@ -198,6 +215,8 @@ class Worker:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        if self.heartbeat is not None:
+            await self.heartbeat.forget()
         flush_budget = self.system.settings.grace_period_s * 0.25
         try:
             async with asyncio.timeout(flush_budget):

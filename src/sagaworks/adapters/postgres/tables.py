@@ -19,6 +19,7 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Identity,
     Index,
@@ -32,7 +33,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import INET, JSONB, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, INET, JSONB, UUID
 
 __all__ = [
     "ALEMBIC_VERSION_TABLE",
@@ -51,6 +52,7 @@ __all__ = [
     "saga_history",
     "saga_instances",
     "timers",
+    "worker_heartbeats",
 ]
 
 ALEMBIC_VERSION_TABLE = "sagaworks_alembic_version"
@@ -142,6 +144,12 @@ saga_history = Table(
     Column("message_id", Text, nullable=True),
     Column("detail", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
     UniqueConstraint("saga_id", "seq"),
+    Index(
+        "ix_saga_history_at_brin",
+        "at",
+        postgresql_using="brin",
+        postgresql_with={"autosummarize": "on"},
+    ),
     Index(
         "ix_saga_history_step_at",
         "step",
@@ -334,3 +342,26 @@ port_breakers = Table(
     CheckConstraint("failures >= 0", name="failures"),
 )
 """Circuit-breaker state of each port in each worker process (upserted on every change)."""
+
+worker_heartbeats = Table(
+    "worker_heartbeats",
+    metadata,
+    Column("worker", Text, primary_key=True),
+    Column("host", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("version", Text, nullable=False),
+    Column("sagas", ARRAY(Text), nullable=False),
+    Column("ports", ARRAY(Text), nullable=False),
+    _timestamp("started_at"),
+    _timestamp("last_beat_at"),
+    Column("beat_interval_s", Float, nullable=False),
+    Column("in_flight", Integer, nullable=False, server_default=text("0")),
+    Column("breakers", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("queue_depths", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    CheckConstraint("beat_interval_s > 0", name="beat_interval"),
+    CheckConstraint("in_flight >= 0", name="in_flight"),
+)
+"""One row per live worker process (`worker` = `<host>:<pid>`, as in `port_breakers`),
+upserted every heartbeat interval and deleted on a graceful stop; a row older than three
+intervals is a worker that is gone. `breakers`: port -> state; `queue_depths`: queue ->
+{messages, consumers} as the worker last saw them."""

@@ -205,6 +205,10 @@ class PortBreakers:
             self._breakers[port] = breaker
         return breaker
 
+    def states(self) -> dict[str, BreakerState]:
+        """The state of every breaker made so far, by port (for the worker's heartbeat)."""
+        return {port: breaker.state for port, breaker in self._breakers.items()}
+
     def listen(self, listener: Listener) -> None:
         """Call `listener` (synchronously, keep it short) on every state change of any breaker."""
         self._listeners.append(listener)

@@ -1,8 +1,8 @@
 """The engine's ports: every Protocol the use cases need, and the records they pass.
 
 Grouped by role (messages in and out, the saga store, calls and time, dead
-letters, breaker changes, operators' reads of sagas); import them from here.
-Adapters implement them, use cases see nothing else of the outside world.
+letters, breaker changes, operators' reads of sagas, worker heartbeats); import
+them from here. Adapters implement them, use cases see nothing else of the outside world.
 """
 
 from sagaworks.application.ports.breakers import BreakerChange, BreakerLog, BreakerState
@@ -52,6 +52,7 @@ from sagaworks.application.ports.store import (
     Store,
     TimerFailure,
 )
+from sagaworks.application.ports.workers import Heartbeat, HeartbeatLog, QueueDepth
 
 __all__ = [
     "AuditEntry",
@@ -67,6 +68,8 @@ __all__ = [
     "DeadLetterRepository",
     "DueTimer",
     "FailureGroup",
+    "Heartbeat",
+    "HeartbeatLog",
     "InboundMessage",
     "LockedSaga",
     "OutboxReading",
@@ -80,6 +83,7 @@ __all__ = [
     "PriorFailure",
     "Prunable",
     "Publisher",
+    "QueueDepth",
     "Retention",
     "SagaChange",
     "SagaClaim",

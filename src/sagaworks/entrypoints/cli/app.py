@@ -21,6 +21,7 @@ from sagaworks.entrypoints.cli.plugins import PluginGroup
 from sagaworks.entrypoints.cli.prune import db_prune
 from sagaworks.entrypoints.cli.publish import publish
 from sagaworks.entrypoints.cli.saga import saga_app
+from sagaworks.entrypoints.cli.top import top
 
 __all__ = ["app", "main"]
 
@@ -42,6 +43,7 @@ app.add_typer(dlq_app, name="dlq")
 app.add_typer(saga_app, name="saga")
 db_app.command("prune")(db_prune)
 app.add_typer(contract_app, name="contract")
+app.command("top")(top)
 
 
 def _echo(text: str) -> None:

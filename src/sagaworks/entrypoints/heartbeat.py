@@ -1,0 +1,102 @@
+"""The worker's heartbeat: every few seconds, one row saying it is alive and how busy it is.
+
+What it reports: the sagas and ports it runs, deliveries in flight, its breakers'
+states and its queues' depths as the broker last told it (a passive declaration
+per queue, which needs no configure permission). A beat that fails is logged
+and the next one tries again; a failed depth reading keeps the last depths seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+
+from sagaworks.adapters.observability.logging import get_logger
+from sagaworks.adapters.rabbitmq.depths import queue_depths
+from sagaworks.application.ports import Heartbeat, HeartbeatLog, QueueDepth
+from sagaworks.bootstrap import System
+
+__all__ = ["HeartbeatLoop"]
+
+_log = get_logger("sagaworks.heartbeat")
+
+_REMOVE_DEADLINE_S = 2.0
+_DEPTHS_DEADLINE_S = 2.0
+
+
+def _version() -> str:
+    try:
+        return version("sagaworks")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class HeartbeatLoop:
+    """Beats for one worker process while it runs; forgets it when it stops gracefully."""
+
+    def __init__(self, system: System, log: HeartbeatLog, in_flight: Callable[[], int]) -> None:
+        self._system = system
+        self._log = log
+        self._in_flight = in_flight
+        self._host = socket.gethostname()
+        self._pid = os.getpid()
+        breakers = system.breakers
+        self.worker = breakers.worker if breakers is not None else f"{self._host}:{self._pid}"
+        self._started_at = datetime.now(UTC)
+        self._queues = [route.queue for route in system.routes()]
+        self._depths: Mapping[str, QueueDepth] = {}
+
+    async def run(self) -> None:
+        """Beat every `SAGAWORKS_HEARTBEAT_INTERVAL_S` until cancelled."""
+        interval = self._system.settings.heartbeat_interval_s
+        while True:
+            try:
+                await self.beat_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # noqa: BLE001 - a missed beat must not stop the worker
+                _log.warning(
+                    "heartbeat failed; will retry", error=f"{type(error).__name__}: {error}"
+                )
+            await asyncio.sleep(interval)
+
+    async def beat_once(self) -> None:
+        await self._read_depths()
+        breakers = self._system.breakers
+        await self._log.beat(
+            Heartbeat(
+                worker=self.worker,
+                host=self._host,
+                pid=self._pid,
+                version=_version(),
+                sagas=tuple(d.name for d in self._system.registry),
+                ports=tuple(self._system.registry.ports()),
+                started_at=self._started_at,
+                beat_interval_s=self._system.settings.heartbeat_interval_s,
+                in_flight=self._in_flight(),
+                breakers=breakers.states() if breakers is not None else {},
+                queue_depths=self._depths,
+            )
+        )
+
+    async def forget(self) -> None:
+        """Delete this worker's row: it stopped on purpose and should not show as gone."""
+        try:
+            async with asyncio.timeout(_REMOVE_DEADLINE_S):
+                await self._log.remove(self.worker)
+        except Exception as error:  # noqa: BLE001 - the row then ages into "gone"
+            _log.warning("heartbeat row not removed", error=f"{type(error).__name__}: {error}")
+
+    async def _read_depths(self) -> None:
+        connection = self._system.connection
+        if connection is None:
+            return
+        try:
+            async with asyncio.timeout(_DEPTHS_DEADLINE_S):
+                self._depths = await queue_depths(connection, self._queues)
+        except Exception as error:  # noqa: BLE001 - the last depths seen are reported instead
+            _log.warning("queue depths not read", error=f"{type(error).__name__}: {error}")
