@@ -29,7 +29,12 @@ from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from sagaworks.adapters.rabbitmq.cloudevents import CE_PREFIX, is_broker_owned, parse_time
+from sagaworks.adapters.rabbitmq.cloudevents import (
+    CE_PREFIX,
+    is_broker_owned,
+    parse_time,
+    trace_context_of,
+)
 from sagaworks.application.ports import InboundMessage, PriorFailure
 from sagaworks.application.stored import original_bytes, storable_text
 
@@ -152,6 +157,7 @@ def inbound_of(
         failures=prior_failures(headers),
         raw_fields=raw,
         content_key="" if identity else content_key(body, headers),
+        trace_context=trace_context_of(headers),
     )
 
 

@@ -1,7 +1,7 @@
 """The engine's ports: every Protocol the use cases need, and the records they pass.
 
 Grouped by role (messages in and out, the saga store, calls and time, dead
-letters, breaker changes); import them from here. Adapters implement them,
+letters, breaker changes, telemetry); import them from here. Adapters implement them,
 use cases see nothing else of the outside world.
 """
 
@@ -38,6 +38,12 @@ from sagaworks.application.ports.store import (
     Store,
     TimerFailure,
 )
+from sagaworks.application.ports.telemetry import (
+    FinishedSaga,
+    StepCall,
+    StepCallRecord,
+    Telemetry,
+)
 
 __all__ = [
     "AuditEntry",
@@ -52,6 +58,7 @@ __all__ = [
     "DeadLetterRepository",
     "DueTimer",
     "FailureGroup",
+    "FinishedSaga",
     "InboundMessage",
     "LockedSaga",
     "OutboxRow",
@@ -65,8 +72,11 @@ __all__ = [
     "SagaChange",
     "SagaClaim",
     "SagaTransaction",
+    "StepCall",
+    "StepCallRecord",
     "Store",
     "StoredDeadLetter",
+    "Telemetry",
     "TimerFailure",
     "decode_raw_fields",
     "encode_raw_fields",
