@@ -147,8 +147,8 @@ class OutboxRow:
     body: bytes
     trace_context: str | None = None
     """The W3C `traceparent` the message is published with (None: none)."""
-    created_at: datetime | None = None
-    """When the row was committed, for the outbox lag (None: not known)."""
+    created_at: datetime | None = field(default=None, compare=False)
+    """When the row was committed, for the outbox lag (None: not known); not what it is."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 from uuid import UUID
@@ -57,10 +57,10 @@ class LockedSaga:
 
     Only a conflict carries it, so a plain duplicate reads no body; None when not recorded.
     """
-    trace_context: str | None = None
+    trace_context: str | None = field(default=None, compare=False)
     """The W3C `traceparent` the saga was started in: its one trace (None: not traced)."""
-    started_at: datetime | None = None
-    """When the saga was created (None: not created yet)."""
+    started_at: datetime | None = field(default=None, compare=False)
+    """When the saga was created (None: not created yet); what it reports, not what it is."""
 
 
 @dataclass(frozen=True, slots=True)
