@@ -35,12 +35,12 @@ from sagaworks.adapters.observability.logging import (
     clear_message_context,
     get_logger,
 )
+from sagaworks.adapters.observability.telemetry import EngineTelemetry, NoTelemetry
 from sagaworks.adapters.rabbitmq.inbound import to_inbound
 from sagaworks.adapters.rabbitmq.topology import apply_topology, check_topology
 from sagaworks.application.ports import InboundMessage
 from sagaworks.application.results import Handled
 from sagaworks.application.timers import FailedTimer, TimersRun
-from sagaworks.adapters.observability.telemetry import EngineTelemetry, NoTelemetry
 from sagaworks.bootstrap import System
 from sagaworks.entrypoints.consumers import cancel_consumer
 from sagaworks.entrypoints.port_gate import PortGate
