@@ -32,11 +32,9 @@ from sagaworks.adapters.memory.clock import FakeClock
 from sagaworks.adapters.memory.publisher import InMemoryPublisher
 from sagaworks.adapters.memory.store import InMemoryStore
 from sagaworks.adapters.memory.wakeups import IntervalWakeUps
+from sagaworks.adapters.observability.environment import telemetry_from_environment
 from sagaworks.adapters.observability.logging import get_logger
-from sagaworks.adapters.observability.telemetry import (
-    EngineTelemetry,
-    telemetry_from_environment,
-)
+from sagaworks.adapters.observability.telemetry import EngineTelemetry
 from sagaworks.adapters.postgres.breakers import PostgresBreakerLog
 from sagaworks.adapters.postgres.dead_letters import PostgresDeadLetters
 from sagaworks.adapters.postgres.engine import (

@@ -19,13 +19,13 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from sagaworks.adapters.observability.logging import add_trace_ids
-from sagaworks.adapters.observability.telemetry import (
-    NoTelemetry,
-    OpenTelemetry,
+from sagaworks.adapters.observability.environment import (
     TelemetryMisconfigured,
     telemetry_from_environment,
 )
+from sagaworks.adapters.observability.logging import add_trace_ids
+from sagaworks.adapters.observability.otel import OpenTelemetry
+from sagaworks.adapters.observability.telemetry import NoTelemetry
 from sagaworks.adapters.rabbitmq.cloudevents import trace_context_of
 from sagaworks.application.ports import (
     BreakerChange,
@@ -90,9 +90,15 @@ def test_a_port_call_is_a_child_span_of_the_delivery_that_asked_for_it(recorded:
     assert span.attributes is not None
     assert span.attributes["sagaworks.outcome"] == "succeeded"
     assert span.attributes["sagaworks.attempt"] == 1
-    ((labels, count),) = recorded.points("sagaworks.steps")
-    assert labels["outcome"] == "succeeded"
-    assert count == 1
+    ((labels, latency),) = recorded.points("sagaworks.port.call.duration")
+    assert labels == {
+        "saga_type": "order",
+        "port": "payments",
+        "step": "authorise",
+        "kind": "action",
+        "outcome": "succeeded",
+    }
+    assert latency.count == 1
 
 
 def test_failures_are_recorded_on_the_span_and_counted(recorded: Recorded) -> None:

@@ -11,7 +11,7 @@ from typing import Any, NoReturn, TypeVar
 
 from pydantic import ValidationError
 
-from sagaworks.adapters.observability.telemetry import TelemetryMisconfigured
+from sagaworks.adapters.observability.environment import TelemetryMisconfigured
 from sagaworks.adapters.postgres.errors import (
     DatabaseUnreachable,
     InvalidDatabaseUrl,
