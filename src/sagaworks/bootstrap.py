@@ -14,6 +14,7 @@ the system was built), the broker connection, the store and the engine.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -31,7 +32,9 @@ from sagaworks.adapters.memory.clock import FakeClock
 from sagaworks.adapters.memory.publisher import InMemoryPublisher
 from sagaworks.adapters.memory.store import InMemoryStore
 from sagaworks.adapters.memory.wakeups import IntervalWakeUps
+from sagaworks.adapters.observability.environment import telemetry_from_environment
 from sagaworks.adapters.observability.logging import get_logger
+from sagaworks.adapters.observability.telemetry import EngineTelemetry
 from sagaworks.adapters.postgres.breakers import PostgresBreakerLog
 from sagaworks.adapters.postgres.dead_letters import PostgresDeadLetters
 from sagaworks.adapters.postgres.engine import (
@@ -61,7 +64,7 @@ from sagaworks.adapters.rabbitmq.topology import (
     port_queue_name,
     saga_queue_name,
 )
-from sagaworks.adapters.resilience.breaker import PortBreakers
+from sagaworks.adapters.resilience.breaker import PortBreakers, worker_name
 from sagaworks.adapters.resilience.caller import ResilientCaller
 from sagaworks.adapters.resilience.declared import declared_policies
 from sagaworks.application.apply_inputs import ApplyInputs
@@ -210,6 +213,8 @@ class System:
     """Retention on the PostgreSQL store (the worker's schedule); None with a store handed in."""
     heartbeats: HeartbeatLog | None = None
     """Where the worker beats (`worker_heartbeats`); None without PostgreSQL."""
+    telemetry: EngineTelemetry | None = None
+    """Traces and metrics (`NoTelemetry` when `OTEL_*` configures no export); shut down last."""
 
     def routes(self) -> list[Route]:
         """The queue -> use case table: every saga's queue, every port's, the dead letters'."""
@@ -233,6 +238,7 @@ class System:
                 self.port_lifecycle.aclose,
                 *_broker_closers(self.publisher, self.connection),
                 *_database_closers(self.store, self.engine),
+                *_telemetry_closers(self.telemetry),
             ]
         )
 
@@ -279,11 +285,13 @@ async def bootstrap(
     publisher: Publisher | None = None,
     caller: PortCaller | None = None,
     outbox_wake_ups: OutboxWakeUps | None = None,
+    telemetry: EngineTelemetry | None = None,
 ) -> System:
     """Wire the system; adapters not given are the real PostgreSQL and RabbitMQ ones.
 
     Each port's policy is the one its adapter declares (a `policy` attribute),
-    unless `policies` names another. The port adapters are entered (an async
+    unless `policies` names another. Telemetry not given is configured by the
+    standard `OTEL_*` variables (off without them). The port adapters are entered (an async
     context manager) or registered for `aclose()` last, so the system closes
     them when it is closed; if one cannot be entered, the system is closed.
     """
@@ -323,10 +331,14 @@ async def bootstrap(
         timer_retry_base=timedelta(seconds=settings.timer_retry_base_s),
         timer_retry_max=timedelta(seconds=settings.timer_retry_max_s),
     )
-    relay = OutboxRelay(store, publisher, marks=PublishedMarks(store))
-    apply = ApplyInputs(store, relay, clock, options, wire)
+    telemetry = telemetry or telemetry_from_environment(worker_name())
+    relay = OutboxRelay(store, publisher, marks=PublishedMarks(store), telemetry=telemetry)
+    apply = ApplyInputs(store, relay, clock, options, wire, telemetry)
     if caller is None:
         caller = ResilientCaller({**declared_policies(ports), **(policies or {})})
+    if isinstance(caller, ResilientCaller):
+        telemetry.watch_breakers(registry.ports())
+        caller.breakers.listen(telemetry.breaker_changed)
     record_breaker_change = None
     if breaker_log is not None:
         record_breaker_change = RecordBreakerChange(breaker_log, relay, wire)
@@ -341,9 +353,9 @@ async def bootstrap(
         relay=relay,
         handle_event=HandleEvent(store, apply, clock, options, boundary),
         handle_step_command=HandleStepCommand(
-            store, apply, clock, registry, ports, caller, options, boundary
+            store, apply, clock, registry, ports, caller, options, boundary, telemetry
         ),
-        fire_timers=FireDueTimers(store, relay, clock, registry, wire, options),
+        fire_timers=FireDueTimers(store, relay, clock, registry, wire, options, telemetry),
         expire_parked_events=ExpireParkedEvents(store, clock),
         ingest_dead_letter=IngestDeadLetter(store, clock, owners, last_errors),
         reject_oversized=RejectOversized(
@@ -363,6 +375,7 @@ async def bootstrap(
         record_breaker_change=record_breaker_change,
         prune=None if engine is None else _prune(settings, engine, clock),
         heartbeats=PostgresHeartbeats(engine) if engine is not None else None,
+        telemetry=telemetry,
     )
     try:
         await _open_ports(system.port_lifecycle, ports)
@@ -540,6 +553,15 @@ def _database_closers(
     if engine is not None:
         closers.append(engine.dispose)
     return closers
+
+
+def _telemetry_closers(
+    telemetry: EngineTelemetry | None,
+) -> list[Callable[[], Awaitable[Any]]]:
+    """Push the last spans and metrics off the event loop (the SDK's exporters block)."""
+    if telemetry is None:
+        return []
+    return [lambda: asyncio.to_thread(telemetry.shutdown)]
 
 
 async def _close_all(closers: list[Callable[[], Awaitable[Any]]]) -> None:

@@ -18,6 +18,7 @@ from sagas.order_fulfilment.messages import (
 from sagas.order_fulfilment.saga import order_fulfilment
 from sagaworks.adapters.memory.publisher import InMemoryPublisher
 from sagaworks.adapters.memory.store import InMemoryStore
+from sagaworks.adapters.observability.telemetry import NoTelemetry
 from sagaworks.application.apply_inputs import ApplyInputs, Arrival
 from sagaworks.application.config import EngineOptions
 from sagaworks.application.outbox import OutboxRelay
@@ -79,7 +80,9 @@ def publisher() -> InMemoryPublisher:
 def apply(store: CountingStore, publisher: InMemoryPublisher) -> ApplyInputs:
     relay = OutboxRelay(store, publisher)
     options = EngineOptions(park_for=timedelta(minutes=1))
-    return ApplyInputs(store, relay, FakeClock(), options, Wire(lambda domain: domain))
+    return ApplyInputs(
+        store, relay, FakeClock(), options, Wire(lambda domain: domain), NoTelemetry()
+    )
 
 
 def event(message: Message, key: str, message_id: str) -> Arrival:

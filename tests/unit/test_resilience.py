@@ -14,6 +14,7 @@ import pytest
 from sagas.order_fulfilment.saga import order_fulfilment
 from sagas.order_fulfilment.state import OrderState
 from sagaworks import BusinessFailure, PortPolicy, PortUnavailable
+from sagaworks.adapters.observability.telemetry import NoTelemetry
 from sagaworks.adapters.resilience.breaker import PortBreaker
 from sagaworks.adapters.resilience.caller import ResilientCaller
 from sagaworks.adapters.resilience.declared import declared_policies
@@ -451,13 +452,21 @@ async def test_run_step_lets_circuit_open_through_without_recording_a_failure() 
     options = EngineOptions(park_for=timedelta(seconds=1), max_message_bytes=1024)
     handle_step_command = HandleStepCommand(
         Store(),  # type: ignore[arg-type]
-        ApplyInputs(Store(), OutboxRelay(Store(), None), FakeWallClock(), options, Wire(str)),  # type: ignore[arg-type]
+        ApplyInputs(
+            Store(),  # type: ignore[arg-type]
+            OutboxRelay(Store(), None),  # type: ignore[arg-type]
+            FakeWallClock(),
+            options,
+            Wire(str),
+            NoTelemetry(),
+        ),
         FakeWallClock(),
         SagaRegistry([order_fulfilment]),
         {"payments": object()},
         RefusingCaller(),
         options,
         Boundary(str, own_users=frozenset({"sagaworks"})),
+        NoTelemetry(),
     )
     inbound = InboundMessage(
         message_id="m-1",

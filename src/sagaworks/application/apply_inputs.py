@@ -34,9 +34,11 @@ from sagaworks.application.ports import (
     SagaClaim,
     SagaTransaction,
     Store,
+    Telemetry,
 )
 from sagaworks.application.results import Handled
 from sagaworks.application.stored import dead_letter
+from sagaworks.application.tracing import continued_trace, finished_saga
 from sagaworks.application.wire import Wire
 from sagaworks.domain.decide import Decision, EventReceived, Input, decide
 from sagaworks.domain.definition import SagaDefinition
@@ -69,6 +71,8 @@ class Arrival:
     """Recorded with `message_id`: the same id again with another hash is an `id_conflict`."""
     delivery: InboundMessage | None = None
     """The delivery that carried the input: its body goes to the inbox with `body_hash`."""
+    trace_context: str | None = None
+    """The `traceparent` of the work that brought the input (see `tracing.py`)."""
 
     def claim(self) -> SagaClaim:
         """The saga to lock, and the message (id, body hash, body) to record in its inbox."""
@@ -80,9 +84,16 @@ class Arrival:
 
 class ApplyInputs:
     def __init__(
-        self, store: Store, relay: OutboxRelay, clock: Clock, options: EngineOptions, wire: Wire
+        self,
+        store: Store,
+        relay: OutboxRelay,
+        clock: Clock,
+        options: EngineOptions,
+        wire: Wire,
+        telemetry: Telemetry,
     ) -> None:
         self._store = store
+        self._telemetry = telemetry
         self._relay = relay
         self._clock = clock
         self._options = options
@@ -106,6 +117,7 @@ class ApplyInputs:
             decisions: list[Decision | None] = [None] * len(arrivals)
             conflicts: set[int] = set()
             applied = []
+            finished = []
             for i, (arrival, saga) in enumerate(zip(arrivals, locked, strict=True)):
                 if saga.duplicate and _conflicts(arrival, saga):
                     conflicts.add(i)
@@ -115,7 +127,10 @@ class ApplyInputs:
                 decision = decide(arrival.definition, saga.instance, arrival.given, now)
                 decisions[i] = decision
                 if decision.outcome == "applied":
-                    applied.append(self._wire.change(arrival.definition, decision))
+                    trace = continued_trace(arrival.trace_context, saga.trace_context)
+                    applied.append(self._wire.change(arrival.definition, decision, trace))
+                    if (end := finished_saga(saga, decision)) is not None:
+                        finished.append(end)
             if applied:
                 await tx.save_all(applied)
             for seen in decisions:
@@ -123,9 +138,18 @@ class ApplyInputs:
                     await _note_ignored(tx, seen)
             for i, (arrival, saga) in enumerate(zip(arrivals, locked, strict=True)):
                 if saga.has_parked and not saga.duplicate:  # rare: replays what it unblocks
-                    decisions[i] = await apply_to_locked_saga(
-                        tx, self._wire, arrival.definition, saga, arrival.given, now
+                    replayed = await apply_to_locked_saga(
+                        tx,
+                        self._wire,
+                        arrival.definition,
+                        saga,
+                        arrival.given,
+                        now,
+                        arrival.trace_context,
                     )
+                    decisions[i] = replayed
+                    if (end := finished_saga(saga, replayed)) is not None:
+                        finished.append(end)
                 parked = decisions[i]
                 if parked is not None and parked.outcome == "park" and arrival.parkable:
                     await tx.park(
@@ -137,6 +161,8 @@ class ApplyInputs:
                         now + self._options.park_for,
                     )
             rows = tx.written_outbox()
+        if finished:
+            self._telemetry.sagas_finished(finished)
         published = asyncio.ensure_future(self._relay.publish_now(rows))
         return [
             (_handled(a, d, conflicting=i in conflicts), published)
@@ -191,6 +217,7 @@ async def apply_to_locked_saga(
     locked: LockedSaga,
     given: Input,
     now: datetime,
+    trace_context: str | None,
 ) -> Decision:
     """One input to one saga locked by `tx`: decide and persist, then retry what it unblocks.
 
@@ -200,10 +227,11 @@ async def apply_to_locked_saga(
     decision = decide(definition, locked.instance, given, now)
     await _note_ignored(tx, decision)
     if decision.outcome == "applied":
-        await tx.save(wire.change(definition, decision))
+        trace = continued_trace(trace_context, locked.trace_context)
+        await tx.save(wire.change(definition, decision, trace))
         assert decision.instance is not None
         if locked.has_parked:
-            await _replay_parked(tx, wire, definition, decision.instance, now)
+            await _replay_parked(tx, wire, definition, decision.instance, now, trace)
     return decision
 
 
@@ -235,6 +263,7 @@ async def _replay_parked(
     definition: SagaDefinition[Any],
     instance: SagaInstance,
     now: datetime,
+    trace_context: str | None,
 ) -> None:
     """Apply what the saga can take now; once it has ended, dead-letter what it never took.
 
@@ -277,7 +306,7 @@ async def _replay_parked(
             if decision.outcome == "ignored":
                 await tx.dead_letter(_never_taken(definition, instance, item), now)
             if decision.outcome == "applied":
-                await tx.save(wire.change(definition, decision))
+                await tx.save(wire.change(definition, decision, trace_context))
                 assert decision.instance is not None
                 instance = decision.instance
             await tx.unpark([item.id])

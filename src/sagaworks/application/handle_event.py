@@ -52,6 +52,7 @@ class HandleEvent:
                 parkable=inbound,
                 body_hash=body_hash(inbound.body),
                 delivery=inbound,
+                trace_context=inbound.trace_context,
             )
         )
 

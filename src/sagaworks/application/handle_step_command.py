@@ -19,7 +19,14 @@ from sagaworks.application.batching import Batcher
 from sagaworks.application.boundary import Boundary
 from sagaworks.application.config import EngineOptions
 from sagaworks.application.parsing import Rejected, missing_id
-from sagaworks.application.ports import Clock, InboundMessage, PortCaller, Store
+from sagaworks.application.ports import (
+    Clock,
+    InboundMessage,
+    PortCaller,
+    StepCall,
+    Store,
+    Telemetry,
+)
 from sagaworks.application.registry import SagaRegistry, UnknownSaga
 from sagaworks.application.results import Handled
 from sagaworks.application.stored import body_hash, dead_letter
@@ -42,8 +49,10 @@ class HandleStepCommand:
         caller: PortCaller,
         options: EngineOptions,
         boundary: Boundary,
+        telemetry: Telemetry,
     ) -> None:
         self._store = store
+        self._telemetry = telemetry
         self._own_users = boundary.own_users
         self._apply = apply
         self._clock = clock
@@ -70,7 +79,7 @@ class HandleStepCommand:
         instance = await self._reads.submit((definition, command.saga_id))
         if instance is None or not _is_current(instance, command):
             return Handled("stale", saga_id=str(command.saga_id))
-        finished = await self._call_port(definition, instance, command, inbound.message_id)
+        finished = await self._call_port(definition, instance, command, inbound)
         handled = await self._apply(
             Arrival(
                 definition,
@@ -81,6 +90,7 @@ class HandleStepCommand:
                 known=instance,
                 body_hash=body_hash(inbound.body),
                 delivery=inbound,
+                trace_context=inbound.trace_context,
             )
         )
         if handled.outcome in {"applied", "duplicate", "dead_lettered"}:
@@ -92,7 +102,7 @@ class HandleStepCommand:
         definition: SagaDefinition[Any],
         instance: SagaInstance,
         command: RunStep,
-        message_id: str,
+        inbound: InboundMessage,
     ) -> StepFinished:
         step = definition.step(command.step)
         function = step.action if command.kind == "action" else step.compensation
@@ -108,14 +118,31 @@ class HandleStepCommand:
             action_key=idempotency_key(instance.id, step.name, "action"),
             state=instance.state,
         )
-        try:
-            result = await self._caller.call(step.port, lambda: function(port, call))
-        except BusinessFailure as refusal:
-            return _finished(command, message_id, failure=Failure(refusal.reason, business=True))
-        except (PortUnavailable, TimeoutError) as error:
-            retry_at = self._caller.next_retry_at(step.port, command.attempt, self._clock.now())
-            failure = Failure(f"{type(error).__name__}: {error}", business=False, retry_at=retry_at)
-            return _finished(command, message_id, failure=failure)
+        message_id = inbound.message_id
+        facts = StepCall(
+            definition.name,
+            instance.id,
+            step.name,
+            step.port,
+            command.kind,
+            command.attempt,
+            inbound.trace_context,
+        )
+        with self._telemetry.step_call(facts) as record:
+            try:
+                result = await self._caller.call(step.port, lambda: function(port, call))
+            except BusinessFailure as refusal:
+                record.failed(refusal.reason, business=True, retry_scheduled=False)
+                failure = Failure(refusal.reason, business=True)
+                return _finished(command, message_id, failure=failure)
+            except (PortUnavailable, TimeoutError) as error:
+                now = self._clock.now()
+                retry_at = self._caller.next_retry_at(step.port, command.attempt, now)
+                reason = f"{type(error).__name__}: {error}"
+                record.failed(reason, business=False, retry_scheduled=retry_at is not None)
+                failure = Failure(reason, business=False, retry_at=retry_at)
+                return _finished(command, message_id, failure=failure)
+            record.succeeded()
         return _finished(command, message_id, result=result)
 
     def _refused(self, inbound: InboundMessage) -> Rejected | None:

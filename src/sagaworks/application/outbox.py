@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from sagaworks.application.ports import OutboxRow, Publisher, Store
+from sagaworks.application.ports import OutboxRow, Publisher, Store, Telemetry
 from sagaworks.application.published_marks import PublishedMarks
 
 __all__ = ["OutboxRelay"]
@@ -23,12 +23,15 @@ class OutboxRelay:
         *,
         sweep_grace_s: float = 2.0,
         marks: PublishedMarks | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._store = store
         self._publisher = publisher
         self._grace = sweep_grace_s
         self._marks = marks
         """Batches `mark_published` (see published_marks.py); None: one UPDATE per publish."""
+        self._telemetry = telemetry
+        """Told of every confirmed publish (the outbox lag); None: nobody is."""
 
     async def publish_now(self, rows: Sequence[OutboxRow]) -> bool:
         """Publish rows a transaction just committed; on failure the sweeper retries them."""
@@ -42,6 +45,8 @@ class OutboxRelay:
                 extra={"rows": len(rows), "error": f"{type(error).__name__}: {error}"},
             )
             return False
+        if self._telemetry is not None:
+            self._telemetry.outbox_published(rows, swept=False)
         if self._marks is not None:
             self._marks.add([r.id for r in rows])
         else:
@@ -56,4 +61,6 @@ class OutboxRelay:
         async with self._store.claim_unpublished(batch, grace) as rows:
             if rows:
                 await self._publisher.publish(rows)
+                if self._telemetry is not None:
+                    self._telemetry.outbox_published(rows, swept=True)
             return len(rows)

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from sagaworks.application.apply_inputs import apply_to_locked_saga
 from sagaworks.application.config import EngineOptions
 from sagaworks.application.outbox import OutboxRelay
-from sagaworks.application.ports import Clock, DueTimer, Store, TimerFailure
+from sagaworks.application.ports import Clock, DueTimer, Store, Telemetry, TimerFailure
 from sagaworks.application.registry import SagaRegistry
 from sagaworks.application.stored import dead_letter
+from sagaworks.application.tracing import finished_saga
 from sagaworks.application.wire import Wire
 from sagaworks.domain.decide import TimerFired
 
@@ -54,8 +55,10 @@ class FireDueTimers:
         registry: SagaRegistry,
         wire: Wire,
         options: EngineOptions,
+        telemetry: Telemetry,
     ) -> None:
         self._store = store
+        self._telemetry = telemetry
         self._relay = relay
         self._clock = clock
         self._registry = registry
@@ -75,15 +78,18 @@ class FireDueTimers:
                         break
                     definition = self._registry.get(timer.saga_type)
                     locked = await tx.lock_saga(definition, timer.saga_id)
-                    await apply_to_locked_saga(
-                        tx, self._wire, definition, locked, TimerFired(timer.name), now
-                    )
+                    with self._telemetry.timer_fired(timer, now) as trace:
+                        decision = await apply_to_locked_saga(
+                            tx, self._wire, definition, locked, TimerFired(timer.name), now, trace
+                        )
                     rows = tx.written_outbox()
             except Exception as error:
                 if timer is None:
                     raise
                 failed.append(await self._record_failure(timer, error))
                 continue
+            if (end := finished_saga(locked, decision)) is not None:
+                self._telemetry.sagas_finished([end])
             await self._relay.publish_now(rows)
             fired += 1
         return TimersRun(fired, tuple(failed))

@@ -28,11 +28,20 @@ class Wire:
     def __init__(self, exchange_for: Callable[[str], str]) -> None:
         self._exchange_for = exchange_for
 
-    def change(self, definition: SagaDefinition[Any], decision: Decision) -> SagaChange:
-        """An applied decision with its outgoing messages encoded, as a store takes it."""
-        return SagaChange(definition, decision, tuple(self.encode(o) for o in decision.outgoing))
+    def change(
+        self,
+        definition: SagaDefinition[Any],
+        decision: Decision,
+        trace_context: str | None = None,
+    ) -> SagaChange:
+        """An applied decision with its outgoing messages encoded, as a store takes it.
 
-    def encode(self, outgoing: Outgoing) -> PendingMessage:
+        `trace_context` (a W3C `traceparent`) goes with every outgoing message and timer.
+        """
+        outbox = tuple(self.encode(o, trace_context) for o in decision.outgoing)
+        return SagaChange(definition, decision, outbox, trace_context)
+
+    def encode(self, outgoing: Outgoing, trace_context: str | None = None) -> PendingMessage:
         env = outgoing.envelope
         return PendingMessage(
             message_id=env.id,
@@ -48,6 +57,7 @@ class Wire:
                 "causationid": env.causation_id,
             },
             body=outgoing.body.model_dump_json().encode(),
+            trace_context=trace_context,
         )
 
 

@@ -35,6 +35,7 @@ from sagaworks.adapters.observability.logging import (
     clear_message_context,
     get_logger,
 )
+from sagaworks.adapters.observability.telemetry import EngineTelemetry, NoTelemetry
 from sagaworks.adapters.rabbitmq.inbound import to_inbound
 from sagaworks.adapters.rabbitmq.topology import apply_topology, check_topology
 from sagaworks.application.ports import InboundMessage
@@ -69,11 +70,13 @@ class Worker:
     def __init__(self, system: System) -> None:
         self.system = system
         settings = system.settings
+        self.telemetry: EngineTelemetry = system.telemetry or NoTelemetry()
         self.broker = RabbitBroker(
             settings.amqp_url.get_secret_value(),
             graceful_timeout=settings.grace_period_s * 0.7,
             logger=None,
             apply_types=False,
+            middlewares=self.telemetry.broker_middlewares(),
         )
         self.gate = PortGate(system.breakers, system.record_breaker_change)
         self.app = FastStream(
@@ -113,6 +116,7 @@ class Worker:
         transient = self.system.transient_errors
         reject_oversized = self.system.reject_oversized
         dead_letters = queue == self.system.topology.dead_letter_queue
+        telemetry = self.telemetry
 
         @self.broker.subscriber(
             RabbitQueue(queue, declare=False),
@@ -139,6 +143,7 @@ class Worker:
                 )
                 await message.reject(requeue=False)
                 return
+            inbound = telemetry.traced(inbound)
             handle = use_case if len(raw.body) <= reject_oversized.max_bytes else reject_oversized
             bind_message_context(
                 message_id=inbound.message_id, correlation_id=inbound.correlation_id
@@ -147,6 +152,7 @@ class Worker:
                 handled = await _patiently(handle, inbound, transient)
             except Exception as error:  # noqa: BLE001 - any other failure: never leave unsettled
                 self.system.last_errors.remember(queue, inbound.message_id, error)
+                telemetry.delivery_failed(error)
                 if dead_letters and not isinstance(error, transient):
                     _log.exception(
                         "dead letter could not be stored; moved with its original bytes to "
@@ -165,6 +171,7 @@ class Worker:
             finally:
                 clear_message_context()
             await message.ack()
+            telemetry.delivery_settled(queue, handled.outcome, handled.reason, handled.saga_id)
             if handled.outcome in {"dead_lettered", "parked", "ignored"}:
                 _log.info(
                     handled.outcome,

@@ -101,6 +101,7 @@ class SagaRecord:
     progress: dict[str, Any]
     created_at: datetime
     updated_at: datetime
+    trace_context: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,10 +131,18 @@ class OutboxRecord:
     body: bytes
     created_at: datetime
     published_at: datetime | None = None
+    trace_context: str | None = None
 
     def row(self) -> OutboxRow:
         return OutboxRow(
-            self.id, self.message_id, self.exchange, self.routing_key, self.headers, self.body
+            self.id,
+            self.message_id,
+            self.exchange,
+            self.routing_key,
+            self.headers,
+            self.body,
+            self.trace_context,
+            self.created_at,
         )
 
 
@@ -149,6 +158,7 @@ class TimerRecord:
     attempts: int = 0
     last_error: str | None = None
     parked_at: datetime | None = None
+    trace_context: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

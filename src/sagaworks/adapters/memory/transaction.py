@@ -155,11 +155,15 @@ class MemoryTransaction(Owner):
             record = self._saga(saga_id)
             has_parked = any(p.saga_id == saga_id for p in self._parked().values())
             instance = None if record is None else instance_of(definition, record)
+            trace = None if record is None else record.trace_context
+            started = None if record is None else record.created_at
             if first is None:
-                return LockedSaga(instance, False, has_parked)
+                return LockedSaga(instance, False, has_parked, None, None, trace, started)
             conflict = None not in (first.body_hash, body_hash) and first.body_hash != body_hash
             first_body = first.body if conflict else None
-            return LockedSaga(instance, True, has_parked, first.body_hash, first_body)
+            return LockedSaga(
+                instance, True, has_parked, first.body_hash, first_body, trace, started
+            )
         finally:
             self._leave()
 
@@ -242,6 +246,7 @@ class MemoryTransaction(Owner):
         headers = [as_json(p.headers) for p in pending]
         existing = await self._previous(definition, decision)
         created_at = at if existing is None else existing.created_at
+        trace = change.trace_context if existing is None else existing.trace_context
         for p in pending:
             await self._locks.acquire(("outbox.message_id", p.message_id), self)
         ids = [p.message_id for p in pending]
@@ -265,6 +270,7 @@ class MemoryTransaction(Owner):
             progress=progress,
             created_at=created_at,
             updated_at=at,
+            trace_context=trace,
         )
         base = self._last_seq(instance.id)
         entries = changes.history.setdefault(instance.id, [])
@@ -292,6 +298,7 @@ class MemoryTransaction(Owner):
                 stored_headers,
                 p.body,
                 now,
+                trace_context=p.trace_context,
             )
             changes.outbox[record.id] = record
             self._written.append(record.row())
@@ -303,10 +310,22 @@ class MemoryTransaction(Owner):
             key = (instance.id, spec.name)
             old = timers.get(key)
             changes.timers[key] = (
-                replace(old, fire_at=utc(spec.fire_at), attempts=0, last_error=None, parked_at=None)
+                replace(
+                    old,
+                    fire_at=utc(spec.fire_at),
+                    attempts=0,
+                    last_error=None,
+                    parked_at=None,
+                    trace_context=change.trace_context,
+                )
                 if old is not None
                 else TimerRecord(
-                    self._tables.next_id("timers"), instance.id, spec.name, utc(spec.fire_at), now
+                    self._tables.next_id("timers"),
+                    instance.id,
+                    spec.name,
+                    utc(spec.fire_at),
+                    now,
+                    trace_context=change.trace_context,
                 )
             )
 
@@ -390,7 +409,13 @@ class MemoryTransaction(Owner):
                     continue
                 self._changes.timers[key] = None
                 return DueTimer(
-                    timer.id, saga.saga_type, timer.saga_id, timer.name, current.attempts
+                    timer.id,
+                    saga.saga_type,
+                    timer.saga_id,
+                    timer.name,
+                    current.attempts,
+                    current.fire_at,
+                    current.trace_context,
                 )
             return None
         finally:

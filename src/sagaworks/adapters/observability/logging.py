@@ -5,7 +5,9 @@ FastStream, aio-pika, SQLAlchemy and Alembic log through the standard library;
 line is either JSON (machines) or readable console output (a terminal), never
 a mix. Tracebacks are rendered without frame locals: locals hold URLs,
 payloads and credentials. Every URL in a rendered line, ours or a library's
-(aio-pika logs its connection with the URL's query), is masked last.
+(aio-pika logs its connection with the URL's query), is masked last. A line
+logged inside a traced span carries its `trace_id` and `span_id`, so a log
+search finds the trace and a trace finds its lines.
 """
 
 from __future__ import annotations
@@ -15,11 +17,18 @@ import sys
 from typing import Any, Literal, TextIO
 
 import structlog
+from opentelemetry import trace
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 from sagaworks.redaction import mask_urls_in
 
-__all__ = ["bind_message_context", "clear_message_context", "configure_logging", "get_logger"]
+__all__ = [
+    "add_trace_ids",
+    "bind_message_context",
+    "clear_message_context",
+    "configure_logging",
+    "get_logger",
+]
 
 LogFormat = Literal["auto", "json", "console"]
 
@@ -47,6 +56,15 @@ def _masking_urls(renderer: Processor) -> Processor:
     return render
 
 
+def add_trace_ids(logger: WrappedLogger, method: str, event_dict: EventDict) -> EventDict:
+    """`trace_id` and `span_id` (hex, as tracing tools show them) of the span now current."""
+    context = trace.get_current_span().get_span_context()
+    if context.is_valid:
+        event_dict["trace_id"] = f"{context.trace_id:032x}"
+        event_dict["span_id"] = f"{context.span_id:016x}"
+    return event_dict
+
+
 def configure_logging(
     fmt: LogFormat = "auto", level: str = "INFO", stream: TextIO | None = None
 ) -> None:
@@ -54,6 +72,7 @@ def configure_logging(
     out = stream or sys.stderr
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
+        add_trace_ids,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

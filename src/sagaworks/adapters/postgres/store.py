@@ -74,7 +74,8 @@ SELECT s.version, s.version = w.known AS unchanged,
        CASE WHEN s.version = w.known THEN NULL ELSE s.progress END AS progress,
        EXISTS (SELECT 1 FROM parked_messages p WHERE p.saga_id = w.id) AS has_parked,
        EXISTS (SELECT 1 FROM claimed WHERE claimed.saga_id = w.id) AS claimed,
-       i.body_hash AS first_body_hash, i.first_body
+       i.body_hash AS first_body_hash, i.first_body,
+       s.trace_context, s.created_at AS started_at
 FROM unnest($1::uuid[], $4::int[], $2::text[], $3::text[], $5::bytea[])
   WITH ORDINALITY AS w(id, known, consumer, message_id, body_hash, ord)
 LEFT JOIN saga_instances s ON s.id = w.id
@@ -98,15 +99,17 @@ ORDER BY w.ord
 _SAVE_ALL = """
 WITH u AS (
   SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
-                       $6::timestamptz[], $7::jsonb[], $8::int[], $9::jsonb[], $10::int[])
+                       $6::timestamptz[], $7::jsonb[], $8::int[], $9::jsonb[], $10::int[],
+                       $29::text[])
     AS u(id, saga_type, correlation_key, status, current_step, at, state,
-         state_schema_version, progress, version)
+         state_schema_version, progress, version, trace_context)
 ),
 created AS (
   INSERT INTO saga_instances (id, saga_type, correlation_key, status, current_step, state,
-                              state_schema_version, version, created_at, updated_at, progress)
+                              state_schema_version, version, created_at, updated_at, progress,
+                              trace_context)
   SELECT id, saga_type, correlation_key, status, current_step, state, state_schema_version,
-         1, at, at, progress
+         1, at, at, progress, trace_context
   FROM u WHERE version = 1
   RETURNING id
 ),
@@ -132,10 +135,11 @@ h AS (
   WHERE e.saga_id IN (SELECT id FROM written)
 ),
 o AS (
-  INSERT INTO outbox (message_id, saga_id, exchange, routing_key, headers, body)
-  SELECT m.message_id, m.saga_id, m.exchange, m.routing_key, m.headers, m.body
-  FROM unnest($18::uuid[], $19::text[], $20::text[], $21::text[], $22::jsonb[], $23::bytea[])
-    AS m(saga_id, message_id, exchange, routing_key, headers, body)
+  INSERT INTO outbox (message_id, saga_id, exchange, routing_key, headers, body, trace_context)
+  SELECT m.message_id, m.saga_id, m.exchange, m.routing_key, m.headers, m.body, m.trace_context
+  FROM unnest($18::uuid[], $19::text[], $20::text[], $21::text[], $22::jsonb[], $23::bytea[],
+              $30::text[])
+    AS m(saga_id, message_id, exchange, routing_key, headers, body, trace_context)
   WHERE m.saga_id IN (SELECT id FROM written)
   ORDER BY m.message_id
   RETURNING id, message_id
@@ -145,12 +149,14 @@ tc AS (
   WHERE t.saga_id = c.saga_id AND t.name = c.name AND c.saga_id IN (SELECT id FROM written)
 ),
 ts AS (
-  INSERT INTO timers (saga_id, name, fire_at)
-  SELECT t.saga_id, t.name, t.fire_at
-  FROM unnest($26::uuid[], $27::text[], $28::timestamptz[]) AS t(saga_id, name, fire_at)
+  INSERT INTO timers (saga_id, name, fire_at, trace_context)
+  SELECT t.saga_id, t.name, t.fire_at, t.trace_context
+  FROM unnest($26::uuid[], $27::text[], $28::timestamptz[], $31::text[])
+    AS t(saga_id, name, fire_at, trace_context)
   WHERE t.saga_id IN (SELECT id FROM written)
   ON CONFLICT (saga_id, name) DO UPDATE
-  SET fire_at = EXCLUDED.fire_at, attempts = 0, last_error = NULL, parked_at = NULL
+  SET fire_at = EXCLUDED.fire_at, attempts = 0, last_error = NULL, parked_at = NULL,
+      trace_context = EXCLUDED.trace_context
 )
 SELECT ARRAY(SELECT id FROM written) AS written, o.id, o.message_id
 FROM (SELECT 1) AS one LEFT JOIN o ON true
@@ -187,7 +193,7 @@ SELECT id, saga_type, headers, body, reason, expires_at, message_id, message_typ
 """
 
 _DUE_TIMERS = """
-SELECT t.id, t.saga_id, t.name, t.attempts, s.saga_type
+SELECT t.id, t.saga_id, t.name, t.attempts, s.saga_type, t.fire_at, t.trace_context
 FROM timers t JOIN saga_instances s ON s.id = t.saga_id
 WHERE t.fire_at <= $1 AND t.parked_at IS NULL ORDER BY t.fire_at LIMIT 20
 """
@@ -226,7 +232,8 @@ WHERE dead_letters.headers IS DISTINCT FROM EXCLUDED.headers
 """
 
 _CLAIM_UNPUBLISHED = """
-SELECT id, message_id, exchange, routing_key, headers, body FROM outbox
+SELECT id, message_id, exchange, routing_key, headers, body, trace_context, created_at
+FROM outbox
 WHERE published_at IS NULL AND created_at <= now() - make_interval(secs => $2)
 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
 """
@@ -249,6 +256,8 @@ def _outbox_row(row: asyncpg.Record) -> OutboxRow:
         routing_key=row["routing_key"],
         headers=row["headers"],
         body=bytes(row["body"]),
+        trace_context=row["trace_context"],
+        created_at=row["created_at"],
     )
 
 
@@ -272,7 +281,7 @@ class _SaveColumns:
         self._sagas: list[tuple[Any, ...]] = []
         self._history: list[tuple[Any, ...]] = []
         self._outbox: list[tuple[Any, ...]] = []
-        self._pending: list[PendingMessage] = []
+        self._pending: list[tuple[PendingMessage, datetime]] = []
         self._cancelled: list[tuple[Any, ...]] = []
         self._timers: list[tuple[Any, ...]] = []
 
@@ -299,6 +308,7 @@ class _SaveColumns:
                 definition.state_version,
                 json.dumps(instance.progress_json()),
                 instance.version,
+                change.trace_context,
             )
         )
         self._history.extend(
@@ -306,31 +316,57 @@ class _SaveColumns:
             for n, h in enumerate(decision.history, start=1)
         )
         for p in change.outbox:
-            self._pending.append(p)
+            self._pending.append((p, at))
             self._outbox.append(
-                (saga_id, p.message_id, p.exchange, p.routing_key, json.dumps(p.headers), p.body)
+                (
+                    saga_id,
+                    p.message_id,
+                    p.exchange,
+                    p.routing_key,
+                    json.dumps(p.headers),
+                    p.body,
+                    p.trace_context,
+                )
             )
         cancelled = set(decision.cancel_timers) - {t.name for t in decision.set_timers}
         self._cancelled.extend((saga_id, name) for name in sorted(cancelled))
-        self._timers.extend((saga_id, t.name, t.fire_at) for t in decision.set_timers)
+        self._timers.extend(
+            (saga_id, t.name, t.fire_at, change.trace_context) for t in decision.set_timers
+        )
 
     def outbox_rows(self, ids: dict[str, int]) -> list[OutboxRow]:
         """The rows written, in id order, from what was sent rather than read back."""
         rows = [
-            OutboxRow(ids[p.message_id], p.message_id, p.exchange, p.routing_key, p.headers, p.body)
-            for p in self._pending
+            OutboxRow(
+                ids[p.message_id],
+                p.message_id,
+                p.exchange,
+                p.routing_key,
+                p.headers,
+                p.body,
+                p.trace_context,
+                at,
+            )
+            for p, at in self._pending
             if p.message_id in ids
         ]
         return sorted(rows, key=lambda r: r.id)
 
     def args(self) -> list[list[Any]]:
+        """`$1`..`$31`: each table's columns, and the trace contexts appended last."""
+        sagas = _columns(self._sagas, 10)
+        outbox = _columns(self._outbox, 7)
+        timers = _columns(self._timers, 4)
         return [
             self.ids,
-            *_columns(self._sagas, 9),
+            *sagas[:9],
             *_columns(self._history, 7),
-            *_columns(self._outbox, 6),
+            *outbox[:6],
             *_columns(self._cancelled, 2),
-            *_columns(self._timers, 3),
+            *timers[:3],
+            sagas[9],
+            outbox[6],
+            timers[3],
         ]
 
 
@@ -355,6 +391,8 @@ def _locked(claim: SagaClaim, row: asyncpg.Record) -> LockedSaga:
         bool(row["has_parked"]),
         bytes(first) if duplicate and first is not None else None,
         bytes(first_body) if duplicate and first_body is not None else None,
+        row["trace_context"],
+        row["started_at"],
     )
 
 
@@ -446,7 +484,13 @@ class _Transaction:
             if await self._conn.fetchval(_CLAIM_TIMER, row["id"]) is None:
                 continue
             return DueTimer(
-                row["id"], row["saga_type"], row["saga_id"], row["name"], row["attempts"]
+                row["id"],
+                row["saga_type"],
+                row["saga_id"],
+                row["name"],
+                row["attempts"],
+                row["fire_at"],
+                row["trace_context"],
             )
         return None
 

@@ -111,6 +111,7 @@ saga_instances = Table(
     Column("progress", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
     _timestamp("created_at", now=True),
     _timestamp("updated_at", now=True),
+    Column("trace_context", Text, nullable=True),
     CheckConstraint(_one_of("status", SAGA_STATUSES), name="status"),
     CheckConstraint("version >= 1", name="version"),
     UniqueConstraint("saga_type", "correlation_key"),
@@ -199,6 +200,7 @@ outbox = Table(
     _timestamp("published_at", nullable=True),
     Column("attempts", Integer, nullable=False, server_default=text("0")),
     Column("last_error", Text, nullable=True),
+    Column("trace_context", Text, nullable=True),
     UniqueConstraint("message_id"),
     Index("ix_outbox_unpublished", "id", postgresql_where=text("published_at IS NULL")),
     Index(
@@ -224,6 +226,7 @@ timers = Table(
     Column("attempts", Integer, nullable=False, server_default=text("0")),
     Column("last_error", Text, nullable=True),
     _timestamp("parked_at", nullable=True),
+    Column("trace_context", Text, nullable=True),
     CheckConstraint("attempts >= 0", name="attempts"),
     UniqueConstraint("saga_id", "name"),
     Index("ix_timers_due", "fire_at", postgresql_where=text("parked_at IS NULL")),

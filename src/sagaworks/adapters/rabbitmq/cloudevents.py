@@ -12,6 +12,9 @@ messages are read from any of:
 - the RabbitMQ binding in binary mode: `ce-*` headers;
 - structured mode (`content_type: application/cloudevents+json`): the
   attributes and the data in the JSON body (`read_structured`).
+
+A trace context travels as the W3C `traceparent` header, where tracing
+tools (FastStream's middleware among them) look for it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,12 +33,14 @@ __all__ = [
     "HEADER_PREFIXES",
     "SPEC_VERSION",
     "STRUCTURED_CONTENT_TYPE",
+    "TRACEPARENT",
     "StructuredEvent",
     "is_broker_owned",
     "is_structured",
     "parse_time",
     "read_attribute",
     "read_structured",
+    "trace_context_of",
 ]
 
 CE_PREFIX = "cloudEvents_"
@@ -42,6 +48,10 @@ HEADER_PREFIXES = (CE_PREFIX, "cloudEvents:", "ce-")
 """Header name prefixes of the attributes: the AMQP binding's two forms, the RabbitMQ binding's."""
 SPEC_VERSION = "1.0"
 STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
+TRACEPARENT = "traceparent"
+
+_TRACEPARENT = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
+"""Version 00 of W3C Trace Context, all-zero ids being invalid."""
 
 _BROKER_HEADERS = frozenset({"x-death", "x-delivery-count"})
 _BROKER_PREFIXES = ("x-first-death-", "x-last-death-")
@@ -144,3 +154,11 @@ def _is_json(content_type: object) -> bool:
         return True
     media_type = content_type.split(";", 1)[0].strip().lower()
     return media_type == "application/json" or media_type.endswith(("/json", "+json"))
+
+
+def trace_context_of(headers: Mapping[str, Any]) -> str | None:
+    """The delivery's W3C `traceparent`; None when absent or not one (never an error)."""
+    value = headers.get(TRACEPARENT)
+    if isinstance(value, str) and _TRACEPARENT.fullmatch(value.strip()):
+        return value.strip()
+    return None

@@ -44,6 +44,7 @@ from sagaworks.adapters.rabbitmq.cloudevents import (
     is_structured,
     parse_time,
     read_structured,
+    trace_context_of,
 )
 from sagaworks.application.ports import InboundMessage, PriorFailure
 from sagaworks.application.stored import original_bytes, storable_text
@@ -188,6 +189,7 @@ def inbound_of(
         failures=prior_failures(headers),
         raw_fields=raw,
         content_key="" if identity else content_key(body, headers),
+        trace_context=trace_context_of(headers),
     )
 
 

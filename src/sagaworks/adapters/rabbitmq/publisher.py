@@ -5,7 +5,8 @@ one broker round trip, not one per message. Commands to sagaworks' own
 queues are `mandatory`: a command nobody would receive is an error, not a
 silent drop. Events are not: another service may not listen yet. Every
 message carries the connection's user as `user_id` (RabbitMQ verifies it),
-so a consumer can tell sagaworks' own commands from anyone else's.
+so a consumer can tell sagaworks' own commands from anyone else's. A row
+with a trace context carries it as the W3C `traceparent` header.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from sagaworks.adapters.rabbitmq.cloudevents import (
     CE_PREFIX,
     SPEC_VERSION,
+    TRACEPARENT,
     is_broker_owned,
     parse_time,
     read_attribute,
@@ -59,6 +61,8 @@ def amqp_properties(row: OutboxRow, user_id: str | None = None) -> aiormq.spec.B
         headers[f"{CE_PREFIX}correlationid"] = correlation_id
     if causation_id:
         headers[f"{CE_PREFIX}causationid"] = causation_id
+    if row.trace_context:
+        headers[TRACEPARENT] = row.trace_context
     return aiormq.spec.Basic.Properties(
         message_id=envelope.get("id") or row.message_id,
         message_type=envelope.get("type"),

@@ -1,8 +1,9 @@
 """The engine's ports: every Protocol the use cases need, and the records they pass.
 
 Grouped by role (messages in and out, the saga store, calls and time, dead
-letters, breaker changes, operators' reads of sagas, worker heartbeats); import
-them from here. Adapters implement them, use cases see nothing else of the outside world.
+letters, breaker changes, operators' reads of sagas, worker heartbeats,
+telemetry); import them from here. Adapters implement them, use cases see nothing
+else of the outside world.
 """
 
 from sagaworks.application.ports.breakers import BreakerChange, BreakerLog, BreakerState
@@ -52,6 +53,12 @@ from sagaworks.application.ports.store import (
     Store,
     TimerFailure,
 )
+from sagaworks.application.ports.telemetry import (
+    FinishedSaga,
+    StepCall,
+    StepCallRecord,
+    Telemetry,
+)
 from sagaworks.application.ports.workers import Heartbeat, HeartbeatLog, QueueDepth
 
 __all__ = [
@@ -68,6 +75,7 @@ __all__ = [
     "DeadLetterRepository",
     "DueTimer",
     "FailureGroup",
+    "FinishedSaga",
     "Heartbeat",
     "HeartbeatLog",
     "InboundMessage",
@@ -93,9 +101,12 @@ __all__ = [
     "SagaQueries",
     "SagaSummary",
     "SagaTransaction",
+    "StepCall",
+    "StepCallRecord",
     "Store",
     "StoredDeadLetter",
     "StuckSaga",
+    "Telemetry",
     "TimelineEntry",
     "TimerFailure",
     "TimerReading",

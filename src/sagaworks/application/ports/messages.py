@@ -79,6 +79,8 @@ class InboundMessage:
     """The original bytes of every text field the transport had to escape to make it
     storable (a NUL, bytes that are not UTF-8), by field: `message_id`, `type`,
     `headers/<name>`, …; empty for nearly every message."""
+    trace_context: str | None = None
+    """The W3C `traceparent` the work on this delivery continues (None: not traced)."""
 
     def meta(self) -> dict[str, Any]:
         """How every store keeps a delivery (a parked event) besides id, type and body: JSON."""
@@ -143,6 +145,10 @@ class OutboxRow:
     routing_key: str
     headers: Mapping[str, Any]
     body: bytes
+    trace_context: str | None = None
+    """The W3C `traceparent` the message is published with (None: none)."""
+    created_at: datetime | None = field(default=None, compare=False)
+    """When the row was committed, for the outbox lag (None: not known); not what it is."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +160,7 @@ class PendingMessage:
     routing_key: str
     headers: dict[str, Any]
     body: bytes
+    trace_context: str | None = None
 
 
 class Publisher(Protocol):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 from uuid import UUID
@@ -57,6 +57,10 @@ class LockedSaga:
 
     Only a conflict carries it, so a plain duplicate reads no body; None when not recorded.
     """
+    trace_context: str | None = field(default=None, compare=False)
+    """The W3C `traceparent` the saga was started in: its one trace (None: not traced)."""
+    started_at: datetime | None = field(default=None, compare=False)
+    """When the saga was created (None: not created yet); what it reports, not what it is."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +85,8 @@ class SagaChange:
     definition: SagaDefinition[Any]
     decision: Decision
     outbox: tuple[PendingMessage, ...]
+    trace_context: str | None = None
+    """The trace the change continues: its timers carry it, and a new saga keeps it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +97,10 @@ class DueTimer:
     name: str
     attempts: int = 0
     """Failed applications so far (each rolled back); 0 for a timer that never failed."""
+    fire_at: datetime | None = None
+    """When it was due (None: not known), for the timer lag."""
+    trace_context: str | None = None
+    """The W3C `traceparent` of the saga's trace, which the timer continues when it fires."""
 
 
 @dataclass(frozen=True, slots=True)

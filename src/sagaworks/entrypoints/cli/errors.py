@@ -11,6 +11,7 @@ from typing import Any, NoReturn, TypeVar
 
 from pydantic import ValidationError
 
+from sagaworks.adapters.observability.environment import TelemetryMisconfigured
 from sagaworks.adapters.postgres.errors import (
     DatabaseUnreachable,
     InvalidDatabaseUrl,
@@ -48,6 +49,7 @@ EXIT_CODES: dict[type[BaseException], int] = {
     UnknownSaga: 2,
     SagaModuleError: 2,
     UnconfiguredPublishers: 2,
+    TelemetryMisconfigured: 2,
     DatabaseUnreachable: 3,
     RolesNotApplied: 3,
     SchemaNotCurrent: 4,

@@ -1,7 +1,7 @@
 """Autovacuum tuned for the tables retention deletes from and the hot path churns.
 
 Revision ID: 0011
-Revises: 0009
+Revises: 0010
 
 PostgreSQL's defaults vacuum a table once a fifth of it is dead
 (`autovacuum_vacuum_scale_factor` 0.2): on a large inbox or outbox that
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from alembic import op
 
 revision: str = "0011"
-down_revision: str | None = "0009"
+down_revision: str | None = "0010"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
