@@ -49,7 +49,9 @@ REJECTION_REASONS: Mapping[str, str] = {
     "id_conflict": "an id already processed came again with another body; give every distinct "
     "message its own id",
     "no_saga": "kept for SAGAWORKS_PARK_FOR_S, its saga never started; see docs/dead-letters.md",
-    "unexpected_event": "kept for SAGAWORKS_PARK_FOR_S, its saga never became ready for it; see "
+    "unexpected_event": "kept for SAGAWORKS_PARK_FOR_S for a saga that no longer exists; see "
+    "docs/dead-letters.md",
+    "saga_ended": "kept while its saga lived; the saga ended without taking it; see "
     "docs/dead-letters.md",
     "unknown_saga": "a step command names a saga this worker does not run",
     "delivery_limit": "handling failed SAGAWORKS_DELIVERY_LIMIT times; the broker dead-lettered "
