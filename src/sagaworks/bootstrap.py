@@ -70,6 +70,7 @@ from sagaworks.application.boundary import (
 from sagaworks.application.circuit import RecordBreakerChange
 from sagaworks.application.config import EngineOptions, PortPolicy
 from sagaworks.application.dead_letters import IngestDeadLetter, LastErrors, QueueOwner
+from sagaworks.application.eager import EagerSteps
 from sagaworks.application.handle_event import HandleEvent
 from sagaworks.application.handle_step_command import HandleStepCommand
 from sagaworks.application.outbox import OutboxRelay
@@ -197,6 +198,8 @@ class System:
     """This process's circuit breakers; None when a test hands in its own `PortCaller`."""
     record_breaker_change: RecordBreakerChange | None = None
     """Records breaker changes and announces them; None with a store handed in that is neither."""
+    eager: EagerSteps | None = None
+    """Runs committed step commands in this process for the ports a worker `serve`s; None: off."""
 
     def routes(self) -> list[Route]:
         """The queue -> use case table: every saga's queue, every port's, the dead letters'."""
@@ -311,14 +314,21 @@ async def bootstrap(
         timer_retry_max=timedelta(seconds=settings.timer_retry_max_s),
     )
     relay = OutboxRelay(store, publisher, marks=PublishedMarks(store))
-    apply = ApplyInputs(store, relay, clock, options, wire)
     if caller is None:
         caller = ResilientCaller({**declared_policies(ports), **(policies or {})})
+    breakers = caller.breakers if isinstance(caller, ResilientCaller) else None
+    eager = _eager_steps(settings, relay, breakers)
+    apply = ApplyInputs(store, relay, clock, options, wire, eager)
     record_breaker_change = None
     if breaker_log is not None:
         record_breaker_change = RecordBreakerChange(breaker_log, relay, wire)
     last_errors = LastErrors()
     owners = _queue_owners(settings, registry)
+    handle_step_command = HandleStepCommand(
+        store, apply, clock, registry, ports, caller, options, boundary
+    )
+    if eager is not None:
+        eager.bind(handle_step_command.run_eagerly)
     system = System(
         settings=settings,
         registry=registry,
@@ -327,9 +337,7 @@ async def bootstrap(
         publisher=publisher,
         relay=relay,
         handle_event=HandleEvent(store, apply, clock, options, boundary),
-        handle_step_command=HandleStepCommand(
-            store, apply, clock, registry, ports, caller, options, boundary
-        ),
+        handle_step_command=handle_step_command,
         fire_timers=FireDueTimers(store, relay, clock, registry, wire, options),
         expire_parked_events=ExpireParkedEvents(store, clock),
         ingest_dead_letter=IngestDeadLetter(store, clock, owners, last_errors),
@@ -346,8 +354,9 @@ async def bootstrap(
         transient_errors=(OSError, *TRANSIENT_DATABASE_ERRORS),
         engine=engine,
         connection=connection,
-        breakers=caller.breakers if isinstance(caller, ResilientCaller) else None,
+        breakers=breakers,
         record_breaker_change=record_breaker_change,
+        eager=eager,
     )
     try:
         await _open_ports(system.port_lifecycle, ports)
@@ -430,6 +439,22 @@ def boundary_for(settings: Settings, registry: SagaRegistry) -> Boundary:
     prefix = settings.exchange_prefix
     return Boundary(
         lambda domain: exchange_name(prefix, domain), allowed, frozenset({own_user(settings)})
+    )
+
+
+def _eager_steps(
+    settings: Settings, relay: OutboxRelay, breakers: PortBreakers | None
+) -> EagerSteps | None:
+    """Eager steps as the settings say; a port runs eagerly only while its breaker is closed."""
+    if not settings.eager_steps:
+        return None
+    prefix = settings.exchange_prefix
+    return EagerSteps(
+        relay,
+        per_port=settings.eager_steps_per_port,
+        lease_s=settings.eager_lease_s,
+        breaker_closed=lambda port: breakers is None or breakers[port].state == "closed",
+        queue_for=lambda port: port_queue_name(prefix, port),
     )
 
 

@@ -23,6 +23,7 @@ from uuid import UUID
 
 from sagaworks.application.batching import Batcher
 from sagaworks.application.config import EngineOptions
+from sagaworks.application.eager import EagerStep, EagerSteps
 from sagaworks.application.outbox import OutboxRelay
 from sagaworks.application.parsing import Rejected, envelope_of, parse_event
 from sagaworks.application.ports import (
@@ -30,6 +31,7 @@ from sagaworks.application.ports import (
     DeadLetter,
     InboundMessage,
     LockedSaga,
+    OutboxRow,
     SagaClaim,
     SagaTransaction,
     Store,
@@ -79,13 +81,21 @@ class Arrival:
 
 class ApplyInputs:
     def __init__(
-        self, store: Store, relay: OutboxRelay, clock: Clock, options: EngineOptions, wire: Wire
+        self,
+        store: Store,
+        relay: OutboxRelay,
+        clock: Clock,
+        options: EngineOptions,
+        wire: Wire,
+        eager: EagerSteps | None = None,
     ) -> None:
         self._store = store
         self._relay = relay
         self._clock = clock
         self._options = options
         self._wire = wire
+        self._eager = eager
+        """Runs the step commands it can here, after commit, instead of publishing them."""
         self._batches: Batcher[Arrival, tuple[Handled, Published]] = Batcher(
             self._apply,
             size=options.batch_size,
@@ -99,6 +109,25 @@ class ApplyInputs:
         return settled
 
     async def _apply(self, arrivals: Sequence[Arrival]) -> list[tuple[Handled, Published]]:
+        eager: list[EagerStep] = []
+        try:
+            decisions, conflicts, rows = await self._commit(arrivals, eager)
+        except BaseException:
+            if self._eager is not None:
+                self._eager.release(eager)
+            raise
+        if self._eager is not None and eager:
+            rows = self._eager.start(eager, rows)
+        published = asyncio.ensure_future(self._relay.publish_now(rows))
+        return [
+            (_handled(a, d, conflicting=i in conflicts), published)
+            for i, (a, d) in enumerate(zip(arrivals, decisions, strict=True))
+        ]
+
+    async def _commit(
+        self, arrivals: Sequence[Arrival], eager: list[EagerStep]
+    ) -> tuple[list[Decision | None], set[int], list[OutboxRow]]:
+        """One transaction for the batch; the step commands to run here are added to `eager`."""
         async with self._store.transaction() as tx:
             locked = await tx.lock_sagas([a.claim() for a in arrivals])
             now = self._clock.now()
@@ -114,7 +143,11 @@ class ApplyInputs:
                 decision = decide(arrival.definition, saga.instance, arrival.given, now)
                 decisions[i] = decision
                 if decision.outcome == "applied":
-                    applied.append(self._wire.change(arrival.definition, decision))
+                    change = self._wire.change(arrival.definition, decision)
+                    if self._eager is not None:
+                        change, steps = self._eager.claim(arrival.definition, decision, change)
+                        eager.extend(steps)
+                    applied.append(change)
             if applied:
                 await tx.save_all(applied)
             for seen in decisions:
@@ -136,11 +169,7 @@ class ApplyInputs:
                         now + self._options.park_for,
                     )
             rows = tx.written_outbox()
-        published = asyncio.ensure_future(self._relay.publish_now(rows))
-        return [
-            (_handled(a, d, conflicting=i in conflicts), published)
-            for i, (a, d) in enumerate(zip(arrivals, decisions, strict=True))
-        ]
+        return decisions, conflicts, rows
 
 
 def _conflicts(arrival: Arrival, saga: LockedSaga) -> bool:

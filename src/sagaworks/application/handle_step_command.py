@@ -3,6 +3,9 @@
 The port is called with no lock held; its result is then applied in a
 transaction of its own. A repeated command (redelivery, crash) calls the port
 again with the same idempotency key, so the participant sees one effect.
+A command arrives from the port's queue, or straight from the transaction
+that committed it (`run_eagerly`, see `eager.py`): both record the result
+under the command's message id, so the saga's inbox applies it once.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from sagaworks.application.apply_inputs import ApplyInputs, Arrival
 from sagaworks.application.batching import Batcher
 from sagaworks.application.boundary import Boundary
 from sagaworks.application.config import EngineOptions
+from sagaworks.application.eager import EagerStep
 from sagaworks.application.parsing import Rejected, missing_id
-from sagaworks.application.ports import Clock, InboundMessage, PortCaller, Store
+from sagaworks.application.ports import Clock, InboundMessage, OutboxRow, PortCaller, Store
 from sagaworks.application.registry import SagaRegistry, UnknownSaga
 from sagaworks.application.results import Handled
 from sagaworks.application.stored import body_hash, dead_letter
@@ -86,6 +90,36 @@ class HandleStepCommand:
         if handled.outcome in {"applied", "duplicate", "dead_lettered"}:
             return handled
         return replace(handled, outcome="ignored")
+
+    async def run_eagerly(self, step: EagerStep, row: OutboxRow) -> Handled:
+        """Run a step command its transition just committed, without the broker.
+
+        The saga is as that transition left it (no read needed); the command's
+        outbox row stands in for the delivery, with the body the queue would carry.
+        """
+        command, instance = step.command, step.instance
+        finished = await self._call_port(step.definition, instance, command, step.message_id)
+        delivery = InboundMessage(
+            message_id=row.message_id,
+            message_type=RunStep.message_type,
+            body=row.body,
+            headers=row.headers,
+            queue=step.queue,
+            exchange=row.exchange,
+            routing_key=row.routing_key,
+        )
+        return await self._apply(
+            Arrival(
+                step.definition,
+                command.saga_id,
+                instance.correlation_key,
+                finished,
+                row.message_id,
+                known=instance,
+                body_hash=body_hash(row.body),
+                delivery=delivery,
+            )
+        )
 
     async def _call_port(
         self,

@@ -179,6 +179,8 @@ class Worker:
                 )
 
     async def _start_background(self) -> None:
+        if self.system.eager is not None:
+            self.system.eager.serve(self.system.registry.ports())
         self._background = [
             asyncio.create_task(self._sweep_outbox(), name="outbox-sweeper"),
             asyncio.create_task(self._fire_timers(), name="timers"),
@@ -189,14 +191,19 @@ class Worker:
             sagas=[d.name for d in self.system.registry],
             ports=list(self.system.registry.ports()),
             prefetch=self.system.settings.prefetch,
+            eager_steps=self.system.eager is not None,
         )
 
     async def _stop_background(self) -> None:
-        """After consumers stopped and in-flight work settled: stop loops, flush the outbox."""
+        """After consumers stopped and in-flight work settled: finish or queue eager steps,
+        stop loops, flush the outbox."""
+        grace = self.system.settings.grace_period_s
+        if self.system.eager is not None:
+            await self.system.eager.drain(grace * 0.1)
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        flush_budget = self.system.settings.grace_period_s * 0.25
+        flush_budget = grace * 0.15
         try:
             async with asyncio.timeout(flush_budget):
                 while await self.system.relay.sweep(older_than_s=0.0):

@@ -130,6 +130,8 @@ class OutboxRecord:
     body: bytes
     created_at: datetime
     published_at: datetime | None = None
+    lease_until: datetime | None = None
+    """An eager step's lease: the sweeper leaves the row alone until then."""
 
     def row(self) -> OutboxRow:
         return OutboxRow(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -286,6 +286,7 @@ class MemoryTransaction(Owner):
                 stored_headers,
                 p.body,
                 now,
+                lease_until=None if p.lease_s is None else now + timedelta(seconds=p.lease_s),
             )
             changes.outbox[record.id] = record
             self._written.append(record.row())

@@ -93,8 +93,9 @@ ORDER BY w.ord
 """
 
 # Every saga of the batch at once: each array holds one entry per saga (instances) or per
-# row (history, outbox, timers). History continues each saga's own sequence. Only sagas whose
-# instance row was written get the rest, so a stale version writes nothing and is reported.
+# row (history, outbox, timers); an eager step's outbox row gets its lease (NULL: none).
+# History continues each saga's own sequence. Only sagas whose instance row was written get
+# the rest, so a stale version writes nothing and is reported.
 _SAVE_ALL = """
 WITH u AS (
   SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
@@ -132,10 +133,12 @@ h AS (
   WHERE e.saga_id IN (SELECT id FROM written)
 ),
 o AS (
-  INSERT INTO outbox (message_id, saga_id, exchange, routing_key, headers, body)
-  SELECT m.message_id, m.saga_id, m.exchange, m.routing_key, m.headers, m.body
-  FROM unnest($18::uuid[], $19::text[], $20::text[], $21::text[], $22::jsonb[], $23::bytea[])
-    AS m(saga_id, message_id, exchange, routing_key, headers, body)
+  INSERT INTO outbox (message_id, saga_id, exchange, routing_key, headers, body, lease_until)
+  SELECT m.message_id, m.saga_id, m.exchange, m.routing_key, m.headers, m.body,
+         now() + make_interval(secs => m.lease_s)
+  FROM unnest($18::uuid[], $19::text[], $20::text[], $21::text[], $22::jsonb[], $23::bytea[],
+              $29::float8[])
+    AS m(saga_id, message_id, exchange, routing_key, headers, body, lease_s)
   WHERE m.saga_id IN (SELECT id FROM written)
   ORDER BY m.message_id
   RETURNING id, message_id
@@ -225,6 +228,7 @@ WHERE dead_letters.headers IS DISTINCT FROM EXCLUDED.headers
 _CLAIM_UNPUBLISHED = """
 SELECT id, message_id, exchange, routing_key, headers, body FROM outbox
 WHERE published_at IS NULL AND created_at <= now() - make_interval(secs => $2)
+  AND (lease_until IS NULL OR lease_until <= now())
 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
 """
 
@@ -305,7 +309,15 @@ class _SaveColumns:
         for p in change.outbox:
             self._pending.append(p)
             self._outbox.append(
-                (saga_id, p.message_id, p.exchange, p.routing_key, json.dumps(p.headers), p.body)
+                (
+                    saga_id,
+                    p.message_id,
+                    p.exchange,
+                    p.routing_key,
+                    json.dumps(p.headers),
+                    p.body,
+                    p.lease_s,
+                )
             )
         cancelled = set(decision.cancel_timers) - {t.name for t in decision.set_timers}
         self._cancelled.extend((saga_id, name) for name in sorted(cancelled))
@@ -321,13 +333,15 @@ class _SaveColumns:
         return sorted(rows, key=lambda r: r.id)
 
     def args(self) -> list[list[Any]]:
+        outbox = _columns(self._outbox, 7)
         return [
             self.ids,
             *_columns(self._sagas, 9),
             *_columns(self._history, 7),
-            *_columns(self._outbox, 6),
+            *outbox[:6],
             *_columns(self._cancelled, 2),
             *_columns(self._timers, 3),
+            outbox[6],
         ]
 
 

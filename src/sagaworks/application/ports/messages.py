@@ -154,6 +154,9 @@ class PendingMessage:
     routing_key: str
     headers: dict[str, Any]
     body: bytes
+    lease_s: float | None = None
+    """Set on a step command its worker runs itself (an eager step): nobody publishes the row
+    for this long after commit; if its result is not committed by then, the sweeper does."""
 
 
 class Publisher(Protocol):
