@@ -401,8 +401,12 @@ async def test_cancellation_after_capture_started_is_refused(harness: EngineHarn
 async def test_a_step_command_delivered_twice_at_once_has_one_effect(
     harness_factory: HarnessFactory,
 ) -> None:
-    """Both deliveries of a repeated command call the port; the idempotency key makes one effect."""
-    harness = await harness_factory()
+    """Both deliveries of a repeated command call the port; the idempotency key makes one effect.
+
+    Commands go through the queue here (eager steps off): the test repeats what the broker
+    delivers. The eager path's copy of this is in test_eager_steps.py.
+    """
+    harness = await harness_factory(eager_steps=False)
     repeating: list[RepeatingPublisher] = []
 
     def wrap(real: Any) -> RepeatingPublisher:
