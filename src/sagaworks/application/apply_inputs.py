@@ -10,6 +10,10 @@ result handed back, and only then is its delivery acknowledged.
 The batch gives up its place (a connection, its sagas) at commit, not after
 the publish: waiting for the broker's confirms takes longer than the
 transaction, and the next batch need not wait for them.
+
+Step commands this worker can run at once (`eager.py`) are written with a
+lease instead of being published, and start running as soon as the batch
+committed; the inputs that caused them do not wait for them.
 """
 
 from __future__ import annotations
