@@ -91,10 +91,6 @@ class EagerSteps:
         """Run steps of these ports here: the ports whose queues this worker consumes."""
         self._served = frozenset(ports)
 
-    def running(self, port: str) -> int:
-        """Steps of `port` running eagerly in this process now."""
-        return self._running[port]
-
     def claim(
         self, definition: SagaDefinition[Any], decision: Decision, change: SagaChange
     ) -> tuple[SagaChange, list[EagerStep]]:
