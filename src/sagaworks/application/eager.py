@@ -53,8 +53,11 @@ class EagerStep:
     """The port's queue, where the command would have gone (and goes, if this run fails)."""
 
 
-RunEagerStep = Callable[[EagerStep, OutboxRow], Awaitable[object]]
-"""Runs one step (call the port, apply the result); `HandleStepCommand.run_eagerly`."""
+Commit = Callable[[], Awaitable[object]]
+"""Applies a step's result (lock, inbox, decide, commit): a transaction, never cancelled."""
+
+RunEagerStep = Callable[[EagerStep, OutboxRow], Awaitable[Commit]]
+"""Calls the step's port and returns how to apply its result; `HandleStepCommand.run_eagerly`."""
 
 
 class EagerSteps:
@@ -81,6 +84,8 @@ class EagerSteps:
         self._served: frozenset[str] = frozenset()
         self._running: Counter[str] = Counter()
         self._tasks: dict[asyncio.Task[None], OutboxRow] = {}
+        self._committing: set[asyncio.Task[None]] = set()
+        """Steps whose port answered and whose result is being applied: not to be cancelled."""
         self._run: RunEagerStep | None = None
 
     def bind(self, run: RunEagerStep) -> None:
@@ -88,7 +93,10 @@ class EagerSteps:
         self._run = run
 
     def serve(self, ports: Iterable[str]) -> None:
-        """Run steps of these ports here: the ports whose queues this worker consumes."""
+        """Run steps of these ports here: the ports whose queues this worker consumes.
+
+        None (at shutdown, when consuming stops): every new command goes to its queue.
+        """
         self._served = frozenset(ports)
 
     def claim(
@@ -147,20 +155,26 @@ class EagerSteps:
     async def drain(self, deadline_s: float) -> None:
         """At shutdown: take no more steps, let running ones finish, queue the rest.
 
-        Steps still running after `deadline_s` are cancelled and their commands
-        published to the ports' queues at once, rather than waiting out their leases.
+        Steps still waiting for their port after `deadline_s` are cancelled and
+        their commands published to the ports' queues at once, rather than after
+        their leases. A step whose result is being applied is let finish (for up to
+        `deadline_s` more): cancelled, its result might commit all the same, and the
+        queue would hold a command already done.
         """
         self._served = frozenset()
-        tasks = list(self._tasks)
-        if not tasks:
+        if not self._tasks:
             return
-        _, late = await asyncio.wait(tasks, timeout=deadline_s)
-        rows = [self._tasks[task] for task in late if task in self._tasks]
-        for task in late:
+        _, late = await asyncio.wait(list(self._tasks), timeout=deadline_s)
+        at_port = [task for task in late if task not in self._committing]
+        rows = [self._tasks[task] for task in at_port if task in self._tasks]
+        for task in at_port:
             task.cancel()
-        await asyncio.gather(*late, return_exceptions=True)
+        await asyncio.gather(*at_port, return_exceptions=True)
         if rows:
             await self._relay.publish_now(rows)
+        committing = [task for task in late if task in self._committing]
+        if committing:
+            await asyncio.wait(committing, timeout=deadline_s)
 
     def _take(self, port: str) -> bool:
         if port not in self._served or self._running[port] >= self._per_port:
@@ -177,10 +191,15 @@ class EagerSteps:
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         self._tasks.pop(task, None)
+        self._committing.discard(task)
 
     async def _execute(self, run: RunEagerStep, step: EagerStep, row: OutboxRow) -> None:
         try:
-            await run(step, row)
+            commit = await run(step, row)
+            current = asyncio.current_task()
+            if current is not None:
+                self._committing.add(current)
+            await commit()
             await self._relay.settled([row.id])
         except CircuitOpen:
             await self._send_instead(row, "the port's breaker opened")

@@ -10,7 +10,7 @@ under the command's message id, so the saga's inbox applies it once.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any
 from uuid import UUID
@@ -91,11 +91,15 @@ class HandleStepCommand:
             return handled
         return replace(handled, outcome="ignored")
 
-    async def run_eagerly(self, step: EagerStep, row: OutboxRow) -> Handled:
+    async def run_eagerly(
+        self, step: EagerStep, row: OutboxRow
+    ) -> Callable[[], Awaitable[Handled]]:
         """Run a step command its transition just committed, without the broker.
 
-        The saga is as that transition left it (no read needed); the command's
-        outbox row stands in for the delivery, with the body the queue would carry.
+        Calls the port and returns how to apply the result (the caller marks that
+        phase, which must not be cancelled). The saga is as that transition left it
+        (no read needed); the command's outbox row stands in for the delivery, with
+        the body the queue would carry.
         """
         command, instance = step.command, step.instance
         finished = await self._call_port(step.definition, instance, command, step.message_id)
@@ -108,18 +112,17 @@ class HandleStepCommand:
             exchange=row.exchange,
             routing_key=row.routing_key,
         )
-        return await self._apply(
-            Arrival(
-                step.definition,
-                command.saga_id,
-                instance.correlation_key,
-                finished,
-                row.message_id,
-                known=instance,
-                body_hash=body_hash(row.body),
-                delivery=delivery,
-            )
+        arrival = Arrival(
+            step.definition,
+            command.saga_id,
+            instance.correlation_key,
+            finished,
+            row.message_id,
+            known=instance,
+            body_hash=body_hash(row.body),
+            delivery=delivery,
         )
+        return lambda: self._apply(arrival)
 
     async def _call_port(
         self,

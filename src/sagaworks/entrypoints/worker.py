@@ -86,13 +86,19 @@ class Worker:
         self._subscribe()
 
     def _subscribe(self) -> None:
-        channel = Channel(prefetch_count=self.system.settings.prefetch)
+        """One consumer per route, each on a channel of its own.
+
+        A channel is one process in RabbitMQ and one frame stream in the client:
+        separate channels let the broker deliver to, and take acks from, the saga's
+        queue and each port's queue side by side. Prefetch is per consumer either way.
+        """
         port_queues: dict[str, str] = {}
         for route in self.system.routes():
             handle = route.handle
             if route.port is not None:
                 handle = self.gate.guard(route.port, handle)
                 port_queues[route.port] = route.queue
+            channel = Channel(prefetch_count=self.system.settings.prefetch)
             self._consume(route.queue, channel, handle)
         self.gate.bind(self.broker, port_queues)
 
@@ -166,8 +172,11 @@ class Worker:
         cancels its consumers; whatever the broker delivers meanwhile is dropped unsettled
         and comes back when the channel closes, counted against the quorum queue's
         delivery limit. Cancelled first, the broker sends nothing more; deliveries already
-        sent before the cancel took effect are still handled.
+        sent before the cancel took effect are still handled. No new step runs eagerly
+        either: from now on step commands go to their ports' queues.
         """
+        if self.system.eager is not None:
+            self.system.eager.serve(())
         for subscriber in self.broker.subscribers:
             if not isinstance(subscriber, RabbitSubscriber):
                 continue
