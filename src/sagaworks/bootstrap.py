@@ -77,6 +77,7 @@ from sagaworks.application.boundary import (
 from sagaworks.application.circuit import RecordBreakerChange
 from sagaworks.application.config import EngineOptions, PortPolicy
 from sagaworks.application.dead_letters import IngestDeadLetter, LastErrors, QueueOwner
+from sagaworks.application.eager import EagerSteps
 from sagaworks.application.handle_event import HandleEvent
 from sagaworks.application.handle_step_command import HandleStepCommand
 from sagaworks.application.outbox import OutboxRelay
@@ -215,6 +216,8 @@ class System:
     """Where the worker beats (`worker_heartbeats`); None without PostgreSQL."""
     telemetry: EngineTelemetry | None = None
     """Traces and metrics (`NoTelemetry` when `OTEL_*` configures no export); shut down last."""
+    eager: EagerSteps | None = None
+    """Runs committed step commands in this process for the ports a worker `serve`s; None: off."""
 
     def routes(self) -> list[Route]:
         """The queue -> use case table: every saga's queue, every port's, the dead letters'."""
@@ -333,17 +336,24 @@ async def bootstrap(
     )
     telemetry = telemetry or telemetry_from_environment(worker_name())
     relay = OutboxRelay(store, publisher, marks=PublishedMarks(store), telemetry=telemetry)
-    apply = ApplyInputs(store, relay, clock, options, wire, telemetry)
     if caller is None:
         caller = ResilientCaller({**declared_policies(ports), **(policies or {})})
-    if isinstance(caller, ResilientCaller):
+    breakers = caller.breakers if isinstance(caller, ResilientCaller) else None
+    if breakers is not None:
         telemetry.watch_breakers(registry.ports())
-        caller.breakers.listen(telemetry.breaker_changed)
+        breakers.listen(telemetry.breaker_changed)
+    eager = _eager_steps(settings, relay, breakers)
+    apply = ApplyInputs(store, relay, clock, options, wire, telemetry, eager)
     record_breaker_change = None
     if breaker_log is not None:
         record_breaker_change = RecordBreakerChange(breaker_log, relay, wire)
     last_errors = LastErrors()
     owners = _queue_owners(settings, registry)
+    handle_step_command = HandleStepCommand(
+        store, apply, clock, registry, ports, caller, options, boundary, telemetry
+    )
+    if eager is not None:
+        eager.bind(handle_step_command.run_eagerly)
     system = System(
         settings=settings,
         registry=registry,
@@ -352,9 +362,7 @@ async def bootstrap(
         publisher=publisher,
         relay=relay,
         handle_event=HandleEvent(store, apply, clock, options, boundary),
-        handle_step_command=HandleStepCommand(
-            store, apply, clock, registry, ports, caller, options, boundary, telemetry
-        ),
+        handle_step_command=handle_step_command,
         fire_timers=FireDueTimers(store, relay, clock, registry, wire, options, telemetry),
         expire_parked_events=ExpireParkedEvents(store, clock),
         ingest_dead_letter=IngestDeadLetter(store, clock, owners, last_errors),
@@ -371,11 +379,12 @@ async def bootstrap(
         transient_errors=(OSError, *TRANSIENT_DATABASE_ERRORS),
         engine=engine,
         connection=connection,
-        breakers=caller.breakers if isinstance(caller, ResilientCaller) else None,
+        breakers=breakers,
         record_breaker_change=record_breaker_change,
         prune=None if engine is None else _prune(settings, engine, clock),
         heartbeats=PostgresHeartbeats(engine) if engine is not None else None,
         telemetry=telemetry,
+        eager=eager,
     )
     try:
         await _open_ports(system.port_lifecycle, ports)
@@ -494,6 +503,22 @@ def retention_policy(settings: Settings) -> RetentionPolicy:
 
 def _prune(settings: Settings, engine: AsyncEngine, clock: Clock) -> PruneDatabase:
     return PruneDatabase(PostgresRetention(engine), clock, retention_policy(settings))
+
+
+def _eager_steps(
+    settings: Settings, relay: OutboxRelay, breakers: PortBreakers | None
+) -> EagerSteps | None:
+    """Eager steps as the settings say; a port runs eagerly only while its breaker is closed."""
+    if not settings.eager_steps:
+        return None
+    prefix = settings.exchange_prefix
+    return EagerSteps(
+        relay,
+        per_port=settings.eager_steps_per_port,
+        lease_s=settings.eager_lease_s,
+        breaker_closed=lambda port: breakers is None or breakers[port].state == "closed",
+        queue_for=lambda port: port_queue_name(prefix, port),
+    )
 
 
 def _wire(settings: Settings) -> Wire:

@@ -112,6 +112,28 @@ class Settings(BaseSettings):
         description="Batched transactions in flight at once per worker; while one commits, "
         "the next batch gathers. More helps only a database with cores to spare.",
     )
+    eager_steps: bool = Field(
+        default=True,
+        description="Run a step whose command a transition just committed in the same worker, "
+        "when it serves the port, the port's breaker is closed and it has a place free, instead "
+        "of sending the command round the broker; the command stays in the outbox under a "
+        "lease. `false`: every step command goes through its port's queue.",
+    )
+    eager_steps_per_port: int = Field(
+        default=64,
+        ge=1,
+        le=10_000,
+        description="Eager steps of one port running at once in a worker; further commands go "
+        "through the port's queue, where any worker can take them.",
+    )
+    eager_lease_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3_600,
+        description="How long an eager step's command stays unpublished: if its result has not "
+        "committed by then (the worker died), the outbox sweeper sends it to the port's queue. "
+        "Keep it above a port's longest call with its immediate retries.",
+    )
     delivery_limit: int = Field(
         default=5,
         ge=1,

@@ -383,6 +383,25 @@ class StoreContract:
         assert await backend.probe.published_at(second[0].id) is not None
         assert await self.claimable(backend) == []
 
+    async def test_a_leased_row_is_left_to_its_worker_until_the_lease_ran_out(
+        self, backend: Backend
+    ) -> None:
+        """An eager step's command: the sweeper publishes it only once its lease ran out."""
+        rows: dict[str, list[OutboxRow]] = {}
+        for order_id, lease_s in (("o-held", 3600.0), ("o-lapsed", 0.0)):
+            saga_id = saga_id_for(SAGA.name, order_id)
+            async with backend.store.transaction() as tx:
+                locked = await tx.lock_saga(SAGA, saga_id)
+                decision = decide(SAGA, locked.instance, placed(order_id), T0)
+                change = backend.wire.change(SAGA, decision)
+                leased = tuple(replace(p, lease_s=lease_s) for p in change.outbox)
+                await tx.save(replace(change, outbox=leased))
+                rows[order_id] = tx.written_outbox()
+        assert await self.claimable(backend) == rows["o-lapsed"]
+        await backend.store.mark_published([r.id for r in rows["o-held"]])
+        assert await backend.probe.published_at(rows["o-held"][0].id) is not None
+        assert await self.claimable(backend) == rows["o-lapsed"]
+
     async def test_a_transaction_that_wrote_nothing_returns_no_outbox_rows(
         self, backend: Backend
     ) -> None:

@@ -54,6 +54,7 @@ from sagaworks.adapters.rabbitmq.topology import (
     exchange_name,
     saga_queue_name,
 )
+from sagaworks.application.config import PortPolicy
 from sagaworks.application.ports import InboundMessage, OutboxRow, Publisher
 from sagaworks.application.results import Handled
 from sagaworks.bootstrap import System, bootstrap, own_user
@@ -300,10 +301,13 @@ class EngineHarness:
             self.user,
         )
 
-    async def start_worker(self, *, publisher_wrapper: Any = None) -> Worker:
+    async def start_worker(
+        self, *, publisher_wrapper: Any = None, policies: Mapping[str, PortPolicy] | None = None
+    ) -> Worker:
         """Bootstrap one more system (own engine and connection) and start a worker on it.
 
-        `publisher_wrapper(real_publisher)` may return a publisher wrapping the real one.
+        `publisher_wrapper(real_publisher)` may return a publisher wrapping the real one;
+        `policies` replace the ports' default call policies, by port.
         """
         assert self.warehouse is not None, "open() the harness first"
         ports = simulated_ports(Simulation(), self.ledger, self.warehouse.on_booked)
@@ -320,7 +324,9 @@ class EngineHarness:
             )
             publisher = publisher_wrapper(real)
             self._extra_closers.append(real.close)
-        system = await bootstrap(self.settings, [order_fulfilment], gated, publisher=publisher)
+        system = await bootstrap(
+            self.settings, [order_fulfilment], gated, publisher=publisher, policies=policies
+        )
         if connection is not None:
             # bootstrap() opens no broker connection when given a publisher, but the
             # worker needs one to declare the topology: hand it ours (closed by aclose()).

@@ -56,6 +56,8 @@ def test_bench_runs_both_pipelines_and_verifies(
     assert report["verified"] is True, report
     assert report.keys() >= FIELDS
     assert {"workers", "rabbitmq", "postgres"} <= report["cpu"].keys()
+    (worker_cores,) = report["engine"]["cpu_per_worker"]  # one worker process
+    assert 0 < worker_cores <= report["cpu"]["workers"] + 0.001
     assert report["engine"]["checks"]["sagas_completed"] == 6
     assert report["engine"]["checks"]["duplicate_effects"] == 0
     assert report["reference"]["checks"]["sagas_completed"] == 6

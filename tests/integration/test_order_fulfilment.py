@@ -401,8 +401,12 @@ async def test_cancellation_after_capture_started_is_refused(harness: EngineHarn
 async def test_a_step_command_delivered_twice_at_once_has_one_effect(
     harness_factory: HarnessFactory,
 ) -> None:
-    """Both deliveries of a repeated command call the port; the idempotency key makes one effect."""
-    harness = await harness_factory()
+    """Both deliveries of a repeated command call the port; the idempotency key makes one effect.
+
+    Commands go through the queue here (eager steps off): the test repeats what the broker
+    delivers. The eager path's copy of this is in test_eager_steps.py.
+    """
+    harness = await harness_factory(eager_steps=False)
     repeating: list[RepeatingPublisher] = []
 
     def wrap(real: Any) -> RepeatingPublisher:
@@ -666,7 +670,9 @@ async def test_event_for_a_saga_that_never_starts_is_dead_lettered(
 async def test_rows_not_published_after_commit_are_published_by_the_sweeper(
     harness_factory: HarnessFactory,
 ) -> None:
-    harness = await harness_factory(outbox_sweep_interval_s=0.2)
+    """A crash between commit and publish. Step commands are published here (eager steps off);
+    a worker that dies while running one itself is in test_eager_steps.py."""
+    harness = await harness_factory(outbox_sweep_interval_s=0.2, eager_steps=False)
     stuck_step, stuck_outcome = "o-crash-step", "o-crash-outcome"
     step_saga = str(harness.saga_id(stuck_step)).encode()
 

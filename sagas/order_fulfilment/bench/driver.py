@@ -101,6 +101,7 @@ class RunResult:
     step_ms: list[float] = field(default_factory=list)
     saga_ms: list[float] = field(default_factory=list)
     cpu: dict[str, float] = field(default_factory=dict)
+    cpu_per_worker: list[float] = field(default_factory=list)
     rss_mb: float = 0.0
     problems: list[str] = field(default_factory=list)
     checks: dict[str, int] = field(default_factory=dict)
@@ -128,6 +129,7 @@ class RunResult:
             "saga_p50_ms": _pct(self.saga_ms, 50),
             "saga_p99_ms": _pct(self.saga_ms, 99),
             "cpu": {k: round(v, 3) for k, v in self.cpu.items()},
+            "cpu_per_worker": [round(v, 3) for v in self.cpu_per_worker],
             "rss_mb": round(self.rss_mb, 1),
             "verified": self.verified,
             "problems": self.problems,
@@ -250,6 +252,8 @@ class _Meter:
         self._start: dict[int, float] = {}
         self._began = 0.0
         self.rss_mb = 0.0
+        self.per_worker: list[float] = []
+        """Cores each worker process used, in start order: does the work divide between them."""
 
     def _groups(self) -> dict[str, list[psutil.Process]]:
         groups: dict[str, list[psutil.Process]] = {
@@ -304,6 +308,10 @@ class _Meter:
                     used += now - self._start.get(proc.pid, 0.0)
             shares[group] = used / wall
         shares["machine_cores"] = float(psutil.cpu_count() or 1)
+        self.per_worker = [
+            ((self._cpu(proc) or 0.0) - self._start.get(proc.pid, 0.0)) / wall
+            for proc in self._workers
+        ]
         return shares
 
 
@@ -435,6 +443,7 @@ async def _run_engine(settings: Settings, config: BenchConfig, run_id: str) -> R
 
         meter = _Meter([w.pid for w in workers], _database_name(dsn))
         result.cpu = await _meter_while(meter, load.run(keys, start))
+        result.cpu_per_worker = meter.per_worker
         result.rss_mb = meter.rss_mb
     finally:
         await _stop_processes(workers)
@@ -625,6 +634,7 @@ async def _run_reference(settings: Settings, config: BenchConfig, run_id: str) -
 
         meter = _Meter([w.pid for w in workers], _database_name(dsn))
         result.cpu = await _meter_while(meter, load.run(keys, start))
+        result.cpu_per_worker = meter.per_worker
         result.rss_mb = meter.rss_mb
     finally:
         await _stop_processes(workers)

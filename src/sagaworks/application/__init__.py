@@ -20,6 +20,7 @@ What they share:
     wire.py                 outgoing messages in neutral outbox form
     stored.py               rules every store shares (failure groups, lock order, saga rows)
     outbox.py               OutboxRelay: publishes committed rows, now and by the sweeper
+    eager.py                EagerSteps: runs a committed step command here, leased, not sent
     published_marks.py      marks published rows in batches
     batching.py             group commit: requests arriving together share a transaction
     registry.py             the sagas this process runs and the ports they use

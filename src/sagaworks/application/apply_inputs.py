@@ -10,6 +10,10 @@ result handed back, and only then is its delivery acknowledged.
 The batch gives up its place (a connection, its sagas) at commit, not after
 the publish: waiting for the broker's confirms takes longer than the
 transaction, and the next batch need not wait for them.
+
+Step commands this worker can run at once (`eager.py`) are written with a
+lease instead of being published, and start running as soon as the batch
+committed; the inputs that caused them do not wait for them.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from uuid import UUID
 
 from sagaworks.application.batching import Batcher
 from sagaworks.application.config import EngineOptions
+from sagaworks.application.eager import EagerStep, EagerSteps
 from sagaworks.application.outbox import OutboxRelay
 from sagaworks.application.parsing import Rejected, envelope_of, parse_event
 from sagaworks.application.ports import (
@@ -30,6 +35,7 @@ from sagaworks.application.ports import (
     DeadLetter,
     InboundMessage,
     LockedSaga,
+    OutboxRow,
     ParkedMessage,
     SagaClaim,
     SagaTransaction,
@@ -91,6 +97,7 @@ class ApplyInputs:
         options: EngineOptions,
         wire: Wire,
         telemetry: Telemetry,
+        eager: EagerSteps | None = None,
     ) -> None:
         self._store = store
         self._telemetry = telemetry
@@ -98,6 +105,8 @@ class ApplyInputs:
         self._clock = clock
         self._options = options
         self._wire = wire
+        self._eager = eager
+        """Runs the step commands it can here, after commit, instead of publishing them."""
         self._batches: Batcher[Arrival, tuple[Handled, Published]] = Batcher(
             self._apply,
             size=options.batch_size,
@@ -111,13 +120,34 @@ class ApplyInputs:
         return settled
 
     async def _apply(self, arrivals: Sequence[Arrival]) -> list[tuple[Handled, Published]]:
+        eager: list[EagerStep] = []
+        try:
+            decisions, conflicts, rows, finished = await self._commit(arrivals, eager)
+        except BaseException:
+            if self._eager is not None:
+                self._eager.release(eager)
+            raise
+        if finished:
+            self._telemetry.sagas_finished(finished)
+        if self._eager is not None and eager:
+            rows = self._eager.start(eager, rows)
+        published = asyncio.ensure_future(self._relay.publish_now(rows))
+        return [
+            (_handled(a, d, conflicting=i in conflicts), published)
+            for i, (a, d) in enumerate(zip(arrivals, decisions, strict=True))
+        ]
+
+    async def _commit(
+        self, arrivals: Sequence[Arrival], eager: list[EagerStep]
+    ) -> tuple[list[Decision | None], set[int], list[OutboxRow], list[FinishedSaga]]:
+        """One transaction for the batch; the step commands to run here are added to `eager`."""
         async with self._store.transaction() as tx:
             locked = await tx.lock_sagas([a.claim() for a in arrivals])
             now = self._clock.now()
             decisions: list[Decision | None] = [None] * len(arrivals)
             conflicts: set[int] = set()
             applied = []
-            finished = []
+            finished: list[FinishedSaga] = []
             for i, (arrival, saga) in enumerate(zip(arrivals, locked, strict=True)):
                 if saga.duplicate and _conflicts(arrival, saga):
                     conflicts.add(i)
@@ -128,7 +158,11 @@ class ApplyInputs:
                 decisions[i] = decision
                 if decision.outcome == "applied":
                     trace = continued_trace(arrival.trace_context, saga.trace_context)
-                    applied.append(self._wire.change(arrival.definition, decision, trace))
+                    change = self._wire.change(arrival.definition, decision, trace)
+                    if self._eager is not None:
+                        change, steps = self._eager.claim(arrival.definition, decision, change)
+                        eager.extend(steps)
+                    applied.append(change)
                     if (end := finished_saga(saga, decision)) is not None:
                         finished.append(end)
             if applied:
@@ -161,13 +195,7 @@ class ApplyInputs:
                         now + self._options.park_for,
                     )
             rows = tx.written_outbox()
-        if finished:
-            self._telemetry.sagas_finished(finished)
-        published = asyncio.ensure_future(self._relay.publish_now(rows))
-        return [
-            (_handled(a, d, conflicting=i in conflicts), published)
-            for i, (a, d) in enumerate(zip(arrivals, decisions, strict=True))
-        ]
+        return decisions, conflicts, rows, finished
 
 
 def _conflicts(arrival: Arrival, saga: LockedSaga) -> bool:

@@ -3,11 +3,14 @@
 The port is called with no lock held; its result is then applied in a
 transaction of its own. A repeated command (redelivery, crash) calls the port
 again with the same idempotency key, so the participant sees one effect.
+A command arrives from the port's queue, or straight from the transaction
+that committed it (`run_eagerly`, see `eager.py`): both record the result
+under the command's message id, so the saga's inbox applies it once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any
 from uuid import UUID
@@ -18,10 +21,12 @@ from sagaworks.application.apply_inputs import ApplyInputs, Arrival
 from sagaworks.application.batching import Batcher
 from sagaworks.application.boundary import Boundary
 from sagaworks.application.config import EngineOptions
+from sagaworks.application.eager import EagerStep
 from sagaworks.application.parsing import Rejected, missing_id
 from sagaworks.application.ports import (
     Clock,
     InboundMessage,
+    OutboxRow,
     PortCaller,
     StepCall,
     Store,
@@ -79,7 +84,9 @@ class HandleStepCommand:
         instance = await self._reads.submit((definition, command.saga_id))
         if instance is None or not _is_current(instance, command):
             return Handled("stale", saga_id=str(command.saga_id))
-        finished = await self._call_port(definition, instance, command, inbound)
+        finished = await self._call_port(
+            definition, instance, command, inbound.message_id, inbound.trace_context
+        )
         handled = await self._apply(
             Arrival(
                 definition,
@@ -97,12 +104,50 @@ class HandleStepCommand:
             return handled
         return replace(handled, outcome="ignored")
 
+    async def run_eagerly(
+        self, step: EagerStep, row: OutboxRow
+    ) -> Callable[[], Awaitable[Handled]]:
+        """Run a step command its transition just committed, without the broker.
+
+        Calls the port and returns how to apply the result (the caller marks that
+        phase, which must not be cancelled). The saga is as that transition left it
+        (no read needed); the command's outbox row stands in for the delivery, with
+        the body the queue would carry.
+        """
+        command, instance = step.command, step.instance
+        finished = await self._call_port(
+            step.definition, instance, command, step.message_id, row.trace_context
+        )
+        delivery = InboundMessage(
+            message_id=row.message_id,
+            message_type=RunStep.message_type,
+            body=row.body,
+            headers=row.headers,
+            queue=step.queue,
+            exchange=row.exchange,
+            routing_key=row.routing_key,
+            trace_context=row.trace_context,
+        )
+        arrival = Arrival(
+            step.definition,
+            command.saga_id,
+            instance.correlation_key,
+            finished,
+            row.message_id,
+            known=instance,
+            body_hash=body_hash(row.body),
+            delivery=delivery,
+            trace_context=row.trace_context,
+        )
+        return lambda: self._apply(arrival)
+
     async def _call_port(
         self,
         definition: SagaDefinition[Any],
         instance: SagaInstance,
         command: RunStep,
-        inbound: InboundMessage,
+        message_id: str,
+        trace_context: str | None,
     ) -> StepFinished:
         step = definition.step(command.step)
         function = step.action if command.kind == "action" else step.compensation
@@ -118,7 +163,6 @@ class HandleStepCommand:
             action_key=idempotency_key(instance.id, step.name, "action"),
             state=instance.state,
         )
-        message_id = inbound.message_id
         facts = StepCall(
             definition.name,
             instance.id,
@@ -126,7 +170,7 @@ class HandleStepCommand:
             step.port,
             command.kind,
             command.attempt,
-            inbound.trace_context,
+            trace_context,
         )
         with self._telemetry.step_call(facts) as record:
             try:

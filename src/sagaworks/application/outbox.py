@@ -53,6 +53,18 @@ class OutboxRelay:
             await self._store.mark_published([r.id for r in rows])
         return True
 
+    async def settled(self, ids: Sequence[int]) -> None:
+        """Rows nobody needs to publish any more: eager steps whose results committed.
+
+        Marked with the published ones; until then (or if this process dies first) the
+        sweeper would publish them once their lease ran out, and the step's consumer
+        would find it no longer current.
+        """
+        if self._marks is not None:
+            self._marks.add(list(ids))
+        else:
+            await self._store.mark_published(list(ids))
+
     async def sweep(self, batch: int = 500, *, older_than_s: float | None = None) -> int:
         """Publish rows nobody published (a crash between commit and publish). Returns a count."""
         grace = self._grace if older_than_s is None else older_than_s

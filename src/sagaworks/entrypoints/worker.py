@@ -97,13 +97,19 @@ class Worker:
         self._subscribe()
 
     def _subscribe(self) -> None:
-        channel = Channel(prefetch_count=self.system.settings.prefetch)
+        """One consumer per route, each on a channel of its own.
+
+        A channel is one process in RabbitMQ and one frame stream in the client:
+        separate channels let the broker deliver to, and take acks from, the saga's
+        queue and each port's queue side by side. Prefetch is per consumer either way.
+        """
         port_queues: dict[str, str] = {}
         for route in self.system.routes():
             handle = route.handle
             if route.port is not None:
                 handle = self.gate.guard(route.port, handle)
                 port_queues[route.port] = route.queue
+            channel = Channel(prefetch_count=self.system.settings.prefetch)
             self._consume(route.queue, channel, handle)
         self.gate.bind(self.broker, port_queues)
 
@@ -188,8 +194,11 @@ class Worker:
         cancels its consumers; whatever the broker delivers meanwhile is dropped unsettled
         and comes back when the channel closes, counted against the quorum queue's
         delivery limit. Cancelled first, the broker sends nothing more; deliveries already
-        sent before the cancel took effect are still handled.
+        sent before the cancel took effect are still handled. No new step runs eagerly
+        either: from now on step commands go to their ports' queues.
         """
+        if self.system.eager is not None:
+            self.system.eager.serve(())
         for subscriber in self.broker.subscribers:
             if not isinstance(subscriber, RabbitSubscriber):
                 continue
@@ -201,6 +210,8 @@ class Worker:
                 )
 
     async def _start_background(self) -> None:
+        if self.system.eager is not None:
+            self.system.eager.serve(self.system.registry.ports())
         self._background = [
             asyncio.create_task(self._sweep_outbox(), name="outbox-sweeper"),
             asyncio.create_task(self._fire_timers(), name="timers"),
@@ -215,16 +226,21 @@ class Worker:
             sagas=[d.name for d in self.system.registry],
             ports=list(self.system.registry.ports()),
             prefetch=self.system.settings.prefetch,
+            eager_steps=self.system.eager is not None,
         )
 
     async def _stop_background(self) -> None:
-        """After consumers stopped and in-flight work settled: stop loops, flush the outbox."""
+        """After consumers stopped and in-flight work settled: finish or queue eager steps,
+        stop loops, flush the outbox."""
+        grace = self.system.settings.grace_period_s
+        if self.system.eager is not None:
+            await self.system.eager.drain(grace * 0.1)
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         if self.heartbeat is not None:
             await self.heartbeat.forget()
-        flush_budget = self.system.settings.grace_period_s * 0.25
+        flush_budget = grace * 0.15
         try:
             async with asyncio.timeout(flush_budget):
                 while await self.system.relay.sweep(older_than_s=0.0):

@@ -132,6 +132,8 @@ class OutboxRecord:
     created_at: datetime
     published_at: datetime | None = None
     trace_context: str | None = None
+    lease_until: datetime | None = None
+    """An eager step's lease: the sweeper leaves the row alone until then."""
 
     def row(self) -> OutboxRow:
         return OutboxRow(

@@ -88,6 +88,8 @@ class InMemoryStore:
                     break
                 if record.published_at is not None or record.created_at > cutoff:
                     continue
+                if record.lease_until is not None and record.lease_until > utc(self.clock.now()):
+                    continue
                 if self.locks.try_acquire(("outbox", record.id), owner):
                     claimed.append(record)
             yield [r.row() for r in claimed]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -299,6 +299,7 @@ class MemoryTransaction(Owner):
                 p.body,
                 now,
                 trace_context=p.trace_context,
+                lease_until=None if p.lease_s is None else now + timedelta(seconds=p.lease_s),
             )
             changes.outbox[record.id] = record
             self._written.append(record.row())

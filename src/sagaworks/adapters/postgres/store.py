@@ -94,8 +94,9 @@ ORDER BY w.ord
 """
 
 # Every saga of the batch at once: each array holds one entry per saga (instances) or per
-# row (history, outbox, timers). History continues each saga's own sequence. Only sagas whose
-# instance row was written get the rest, so a stale version writes nothing and is reported.
+# row (history, outbox, timers); an eager step's outbox row gets its lease (NULL: none).
+# History continues each saga's own sequence. Only sagas whose instance row was written get
+# the rest, so a stale version writes nothing and is reported.
 _SAVE_ALL = """
 WITH u AS (
   SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
@@ -135,11 +136,13 @@ h AS (
   WHERE e.saga_id IN (SELECT id FROM written)
 ),
 o AS (
-  INSERT INTO outbox (message_id, saga_id, exchange, routing_key, headers, body, trace_context)
-  SELECT m.message_id, m.saga_id, m.exchange, m.routing_key, m.headers, m.body, m.trace_context
+  INSERT INTO outbox (message_id, saga_id, exchange, routing_key, headers, body, trace_context,
+                      lease_until)
+  SELECT m.message_id, m.saga_id, m.exchange, m.routing_key, m.headers, m.body, m.trace_context,
+         now() + make_interval(secs => m.lease_s)
   FROM unnest($18::uuid[], $19::text[], $20::text[], $21::text[], $22::jsonb[], $23::bytea[],
-              $30::text[])
-    AS m(saga_id, message_id, exchange, routing_key, headers, body, trace_context)
+              $30::text[], $32::float8[])
+    AS m(saga_id, message_id, exchange, routing_key, headers, body, trace_context, lease_s)
   WHERE m.saga_id IN (SELECT id FROM written)
   ORDER BY m.message_id
   RETURNING id, message_id
@@ -235,6 +238,7 @@ _CLAIM_UNPUBLISHED = """
 SELECT id, message_id, exchange, routing_key, headers, body, trace_context, created_at
 FROM outbox
 WHERE published_at IS NULL AND created_at <= now() - make_interval(secs => $2)
+  AND (lease_until IS NULL OR lease_until <= now())
 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
 """
 
@@ -326,6 +330,7 @@ class _SaveColumns:
                     json.dumps(p.headers),
                     p.body,
                     p.trace_context,
+                    p.lease_s,
                 )
             )
         cancelled = set(decision.cancel_timers) - {t.name for t in decision.set_timers}
@@ -353,9 +358,9 @@ class _SaveColumns:
         return sorted(rows, key=lambda r: r.id)
 
     def args(self) -> list[list[Any]]:
-        """`$1`..`$31`: each table's columns, and the trace contexts appended last."""
+        """`$1`..`$32`: each table's columns; the trace contexts, then the leases, last."""
         sagas = _columns(self._sagas, 10)
-        outbox = _columns(self._outbox, 7)
+        outbox = _columns(self._outbox, 8)
         timers = _columns(self._timers, 4)
         return [
             self.ids,
@@ -367,6 +372,7 @@ class _SaveColumns:
             sagas[9],
             outbox[6],
             timers[3],
+            outbox[7],
         ]
 
 

@@ -201,13 +201,19 @@ outbox = Table(
     Column("attempts", Integer, nullable=False, server_default=text("0")),
     Column("last_error", Text, nullable=True),
     Column("trace_context", Text, nullable=True),
+    _timestamp("lease_until", nullable=True),
     UniqueConstraint("message_id"),
     Index("ix_outbox_unpublished", "id", postgresql_where=text("published_at IS NULL")),
     Index(
         "ix_outbox_saga_id_unpublished", "saga_id", postgresql_where=text("published_at IS NULL")
     ),
 )
-"""Messages committed with a transition and not yet (or already) published by the relay."""
+"""Messages committed with a transition and not yet (or already) published by the relay.
+
+A step command the committing worker runs itself (an eager step) has `lease_until`: the
+sweeper publishes it only once the lease ran out; `published_at` is set when its result
+committed (or it was published after all).
+"""
 
 timers = Table(
     "timers",

@@ -161,6 +161,9 @@ class PendingMessage:
     headers: dict[str, Any]
     body: bytes
     trace_context: str | None = None
+    lease_s: float | None = None
+    """Set on a step command its worker runs itself (an eager step): nobody publishes the row
+    for this long after commit; if its result is not committed by then, the sweeper does."""
 
 
 class Publisher(Protocol):
