@@ -36,7 +36,7 @@ import asyncpg
 import pytest
 from broker_tools import USER, delete_prefixed
 from private_services import POSTGRES_BIN_DIRS, _binary, _run, free_port
-from test_worker_lifecycle import Spawn, WorkerProcess, spawn, worker_env  # noqa: F401
+from worker_processes import Spawn, WorkerProcess, worker_env
 
 from sagas.order_fulfilment.simulation.order_mix import OrderPlan, Send, plan_orders
 from sagas.order_fulfilment.simulation.shop import publish
@@ -199,7 +199,7 @@ def print_table(samples: list[Sample]) -> str:
 
 
 async def test_soak_with_pruning_keeps_the_tables_flat(
-    spawn: Spawn,  # noqa: F811
+    spawn: Spawn,
     run_id: str,
     tmp_path: Path,
     broker: aio_pika.abc.AbstractRobustConnection,
@@ -213,7 +213,7 @@ async def test_soak_with_pruning_keeps_the_tables_flat(
 
 
 async def _soak(
-    spawn: Spawn,  # noqa: F811
+    spawn: Spawn,
     database_url: str,
     minutes: float,
     run_id: str,

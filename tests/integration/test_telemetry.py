@@ -21,16 +21,8 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 from broker_tools import USER
 from otlp_receiver import Received, ReceivedSpan, otlp_receiver
-from test_worker_lifecycle import (
-    SAGA,
-    Spawn,
-    consuming,
-    eventually,
-    prefix,
-    sagas_by_order,
-    spawn,
-    worker_env,
-)
+from test_worker_lifecycle import SAGA, consuming, prefix, sagas_by_order
+from worker_processes import Spawn, eventually, worker_env
 
 from sagas.order_fulfilment.messages import (
     Message,
@@ -43,7 +35,7 @@ from sagaworks.adapters.rabbitmq.topology import exchange_name, port_queue_name,
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-__all__ = ["prefix", "spawn"]  # fixtures used here, defined with the worker process tests
+__all__ = ["prefix"]  # a fixture used here, defined with the worker process tests
 
 ORDERS = 3
 PORTS = ("inventory", "payments", "shipping")

@@ -33,6 +33,7 @@ from sagaworks.application.parsing import Rejected, envelope_of, parse_event
 from sagaworks.application.ports import (
     Clock,
     DeadLetter,
+    FinishedSaga,
     InboundMessage,
     LockedSaga,
     OutboxRow,
