@@ -38,6 +38,7 @@ from sagaworks.adapters.postgres.engine import (
     TRANSIENT_DATABASE_ERRORS,
     create_engine_from_settings,
     probe_database,
+    session_deadlines,
 )
 from sagaworks.adapters.postgres.migrations_runner import check_schema_current
 from sagaworks.adapters.postgres.notify import PostgresOutboxWakeUps
@@ -289,6 +290,7 @@ async def bootstrap(
             settings.database_url.get_secret_value(),
             size=settings.db_pool_size,
             connect_timeout_s=settings.db_connect_timeout_s,
+            deadlines=session_deadlines(settings),
         )
         store = PostgresStore(engine, pool)
         breaker_log = PostgresBreakerLog(engine)
@@ -440,7 +442,9 @@ def _wire(settings: Settings) -> Wire:
 
 async def _connect(settings: Settings) -> AbstractRobustConnection:
     return await connect(
-        settings.amqp_url.get_secret_value(), timeout_s=settings.amqp_connect_timeout_s
+        settings.amqp_url.get_secret_value(),
+        timeout_s=settings.amqp_connect_timeout_s,
+        heartbeat_s=settings.amqp_heartbeat_s,
     )
 
 

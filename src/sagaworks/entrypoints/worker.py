@@ -36,6 +36,7 @@ from sagaworks.adapters.observability.logging import (
     get_logger,
 )
 from sagaworks.adapters.rabbitmq.inbound import to_inbound
+from sagaworks.adapters.rabbitmq.liveness import ConnectionWatch, with_heartbeat
 from sagaworks.adapters.rabbitmq.topology import apply_topology, check_topology
 from sagaworks.application.ports import InboundMessage
 from sagaworks.application.results import Handled
@@ -68,11 +69,14 @@ class Worker:
     def __init__(self, system: System) -> None:
         self.system = system
         settings = system.settings
+        self.broker_watch = ConnectionWatch("consumers", settings.amqp_heartbeat_s)
         self.broker = RabbitBroker(
-            settings.amqp_url.get_secret_value(),
+            with_heartbeat(settings.amqp_url.get_secret_value(), settings.amqp_heartbeat_s),
             graceful_timeout=settings.grace_period_s * 0.7,
             logger=None,
             apply_types=False,
+            on_close=[self.broker_watch.on_close],
+            on_reconnected=[self.broker_watch.on_reconnect],
         )
         self.gate = PortGate(system.breakers, system.record_breaker_change)
         self.app = FastStream(
