@@ -18,6 +18,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from aiormq.exceptions import AMQPError
 from faststream import AckPolicy, FastStream
 from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
 from faststream.rabbit.annotations import RabbitMessage
@@ -35,6 +36,7 @@ from sagaworks.adapters.observability.logging import (
     clear_message_context,
     get_logger,
 )
+from sagaworks.adapters.postgres.deadlines import CLIENT_GRACE_S
 from sagaworks.adapters.rabbitmq.inbound import to_inbound
 from sagaworks.adapters.rabbitmq.liveness import ConnectionWatch, with_heartbeat
 from sagaworks.adapters.rabbitmq.topology import apply_topology, check_topology
@@ -43,6 +45,7 @@ from sagaworks.application.results import Handled
 from sagaworks.application.timers import FailedTimer, TimersRun
 from sagaworks.bootstrap import System
 from sagaworks.entrypoints.consumers import cancel_consumer
+from sagaworks.entrypoints.outages import OutageLog
 from sagaworks.entrypoints.port_gate import PortGate
 
 __all__ = ["Worker"]
@@ -87,6 +90,9 @@ class Worker:
             after_shutdown=[self._stop_background],
         )
         self._background: list[asyncio.Task[None]] = []
+        self._outages = OutageLog(
+            (*system.transient_errors, AMQPError), settings.db_statement_timeout_s + CLIENT_GRACE_S
+        )
         self._subscribe()
 
     def _subscribe(self) -> None:
@@ -234,13 +240,15 @@ class Worker:
 
     async def _guard(self, what: str, work: Awaitable[T], nothing: T) -> T:
         try:
-            return await work
+            done = await work
         except asyncio.CancelledError:
             raise
         except Exception as error:  # noqa: BLE001 - a background loop must outlive an outage
-            _log.warning(f"{what} failed; will retry", error=f"{type(error).__name__}: {error}")
+            self._outages.failed(what, error)
             await asyncio.sleep(1.0)
             return nothing
+        self._outages.succeeded()
+        return done
 
     async def declare_topology(self) -> None:
         """Declare the topology, or with `declare_topology` off only check that it exists."""
