@@ -29,7 +29,21 @@ from aiohttp import web
 from sagas.order_fulfilment.simulation.fake_services import FakeServices
 from sagas.order_fulfilment.simulation.order_mix import plan_orders
 from sagas.order_fulfilment.simulation.shop import Warehouse
+from sagaworks import Message
 from sagaworks.adapters.rabbitmq.topology import exchange_name
+
+
+class PatientWarehouse(Warehouse):
+    """The warehouse, retrying a dispatch the broker did not take (it may be restarting)."""
+
+    async def _later(self, delay: float, message: Message, message_id: str) -> None:
+        for _ in range(600):
+            try:
+                await super()._later(delay, message, message_id)
+            except Exception:
+                delay = 0.5
+            else:
+                return
 
 
 async def main(spec: dict[str, Any]) -> None:
@@ -40,7 +54,7 @@ async def main(spec: dict[str, Any]) -> None:
     connection = await aio_pika.connect_robust(spec["amqp_url"], reconnect_interval=0.5)
     channel = await connection.channel(publisher_confirms=True)
     prefix = spec["prefix"]
-    warehouse = Warehouse(
+    warehouse = PatientWarehouse(
         channel,
         lambda domain: exchange_name(prefix, domain),
         lambda order_id, _shipment: list(plans.get(order_id, ())),
