@@ -302,7 +302,12 @@ async def bootstrap(
     if publisher is None:
         connection = await _connect(settings)
         commands = exchange_name(settings.exchange_prefix, COMMANDS_DOMAIN)
-        publisher = RabbitPublisher(connection, {commands}, own_user(settings))
+        publisher = RabbitPublisher(
+            connection,
+            {commands},
+            own_user(settings),
+            confirm_timeout_s=settings.amqp_publish_timeout_s,
+        )
     options = EngineOptions(
         park_for=timedelta(seconds=settings.park_for_s),
         max_message_bytes=settings.max_message_bytes,
@@ -400,7 +405,12 @@ async def bootstrap_tools(
             tools.connection = await _connect(settings)
         if replay_publisher:
             assert tools.connection is not None
-            tools.replay_publisher = RabbitPublisher(tools.connection, {""}, own_user(settings))
+            tools.replay_publisher = RabbitPublisher(
+                tools.connection,
+                {""},
+                own_user(settings),
+                confirm_timeout_s=settings.amqp_publish_timeout_s,
+            )
     except BaseException:
         await tools.aclose()
         raise

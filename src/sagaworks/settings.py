@@ -99,6 +99,13 @@ class Settings(BaseSettings):
         "intervals (plus one second each) is declared dead and reopened. A `heartbeat=` in "
         "the URL wins.",
     )
+    amqp_publish_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="Longest wait for the broker to confirm a publish; then the rows stay in "
+        "the outbox and the sweeper publishes them once the broker answers again.",
+    )
     db_statement_timeout_s: float = Field(
         default=20.0,
         gt=0,

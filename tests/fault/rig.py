@@ -452,6 +452,36 @@ class Scenario:
         missing = len(self.plans) - int(ended) - len(rows)
         return [r["correlation_key"] for r in rows] + ["(not started)"] * max(missing, 0)
 
+    async def diagnose(self) -> str:
+        """What a stuck run looks like: sagas by status and step, the outbox, the queues."""
+        steps = await self.db.fetch(
+            "SELECT status, current_step, count(*) AS n FROM saga_instances "
+            "GROUP BY 1, 2 ORDER BY 3 DESC"
+        )
+        unpublished = await self.db.fetchval(
+            "SELECT count(*) FROM outbox WHERE published_at IS NULL"
+        )
+        timers = await self.db.fetchval("SELECT count(*) FROM timers")
+        queues = self.services.rabbitmq.rabbitmqctl(
+            "list_queues", "name", "messages_ready", "messages_unacknowledged", "consumers",
+            "--quiet", "--no-table-headers",
+        )  # fmt: skip
+        mine = "\n".join(q for q in queues.splitlines() if q.startswith(self.prefix))
+        sessions = await self.db.fetch(
+            "SELECT state, wait_event, left(query, 80) AS query, now() - xact_start AS age "
+            "FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        for worker in self.workers:
+            if worker.alive:
+                worker.process.send_signal(signal.SIGUSR1)  # worker_main.py dumps its tasks
+        await asyncio.sleep(1.0)
+        mine += f"\nsessions: {[tuple(r) for r in sessions]}"
+        return (
+            f"sagas: {[tuple(r) for r in steps]}\nunpublished outbox rows: {unpublished}, "
+            f"timers: {timers}\nqueues (ready, unacked, consumers):\n{mine}\n"
+            f"logs: {[str(w.log) for w in self.workers]}"
+        )
+
     async def wait_until_all_ended(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -50,7 +50,7 @@ async def test_a_worker_killed_at_the_point_loses_and_repeats_nothing(
         if scenario.kills > SCALE.kills + 1:
             break
     await scenario.senders_done()
-    assert await scenario.wait_until_all_ended(120), await scenario.not_ended()
+    assert await scenario.wait_until_all_ended(120), await scenario.diagnose()
     await asyncio.sleep(1.0)
     books = await scenario.close_books()
     assert books.kills >= 1, f"the worker never reached {point}"

@@ -21,7 +21,7 @@ async def _under_load(scenario: Scenario) -> None:
 
 async def _finish(scenario: Scenario) -> None:
     await scenario.senders_done()
-    assert await scenario.wait_until_all_ended(180), await scenario.not_ended()
+    assert await scenario.wait_until_all_ended(180), await scenario.diagnose()
     assert all(w.alive for w in scenario.workers), "a worker died instead of waiting it out"
     report(await scenario.close_books())
 

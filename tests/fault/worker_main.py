@@ -18,6 +18,7 @@ Nothing in the shipped code exists for this: the patches wrap its methods.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sys
@@ -122,7 +123,17 @@ POINTS: dict[str, Callable[[_Countdown], None]] = {
 }
 
 
+def _dump_tasks(_signal: int, _frame: Any) -> None:
+    """On SIGUSR1, print every asyncio task's stack: what a stuck worker waits for."""
+    loop = asyncio.get_running_loop()
+    for task in asyncio.all_tasks(loop):
+        sys.stderr.write(f"task {task.get_name()}:\n")
+        task.print_stack(limit=12, file=sys.stderr)
+    sys.stderr.flush()
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGUSR1, _dump_tasks)
     point = os.environ.get("FAULT_KILL_AT")
     if point:
         POINTS[point](_Countdown(int(os.environ["FAULT_KILL_ON"])))

@@ -241,8 +241,14 @@ class Worker:
     async def _guard(self, what: str, work: Awaitable[T], nothing: T) -> T:
         try:
             done = await work
-        except asyncio.CancelledError:
-            raise
+        except asyncio.CancelledError as cancelled:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise
+            # A library cancelled something this loop awaited (not the loop): an outage.
+            self._outages.failed(what, ConnectionError(f"interrupted: {cancelled!r}"))
+            await asyncio.sleep(1.0)
+            return nothing
         except Exception as error:  # noqa: BLE001 - a background loop must outlive an outage
             self._outages.failed(what, error)
             await asyncio.sleep(1.0)
