@@ -285,7 +285,7 @@ async def bootstrap(
     connection = None
     breaker_log: BreakerLog | None = None
     if store is None:
-        engine = create_engine_from_settings(settings)
+        engine = create_engine_from_settings(settings, deadlines=True)
         pool = ConnectionPool(
             settings.database_url.get_secret_value(),
             size=settings.db_pool_size,

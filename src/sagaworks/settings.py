@@ -107,11 +107,12 @@ class Settings(BaseSettings):
         "the outbox and the sweeper publishes them once the broker answers again.",
     )
     db_statement_timeout_s: float = Field(
-        default=20.0,
+        default=10.0,
         gt=0,
         le=3600,
-        description="Longest statement of a worker: PostgreSQL cancels it after this, and the "
-        "worker gives up on an answer 5 s later (a silent network), dropping the connection.",
+        description="Longest statement of a worker (its statements take milliseconds): "
+        "PostgreSQL cancels it after this, and the worker gives up on an answer 2 s later "
+        "(a silent network). Operator commands and migrations have no such limit.",
     )
     db_idle_in_transaction_timeout_s: float = Field(
         default=30.0,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 __all__ = ["CLIENT_GRACE_S", "SessionDeadlines"]
 
-CLIENT_GRACE_S = 5.0
+CLIENT_GRACE_S = 2.0
 """How much longer than the server's limit the client waits: the server's cancel comes first."""
 
 

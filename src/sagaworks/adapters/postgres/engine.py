@@ -97,8 +97,14 @@ def create_engine(
     )
 
 
-def create_engine_from_settings(settings: Settings, *, for_migrations: bool = False) -> AsyncEngine:
-    """The worker engine; with `for_migrations`, one connection as the migration role."""
+def create_engine_from_settings(
+    settings: Settings, *, for_migrations: bool = False, deadlines: bool = False
+) -> AsyncEngine:
+    """The worker engine; with `for_migrations`, one connection as the migration role.
+
+    With `deadlines` (a worker's engine), statements get the session deadlines of
+    the settings; operator tools and migrations run without them.
+    """
     if for_migrations:
         return create_engine(
             settings.effective_migration_url(),
@@ -111,7 +117,7 @@ def create_engine_from_settings(settings: Settings, *, for_migrations: bool = Fa
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_pool_max_overflow,
         connect_timeout_s=settings.db_connect_timeout_s,
-        deadlines=session_deadlines(settings),
+        deadlines=session_deadlines(settings) if deadlines else None,
     )
 
 
