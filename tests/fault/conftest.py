@@ -31,7 +31,7 @@ class Scale:
     """How long a network cut lasts."""
 
 
-SCALE = Scale(orders=600, kills=10, cut_s=240.0) if LONG else Scale(orders=200, kills=2, cut_s=40.0)
+SCALE = Scale(orders=600, kills=10, cut_s=240.0) if LONG else Scale(orders=200, kills=2, cut_s=35.0)
 
 
 @pytest.fixture(scope="session")
