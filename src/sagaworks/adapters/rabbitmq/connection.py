@@ -130,13 +130,8 @@ async def connect(
     check_tls_options(url)
     tolerate_undecodable_properties()
     target = _Target.of(url)
-    if heartbeat_s is not None:
-        url = with_heartbeat(url, heartbeat_s)
-    connection = aio_pika.RobustConnection(make_url(url), fail_fast="1")
-    if heartbeat_s is not None:
-        watch = ConnectionWatch("publisher", heartbeat_s)
-        connection.close_callbacks.add(watch.on_close)
-        connection.reconnect_callbacks.add(watch.on_reconnect)
+    opened = url if heartbeat_s is None else with_heartbeat(url, heartbeat_s)
+    connection = aio_pika.RobustConnection(make_url(opened), fail_fast="1")
     try:
         async with asyncio.timeout(timeout_s):
             await connection.connect(timeout=timeout_s)
@@ -146,6 +141,10 @@ async def connect(
     except BaseException:
         await connection.close()
         raise
+    if heartbeat_s is not None:  # from now on a close is a loss to report, not a bad URL
+        watch = ConnectionWatch("publisher", heartbeat_s)
+        connection.close_callbacks.add(watch.on_close)
+        connection.reconnect_callbacks.add(watch.on_reconnect)
     return connection
 
 
