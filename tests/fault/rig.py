@@ -29,7 +29,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -220,7 +220,10 @@ class Scenario:
         amqp_port: int | None = None,
         pg_port: int | None = None,
         settings: dict[str, str] | None = None,
+        deadline_slack_s: float = 0.0,
     ) -> None:
+        """`deadline_slack_s` moves every dispatch deadline later: a cut longer than the
+        mix's two minutes would otherwise rightly cancel orders whose parcel is on its way."""
         self.services = services
         self.name = name
         self.folder = folder
@@ -228,7 +231,11 @@ class Scenario:
         self.prefix = f"{self.run_id}."
         self.database = f"fault_{self.run_id}".lower()
         self.plans: list[OrderPlan] = plan_orders(
-            orders, self.run_id, datetime.now(UTC), seed=seed, missed_deadline_s=3.0
+            orders,
+            self.run_id,
+            datetime.now(UTC) + timedelta(seconds=deadline_slack_s),
+            seed=seed,
+            missed_deadline_s=3.0,
         )
         self.poison_ids = [f"{self.run_id}-poison-{i}" for i in range(poison)]
         self.amqp_port = amqp_port

@@ -58,7 +58,9 @@ async def test_broker_black_holed_then_reset(
     proxy = BlackHoleProxy(services.rabbitmq.tls_port)
     await proxy.start()
     try:
-        scenario = await scenario_factory("cut-broker", amqp_port=proxy.port)
+        scenario = await scenario_factory(
+            "cut-broker", amqp_port=proxy.port, deadline_slack_s=SCALE.cut_s
+        )
         detection = await _cut(scenario, proxy, "broker connection lost")
         await scenario.senders_done()
         assert await scenario.wait_until_all_ended(90), await scenario.diagnose()
@@ -84,7 +86,9 @@ async def test_database_black_holed_then_reset(
     proxy = BlackHoleProxy(services.postgres.port)
     await proxy.start()
     try:
-        scenario = await scenario_factory("cut-database", pg_port=proxy.port)
+        scenario = await scenario_factory(
+            "cut-database", pg_port=proxy.port, deadline_slack_s=SCALE.cut_s
+        )
         detection = await _cut(scenario, proxy, "outage:")
         await scenario.senders_done()
         assert await scenario.wait_until_all_ended(90), await scenario.diagnose()
