@@ -72,14 +72,14 @@ class Worker:
     def __init__(self, system: System) -> None:
         self.system = system
         settings = system.settings
-        self.broker_watch = ConnectionWatch("consumers", settings.amqp_heartbeat_s)
+        watch = ConnectionWatch("consumers", settings.amqp_heartbeat_s)
         self.broker = RabbitBroker(
             with_heartbeat(settings.amqp_url.get_secret_value(), settings.amqp_heartbeat_s),
             graceful_timeout=settings.grace_period_s * 0.7,
             logger=None,
             apply_types=False,
-            on_close=[self.broker_watch.on_close],
-            on_reconnected=[self.broker_watch.on_reconnect],
+            on_close=[watch.on_close],
+            on_reconnected=[watch.on_reconnect],
         )
         self.gate = PortGate(system.breakers, system.record_breaker_change)
         self.app = FastStream(

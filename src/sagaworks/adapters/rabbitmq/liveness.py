@@ -61,10 +61,6 @@ class ConnectionWatch:
         self._lost_at: float | None = None
         self.losses = 0
 
-    @property
-    def is_down(self) -> bool:
-        return self._lost_at is not None
-
     def on_close(self, sender: Any, error: BaseException | None = None) -> None:
         """aio-pika close callback: also called for each failed reconnection attempt.
 
