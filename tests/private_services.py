@@ -167,6 +167,14 @@ class PrivatePostgres:
     port: int
     data: Path
     runtime: Path
+    start_command: list[str] = field(default_factory=list, repr=False)
+    """`pg_ctl ... start` as it started the cluster: `restart()` runs it again."""
+
+    def restart(self, mode: str = "immediate") -> None:
+        """Stop the cluster (`immediate`: as after a crash, no checkpoint) and start it again."""
+        stop = [*self.start_command[: self.start_command.index("-D")], "-D", str(self.data)]
+        _run([*stop, "-m", mode, "-w", "stop"], what="pg_ctl stop", timeout_s=60)
+        _run(self.start_command, what="pg_ctl start", timeout_s=_START_TIMEOUT_S + 10)
 
     def url(self, database: str = "postgres", user: str = "postgres", **query: str) -> str:
         """`postgresql://user@127.0.0.1:port/database?query` (query values are not escaped)."""
@@ -233,14 +241,11 @@ def private_postgres(
             "-c max_connections=40",
         ]
     )
-    cluster = PrivatePostgres(port, data, runtime)
+    start = [*as_user, str(pg_ctl), "-D", str(data), "-l", str(runtime / "postgres.log"), "-w",
+             "-t", str(int(_START_TIMEOUT_S)), "-o", options, "start"]  # fmt: skip
+    cluster = PrivatePostgres(port, data, runtime, start)
     try:
-        _run(
-            [*as_user, str(pg_ctl), "-D", str(data), "-l", str(runtime / "postgres.log"), "-w",
-             "-t", str(int(_START_TIMEOUT_S)), "-o", options, "start"],
-            what="pg_ctl start",
-            timeout_s=_START_TIMEOUT_S + 10,
-        )  # fmt: skip
+        _run(start, what="pg_ctl start", timeout_s=_START_TIMEOUT_S + 10)
         yield cluster
     finally:
         subprocess.run(
@@ -264,6 +269,34 @@ class PrivateRabbitMQ:
     base: Path
     env: Mapping[str, str] = field(repr=False)
     ctl: Path = field(repr=False)
+    server_script: Path | None = field(default=None, repr=False)
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def start(self) -> None:
+        """Start the node (again, after `kill()`: same name, ports and data) and wait for it."""
+        assert self.server_script is not None
+        with (self.base / "server.out").open("ab") as out:
+            self.process = subprocess.Popen(
+                [str(self.server_script)],
+                cwd=self.base,
+                env=dict(self.env),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        _await_node(self, self.process)
+
+    def kill(self) -> None:
+        """SIGKILL the node's whole process group (the Erlang VM and its helpers): a crash."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def restart(self) -> None:
+        """Stop the broker application and start it again: every connection is closed."""
+        self.rabbitmqctl("stop_app")
+        self.rabbitmqctl("start_app", timeout_s=120)
 
     def url(self, user: str = "guest", password: str = "guest", **query: str) -> str:
         """`amqps://user:password@127.0.0.1:tls_port/?query`."""
@@ -347,22 +380,13 @@ def private_rabbitmq(
         "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
         "ERL_EPMD_ADDRESS": "127.0.0.1",
     }
-    rabbit = PrivateRabbitMQ(node, tls_port, base, env, ctl)
-    with (base / "server.out").open("wb") as out:
-        process = subprocess.Popen(
-            [str(server_script)],
-            cwd=base,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    rabbit = PrivateRabbitMQ(node, tls_port, base, env, ctl, server_script)
     try:
-        _await_node(rabbit, process)
+        rabbit.start()
         yield rabbit
     finally:
-        _stop_node(rabbit, process)
+        if rabbit.process is not None:
+            _stop_node(rabbit, rabbit.process)
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -41,6 +41,7 @@ from sagaworks.adapters.postgres.engine import (
     TRANSIENT_DATABASE_ERRORS,
     create_engine_from_settings,
     probe_database,
+    session_deadlines,
 )
 from sagaworks.adapters.postgres.heartbeats import PostgresHeartbeats
 from sagaworks.adapters.postgres.migrations_runner import check_schema_current
@@ -308,11 +309,12 @@ async def bootstrap(
     connection = None
     breaker_log: BreakerLog | None = None
     if store is None:
-        engine = create_engine_from_settings(settings)
+        engine = create_engine_from_settings(settings, deadlines=True)
         pool = ConnectionPool(
             settings.database_url.get_secret_value(),
             size=settings.db_pool_size,
             connect_timeout_s=settings.db_connect_timeout_s,
+            deadlines=session_deadlines(settings),
         )
         store = PostgresStore(engine, pool)
         breaker_log = PostgresBreakerLog(engine)
@@ -324,7 +326,12 @@ async def bootstrap(
     if publisher is None:
         connection = await _connect(settings)
         commands = exchange_name(settings.exchange_prefix, COMMANDS_DOMAIN)
-        publisher = RabbitPublisher(connection, {commands}, own_user(settings))
+        publisher = RabbitPublisher(
+            connection,
+            {commands},
+            own_user(settings),
+            confirm_timeout_s=settings.amqp_publish_timeout_s,
+        )
     options = EngineOptions(
         park_for=timedelta(seconds=settings.park_for_s),
         max_message_bytes=settings.max_message_bytes,
@@ -450,7 +457,12 @@ async def bootstrap_tools(
             tools.connection = await _connect(settings)
         if replay_publisher:
             assert tools.connection is not None
-            tools.replay_publisher = RabbitPublisher(tools.connection, {""}, own_user(settings))
+            tools.replay_publisher = RabbitPublisher(
+                tools.connection,
+                {""},
+                own_user(settings),
+                confirm_timeout_s=settings.amqp_publish_timeout_s,
+            )
     except BaseException:
         await tools.aclose()
         raise
@@ -528,7 +540,9 @@ def _wire(settings: Settings) -> Wire:
 
 async def _connect(settings: Settings) -> AbstractRobustConnection:
     return await connect(
-        settings.amqp_url.get_secret_value(), timeout_s=settings.amqp_connect_timeout_s
+        settings.amqp_url.get_secret_value(),
+        timeout_s=settings.amqp_connect_timeout_s,
+        heartbeat_s=settings.amqp_heartbeat_s,
     )
 
 

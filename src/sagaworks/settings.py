@@ -92,6 +92,36 @@ class Settings(BaseSettings):
     amqp_connect_timeout_s: float = Field(
         default=5.0, gt=0, description="Deadline for opening the broker connection."
     )
+    amqp_heartbeat_s: int = Field(
+        default=6,
+        ge=1,
+        le=600,
+        description="AMQP heartbeat interval; a broker connection silent for about three "
+        "intervals (plus one second each) is declared dead and reopened. A `heartbeat=` in "
+        "the URL wins.",
+    )
+    amqp_publish_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="Longest wait for the broker to confirm a publish; then the rows stay in "
+        "the outbox and the sweeper publishes them once the broker answers again.",
+    )
+    db_statement_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="Longest statement of a worker (its statements take milliseconds): "
+        "PostgreSQL cancels it after this, and the worker gives up on an answer 2 s later "
+        "(a silent network). Operator commands and migrations have no such limit.",
+    )
+    db_idle_in_transaction_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="PostgreSQL ends a worker's session idle this long inside a transaction "
+        "(a worker cut off mid-transaction), releasing its saga locks.",
+    )
     prefetch: int = Field(
         default=128,
         ge=1,

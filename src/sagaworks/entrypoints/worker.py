@@ -18,6 +18,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from aiormq.exceptions import AMQPError
 from faststream import AckPolicy, FastStream
 from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
 from faststream.rabbit.annotations import RabbitMessage
@@ -36,7 +37,9 @@ from sagaworks.adapters.observability.logging import (
     get_logger,
 )
 from sagaworks.adapters.observability.telemetry import EngineTelemetry, NoTelemetry
+from sagaworks.adapters.postgres.deadlines import CLIENT_GRACE_S
 from sagaworks.adapters.rabbitmq.inbound import to_inbound
+from sagaworks.adapters.rabbitmq.liveness import ConnectionWatch, with_heartbeat
 from sagaworks.adapters.rabbitmq.topology import apply_topology, check_topology
 from sagaworks.application.ports import InboundMessage
 from sagaworks.application.results import Handled
@@ -44,6 +47,7 @@ from sagaworks.application.timers import FailedTimer, TimersRun
 from sagaworks.bootstrap import System
 from sagaworks.entrypoints.consumers import cancel_consumer
 from sagaworks.entrypoints.heartbeat import HeartbeatLoop
+from sagaworks.entrypoints.outages import OutageLog
 from sagaworks.entrypoints.port_gate import PortGate
 
 __all__ = ["Worker"]
@@ -71,12 +75,15 @@ class Worker:
         self.system = system
         settings = system.settings
         self.telemetry: EngineTelemetry = system.telemetry or NoTelemetry()
+        watch = ConnectionWatch("consumers", settings.amqp_heartbeat_s)
         self.broker = RabbitBroker(
-            settings.amqp_url.get_secret_value(),
+            with_heartbeat(settings.amqp_url.get_secret_value(), settings.amqp_heartbeat_s),
             graceful_timeout=settings.grace_period_s * 0.7,
             logger=None,
             apply_types=False,
             middlewares=self.telemetry.broker_middlewares(),
+            on_close=[watch.on_close],
+            on_reconnected=[watch.on_reconnect],
         )
         self.gate = PortGate(system.breakers, system.record_breaker_change)
         self.app = FastStream(
@@ -93,6 +100,9 @@ class Worker:
             HeartbeatLoop(system, system.heartbeats, lambda: self.in_flight)
             if system.heartbeats is not None
             else None
+        )
+        self._outages = OutageLog(
+            (*system.transient_errors, AMQPError), settings.db_statement_timeout_s + CLIENT_GRACE_S
         )
         self._subscribe()
 
@@ -284,13 +294,21 @@ class Worker:
 
     async def _guard(self, what: str, work: Awaitable[T], nothing: T) -> T:
         try:
-            return await work
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:  # noqa: BLE001 - a background loop must outlive an outage
-            _log.warning(f"{what} failed; will retry", error=f"{type(error).__name__}: {error}")
+            done = await work
+        except asyncio.CancelledError as cancelled:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise
+            # A library cancelled something this loop awaited (not the loop): an outage.
+            self._outages.failed(what, ConnectionError(f"interrupted: {cancelled!r}"))
             await asyncio.sleep(1.0)
             return nothing
+        except Exception as error:  # noqa: BLE001 - a background loop must outlive an outage
+            self._outages.failed(what, error)
+            await asyncio.sleep(1.0)
+            return nothing
+        self._outages.succeeded()
+        return done
 
     async def declare_topology(self) -> None:
         """Declare the topology, or with `declare_topology` off only check that it exists."""

@@ -17,6 +17,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from sagaworks.adapters.postgres.deadlines import SessionDeadlines
 from sagaworks.adapters.postgres.dsn import parse_database_url
 from sagaworks.adapters.postgres.errors import DatabaseUnreachable
 from sagaworks.settings import Settings
@@ -28,6 +29,7 @@ __all__ = [
     "create_engine_from_settings",
     "describe_connect_failure",
     "probe_database",
+    "session_deadlines",
     "sqlstate",
     "to_asyncpg_url",
 ]
@@ -65,19 +67,25 @@ def create_engine(
     pool_size: int = 10,
     max_overflow: int = 5,
     connect_timeout_s: float = 5.0,
+    deadlines: SessionDeadlines | None = None,
 ) -> AsyncEngine:
     """Build a pooled asyncpg engine; connections are checked before use and named `sagaworks`.
 
     Connections are opened by `asyncpg.connect()` on the DSN `parse_database_url`
     gives, as the hot-path pool's are, so TLS parameters mean the same on both.
+    With `deadlines`, no statement waits forever on a silent network (deadlines.py).
     """
     target = parse_database_url(url)
+    server_settings = {"application_name": "sagaworks"}
+    if deadlines is not None:
+        server_settings.update(deadlines.server_settings())
 
     async def open_connection() -> asyncpg.Connection:
         return await asyncpg.connect(
             target.dsn,
             timeout=connect_timeout_s,
-            server_settings={"application_name": "sagaworks"},
+            command_timeout=None if deadlines is None else deadlines.command_timeout_s,
+            server_settings=server_settings,
         )
 
     return create_async_engine(
@@ -89,8 +97,14 @@ def create_engine(
     )
 
 
-def create_engine_from_settings(settings: Settings, *, for_migrations: bool = False) -> AsyncEngine:
-    """The worker engine; with `for_migrations`, one connection as the migration role."""
+def create_engine_from_settings(
+    settings: Settings, *, for_migrations: bool = False, deadlines: bool = False
+) -> AsyncEngine:
+    """The worker engine; with `for_migrations`, one connection as the migration role.
+
+    With `deadlines` (a worker's engine), statements get the session deadlines of
+    the settings; operator tools and migrations run without them.
+    """
     if for_migrations:
         return create_engine(
             settings.effective_migration_url(),
@@ -103,6 +117,15 @@ def create_engine_from_settings(settings: Settings, *, for_migrations: bool = Fa
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_pool_max_overflow,
         connect_timeout_s=settings.db_connect_timeout_s,
+        deadlines=session_deadlines(settings) if deadlines else None,
+    )
+
+
+def session_deadlines(settings: Settings) -> SessionDeadlines:
+    """The worker's statement and idle-in-transaction limits, from the settings."""
+    return SessionDeadlines(
+        statement_timeout_s=settings.db_statement_timeout_s,
+        idle_in_transaction_timeout_s=settings.db_idle_in_transaction_timeout_s,
     )
 
 

@@ -19,6 +19,7 @@ from typing import Any, cast
 
 import asyncpg
 
+from sagaworks.adapters.postgres.deadlines import SessionDeadlines
 from sagaworks.adapters.postgres.dsn import parse_database_url
 
 __all__ = ["ConnectionPool"]
@@ -58,12 +59,21 @@ class ConnectionPool:
     """At most `size` asyncpg connections to `url`, made on first use.
 
     `url` is read by `parse_database_url`, as the engine's is: same TLS, same checks.
+    With `deadlines`, no statement waits forever on a silent network (deadlines.py).
     """
 
-    def __init__(self, url: str, *, size: int, connect_timeout_s: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        size: int,
+        connect_timeout_s: float,
+        deadlines: SessionDeadlines | None = None,
+    ) -> None:
         self._url = parse_database_url(url).dsn
         self._size = size
         self._timeout = connect_timeout_s
+        self._deadlines = deadlines
         self._pool: asyncpg.Pool | None = None
         self._lock = asyncio.Lock()
 
@@ -77,7 +87,11 @@ class ConnectionPool:
                     timeout=self._timeout,
                     init=_codecs,
                     reset=_keep_session,
+                    command_timeout=(
+                        None if self._deadlines is None else self._deadlines.command_timeout_s
+                    ),
                     server_settings={
+                        **({} if self._deadlines is None else self._deadlines.server_settings()),
                         "application_name": "sagaworks",
                         # A generic plan made while the tables were small (a new database,
                         # or one autovacuum has not analysed yet) keeps scanning them whole

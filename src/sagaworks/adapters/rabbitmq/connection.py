@@ -49,6 +49,7 @@ from sagaworks.adapters.rabbitmq.errors import (
     InvalidBrokerUrl,
 )
 from sagaworks.adapters.rabbitmq.frames import tolerate_undecodable_properties
+from sagaworks.adapters.rabbitmq.liveness import ConnectionWatch, with_heartbeat
 
 __all__ = ["TLS_FILE_OPTIONS", "broker_user", "check_tls_options", "connect"]
 
@@ -116,16 +117,21 @@ def broker_user(url: str) -> str:
     return _Target.of(url).user
 
 
-async def connect(url: str, *, timeout_s: float) -> AbstractRobustConnection:
+async def connect(
+    url: str, *, timeout_s: float, heartbeat_s: int | None = None
+) -> AbstractRobustConnection:
     """Open a robust connection to `url` within `timeout_s` seconds, or explain why not.
 
     `timeout_s` also bounds every later reconnection attempt. Deliveries whose
-    properties pamqp would refuse are read from then on (`frames.py`).
+    properties pamqp would refuse are read from then on (`frames.py`). With
+    `heartbeat_s`, a silent connection is noticed within about three heartbeats,
+    and each loss and return is logged once (`liveness.py`).
     """
     check_tls_options(url)
     tolerate_undecodable_properties()
     target = _Target.of(url)
-    connection = aio_pika.RobustConnection(make_url(url), fail_fast="1")
+    opened = url if heartbeat_s is None else with_heartbeat(url, heartbeat_s)
+    connection = aio_pika.RobustConnection(make_url(opened), fail_fast="1")
     try:
         async with asyncio.timeout(timeout_s):
             await connection.connect(timeout=timeout_s)
@@ -135,6 +141,10 @@ async def connect(url: str, *, timeout_s: float) -> AbstractRobustConnection:
     except BaseException:
         await connection.close()
         raise
+    if heartbeat_s is not None:  # from now on a close is a loss to report, not a bad URL
+        watch = ConnectionWatch("publisher", heartbeat_s)
+        connection.close_callbacks.add(watch.on_close)
+        connection.reconnect_callbacks.add(watch.on_reconnect)
     return connection
 
 

@@ -104,6 +104,13 @@ class RabbitPublisher:
 
     Rows go straight to the channel's `basic_publish`: an `aio_pika.Message` and
     an exchange object per message would only be copied into these properties.
+
+    A publish waits at most `confirm_timeout_s` for the broker's confirms, then
+    raises `TimeoutError`: a confirm sent into a connection that went silent
+    never arrives, and the channel does not always fail the wait when the
+    connection is declared dead. When aiormq does fail it, it cancels the
+    wait; that becomes a `ConnectionError`, as it is no cancellation of the
+    caller. Either way the rows stay in the outbox for the sweeper.
     """
 
     def __init__(
@@ -111,10 +118,13 @@ class RabbitPublisher:
         connection: AbstractRobustConnection,
         mandatory_exchanges: set[str],
         user_id: str,
+        *,
+        confirm_timeout_s: float = 30.0,
     ) -> None:
         self._connection = connection
         self._mandatory = mandatory_exchanges
         self._user_id = user_id
+        self._confirm_timeout_s = confirm_timeout_s
         self._channel: AbstractChannel | None = None
         self._lock = asyncio.Lock()
 
@@ -130,19 +140,30 @@ class RabbitPublisher:
         return await channel.get_underlay_channel()
 
     async def publish(self, rows: Sequence[OutboxRow]) -> None:
-        channel = await self._open_channel()
-        await asyncio.gather(
-            *(
-                channel.basic_publish(
-                    row.body,
-                    exchange=row.exchange,
-                    routing_key=row.routing_key,
-                    properties=amqp_properties(row, self._user_id),
-                    mandatory=row.exchange in self._mandatory,
+        try:
+            async with asyncio.timeout(self._confirm_timeout_s):
+                channel = await self._open_channel()
+                await asyncio.gather(
+                    *(
+                        channel.basic_publish(
+                            row.body,
+                            exchange=row.exchange,
+                            routing_key=row.routing_key,
+                            properties=amqp_properties(row, self._user_id),
+                            mandatory=row.exchange in self._mandatory,
+                        )
+                        for row in rows
+                    )
                 )
-                for row in rows
-            )
-        )
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            # aiormq cancels the confirms it still awaits when the connection dies under
+            # them; raised as is, that would stop whichever loop called (the sweeper).
+            raise ConnectionError(
+                "publish interrupted: the broker connection closed before confirming"
+            ) from None
 
     async def close(self) -> None:
         if self._channel is not None and not self._channel.is_closed:
