@@ -14,8 +14,8 @@ from datetime import datetime
 
 import pytest
 from conftest import SCALE, ScenarioFactory, report
-from proxy import BlackHoleProxy
 from rig import FaultServices, Scenario
+from tcp_proxy import BlackHoleProxy
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration]
 

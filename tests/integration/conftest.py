@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from aio_pika.abc import AbstractRobustConnection
+from broker_tools import delete_prefixed
 from worker_processes import SAGAWORKS, Spawn, WorkerProcess
 
 
@@ -35,3 +38,11 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
     yield start
     for worker in started:
         await worker.kill()
+
+
+@pytest.fixture
+async def prefix(run_id: str, broker: AbstractRobustConnection) -> AsyncIterator[str]:
+    """A name prefix for one test; its queues and exchanges are deleted afterwards."""
+    test_prefix = f"{run_id}.wl{secrets.token_hex(3)}."
+    yield test_prefix
+    await delete_prefixed(broker, test_prefix)

@@ -21,7 +21,7 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 from broker_tools import USER
 from otlp_receiver import Received, ReceivedSpan, otlp_receiver
-from test_worker_lifecycle import SAGA, consuming, prefix, sagas_by_order
+from test_worker_lifecycle import SAGA, consuming, sagas_by_order
 from worker_processes import Spawn, eventually, worker_env
 
 from sagas.order_fulfilment.messages import (
@@ -34,8 +34,6 @@ from sagas.order_fulfilment.messages import (
 from sagaworks.adapters.rabbitmq.topology import exchange_name, port_queue_name, saga_queue_name
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-__all__ = ["prefix"]  # a fixture used here, defined with the worker process tests
 
 ORDERS = 3
 PORTS = ("inventory", "payments", "shipping")

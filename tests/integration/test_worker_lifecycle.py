@@ -15,14 +15,14 @@ import secrets
 import signal
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import asyncpg
 import pytest
 from aio_pika.abc import AbstractRobustConnection
-from broker_tools import AMQP_URL, delete_prefixed, rabbitmqctl
+from broker_tools import AMQP_URL, rabbitmqctl
 from order_service import publish_orders
 from pydantic import ValidationError
 from worker_processes import Spawn, eventually, worker_env
@@ -81,14 +81,6 @@ def with_port(url: str, port: int, password: str | None = None) -> str:
     credentials = user if password is None else f"{user}:{password}"
     netloc = f"{credentials}@{parts.hostname or 'localhost'}:{port}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-
-@pytest.fixture
-async def prefix(run_id: str, broker: AbstractRobustConnection) -> AsyncIterator[str]:
-    """A name prefix for one test; its queues and exchanges are deleted afterwards."""
-    test_prefix = f"{run_id}.wl{secrets.token_hex(3)}."
-    yield test_prefix
-    await delete_prefixed(broker, test_prefix)
 
 
 async def queue_state(connection: AbstractRobustConnection, name: str) -> tuple[int, int]:

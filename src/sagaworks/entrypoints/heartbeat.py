@@ -1,5 +1,9 @@
 """The worker's heartbeat: every few seconds, one row saying it is alive and how busy it is.
 
+Each beat also rewrites the worker's health file (`entrypoints/health.py`):
+the database is up when the beat's upsert went through, the broker when the
+consumers' connection is not lost; `sagaworks health` reads it.
+
 What it reports: the sagas and ports it runs, deliveries in flight, its breakers'
 states and its queues' depths as the broker last told it (a passive declaration
 per queue, which needs no configure permission). A beat that fails is logged
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -19,6 +24,7 @@ from sagaworks.adapters.observability.logging import get_logger
 from sagaworks.adapters.rabbitmq.depths import queue_depths
 from sagaworks.application.ports import Heartbeat, HeartbeatLog, QueueDepth
 from sagaworks.bootstrap import System
+from sagaworks.entrypoints.health import HealthReport, ServiceState, write_report
 
 __all__ = ["HeartbeatLoop"]
 
@@ -38,8 +44,16 @@ def _version() -> str:
 class HeartbeatLoop:
     """Beats for one worker process while it runs; forgets it when it stops gracefully."""
 
-    def __init__(self, system: System, log: HeartbeatLog, in_flight: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        system: System,
+        log: HeartbeatLog,
+        in_flight: Callable[[], int],
+        broker: Callable[[], ServiceState],
+    ) -> None:
         self._system = system
+        self._broker = broker
+        self._database = ServiceState(up=True)
         self._log = log
         self._in_flight = in_flight
         self._host = socket.gethostname()
@@ -59,10 +73,32 @@ class HeartbeatLoop:
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # noqa: BLE001 - a missed beat must not stop the worker
-                _log.warning(
-                    "heartbeat failed; will retry", error=f"{type(error).__name__}: {error}"
-                )
+                cause = f"{type(error).__name__}: {error}"
+                _log.warning("heartbeat failed; will retry", error=cause)
+                if self._database.up:
+                    self._database = ServiceState(up=False, down_since=time.time(), cause=cause)
+            else:
+                self._database = ServiceState(up=True)
+            self._write_health(interval)
             await asyncio.sleep(interval)
+
+    def _write_health(self, interval: float) -> None:
+        report = HealthReport(
+            pid=self._pid,
+            host=self._host,
+            beat_at=time.time(),
+            interval_s=interval,
+            broker=self._broker(),
+            database=self._database,
+        )
+        try:
+            write_report(self._system.settings.health_file, report)
+        except OSError as error:
+            _log.warning(
+                "health file not written; `sagaworks health` will report this worker stuck",
+                path=str(self._system.settings.health_file),
+                error=f"{type(error).__name__}: {error}",
+            )
 
     async def beat_once(self) -> None:
         await self._read_depths()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -46,6 +47,7 @@ from sagaworks.application.results import Handled
 from sagaworks.application.timers import FailedTimer, TimersRun
 from sagaworks.bootstrap import System
 from sagaworks.entrypoints.consumers import cancel_consumer
+from sagaworks.entrypoints.health import ServiceState
 from sagaworks.entrypoints.heartbeat import HeartbeatLoop
 from sagaworks.entrypoints.outages import OutageLog
 from sagaworks.entrypoints.port_gate import PortGate
@@ -75,7 +77,7 @@ class Worker:
         self.system = system
         settings = system.settings
         self.telemetry: EngineTelemetry = system.telemetry or NoTelemetry()
-        watch = ConnectionWatch("consumers", settings.amqp_heartbeat_s)
+        watch = self.broker_watch = ConnectionWatch("consumers", settings.amqp_heartbeat_s)
         self.broker = RabbitBroker(
             with_heartbeat(settings.amqp_url.get_secret_value(), settings.amqp_heartbeat_s),
             graceful_timeout=settings.grace_period_s * 0.7,
@@ -97,7 +99,7 @@ class Worker:
         self.in_flight = 0
         """Deliveries being handled now, for the heartbeat."""
         self.heartbeat = (
-            HeartbeatLoop(system, system.heartbeats, lambda: self.in_flight)
+            HeartbeatLoop(system, system.heartbeats, lambda: self.in_flight, self._broker_state)
             if system.heartbeats is not None
             else None
         )
@@ -105,6 +107,12 @@ class Worker:
             (*system.transient_errors, AMQPError), settings.db_statement_timeout_s + CLIENT_GRACE_S
         )
         self._subscribe()
+
+    def _broker_state(self) -> ServiceState:
+        down_for_s = self.broker_watch.down_for_s
+        if down_for_s is None:
+            return ServiceState(up=True)
+        return ServiceState(up=False, down_since=time.time() - down_for_s, cause="reconnecting")
 
     def _subscribe(self) -> None:
         """One consumer per route, each on a channel of its own.

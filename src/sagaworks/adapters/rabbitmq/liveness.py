@@ -61,6 +61,11 @@ class ConnectionWatch:
         self._lost_at: float | None = None
         self.losses = 0
 
+    @property
+    def down_for_s(self) -> float | None:
+        """Seconds since the connection was lost; None while it is up."""
+        return None if self._lost_at is None else time.monotonic() - self._lost_at
+
     def on_close(self, sender: Any, error: BaseException | None = None) -> None:
         """aio-pika close callback: also called for each failed reconnection attempt.
 
