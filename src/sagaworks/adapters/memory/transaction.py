@@ -369,7 +369,8 @@ class MemoryTransaction(Owner):
                     for t in self._timers().values()
                     if t.fire_at <= moment
                     and t.parked_at is None
-                    and self._saga(t.saga_id) is not None
+                    and (saga := self._saga(t.saga_id)) is not None
+                    and not saga.progress.get("paused", False)
                 ),
                 key=lambda t: (t.fire_at, t.id),
             )[:_DUE_TIMER_BATCH]
