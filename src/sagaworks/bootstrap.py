@@ -42,6 +42,7 @@ from sagaworks.adapters.postgres.engine import (
 from sagaworks.adapters.postgres.migrations_runner import check_schema_current
 from sagaworks.adapters.postgres.notify import PostgresOutboxWakeUps
 from sagaworks.adapters.postgres.pool import ConnectionPool
+from sagaworks.adapters.postgres.saga_queries import PostgresSagaQueries
 from sagaworks.adapters.postgres.store import PostgresStore
 from sagaworks.adapters.rabbitmq.connection import broker_user, connect
 from sagaworks.adapters.rabbitmq.publisher import RabbitPublisher
@@ -82,6 +83,7 @@ from sagaworks.application.ports import (
     OutboxWakeUps,
     PortCaller,
     Publisher,
+    SagaQueries,
     Store,
 )
 from sagaworks.application.published_marks import PublishedMarks
@@ -367,6 +369,7 @@ class OperatorTools:
     """Publishes mandatory to the default exchange: a replay to a queue that is gone fails."""
     connection: AbstractRobustConnection | None = None
     engine: AsyncEngine | None = None
+    saga_queries: SagaQueries | None = None
 
     async def aclose(self) -> None:
         await _close_all(
@@ -383,16 +386,21 @@ async def bootstrap_tools(
     dead_letters: bool = False,
     broker: bool = False,
     replay_publisher: bool = False,
+    saga_queries: bool = False,
 ) -> OperatorTools:
     """Only what an operator command needs: no worker, no use cases of the engine.
 
     `dead_letters`: the PostgreSQL dead-letter store; `broker`: a connection to
-    RabbitMQ; `replay_publisher`: a publisher for replays (connects as well).
+    RabbitMQ; `replay_publisher`: a publisher for replays (connects as well);
+    `saga_queries`: operators' reads of sagas (`sagaworks saga ...`).
     """
     tools = OperatorTools(settings)
-    if dead_letters:
-        tools.engine = create_engine_from_settings(settings)
-        tools.dead_letters = PostgresDeadLetters(tools.engine, client_hostname=socket.gethostname())
+    if dead_letters or saga_queries:
+        engine = tools.engine = create_engine_from_settings(settings)
+        if dead_letters:
+            tools.dead_letters = PostgresDeadLetters(engine, client_hostname=socket.gethostname())
+        if saga_queries:
+            tools.saga_queries = PostgresSagaQueries(engine)
     try:
         if broker or replay_publisher:
             tools.connection = await _connect(settings)

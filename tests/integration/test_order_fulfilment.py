@@ -241,7 +241,7 @@ async def payment_declined(
     failed = history[4]
     assert failed.detail == {"reason": "payment_declined", "outcome_unknown": False}
     assert history[5].detail == {"reason": "payment_declined"}
-    assert history[6].detail == {"kind": "compensation", "attempt": 1}
+    assert history[6].detail == {"kind": "compensation", "attempt": 1, "port": "inventory"}
 
 
 async def cancelled_before_the_order_arrives(

@@ -255,7 +255,10 @@ def test_order_placed_starts_the_saga_and_reserves_stock() -> None:
     assert kinds(decision.history) == ["started", "step_started"]
     assert all(h.message_id == "evt-1" for h in decision.history)
     assert decision.history[1] == HistoryEntry(
-        "step_started", "reserve_stock", "evt-1", {"kind": "action", "attempt": 1}
+        "step_started",
+        "reserve_stock",
+        "evt-1",
+        {"kind": "action", "attempt": 1, "port": "inventory"},
     )
 
 

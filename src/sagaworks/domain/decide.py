@@ -222,7 +222,7 @@ class _Transition:
             port=step.port,
         )
         self.publish(command, COMMANDS_DOMAIN, f"port.{step.port}.{self.d.name}")
-        self.record("step_started", step.name, kind=kind, attempt=attempt)
+        self.record("step_started", step.name, kind=kind, attempt=attempt, port=step.port)
 
     def decision(self) -> Decision:
         return Decision(

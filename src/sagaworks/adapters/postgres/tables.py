@@ -113,6 +113,15 @@ saga_instances = Table(
     CheckConstraint("version >= 1", name="version"),
     UniqueConstraint("saga_type", "correlation_key"),
     Index("ix_saga_instances_status_updated_at", "status", "updated_at"),
+    Index("ix_saga_instances_saga_type_status_updated_at", "saga_type", "status", "updated_at"),
+    Index("ix_saga_instances_current_step_updated_at", "current_step", "updated_at"),
+    Index("ix_saga_instances_created_at", "created_at"),
+    Index("ix_saga_instances_updated_at", "updated_at"),
+    Index(
+        "ix_saga_instances_correlation_key",
+        "correlation_key",
+        postgresql_ops={"correlation_key": "text_pattern_ops"},
+    ),
 )
 """One row per saga: state, position (`progress`) and a row version for optimistic checks."""
 
@@ -133,6 +142,14 @@ saga_history = Table(
     Column("message_id", Text, nullable=True),
     Column("detail", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
     UniqueConstraint("saga_id", "seq"),
+    Index(
+        "ix_saga_history_step_at",
+        "step",
+        "at",
+        postgresql_where=text(
+            "kind IN ('step_completed', 'compensation_completed', 'step_failed', 'retry_scheduled')"
+        ),
+    ),
 )
 """Append-only timeline of a saga (a trigger refuses UPDATE and direct DELETE)."""
 
@@ -170,6 +187,9 @@ outbox = Table(
     Column("last_error", Text, nullable=True),
     UniqueConstraint("message_id"),
     Index("ix_outbox_unpublished", "id", postgresql_where=text("published_at IS NULL")),
+    Index(
+        "ix_outbox_saga_id_unpublished", "saga_id", postgresql_where=text("published_at IS NULL")
+    ),
 )
 """Messages committed with a transition and not yet (or already) published by the relay."""
 
@@ -255,6 +275,11 @@ dead_letters = Table(
     Index("ix_dead_letters_reason", "reason"),
     Index("ix_dead_letters_last_failed_at", "last_failed_at"),
     Index("ix_dead_letters_status_last_failed_at", "status", "last_failed_at"),
+    Index(
+        "ix_dead_letters_message_id",
+        "message_id",
+        postgresql_ops={"message_id": "text_pattern_ops"},
+    ),
 )
 """Messages the broker dead-lettered, with why they failed; edited, replayed or archived here.
 

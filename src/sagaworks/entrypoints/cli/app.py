@@ -17,6 +17,7 @@ from sagaworks.adapters.observability.logging import configure_logging
 from sagaworks.entrypoints.cli.dlq import dlq_app
 from sagaworks.entrypoints.cli.errors import fail, load_settings, quiet_first_connect, run_async
 from sagaworks.entrypoints.cli.plugins import PluginGroup
+from sagaworks.entrypoints.cli.saga import saga_app
 
 __all__ = ["app", "main"]
 
@@ -35,6 +36,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 app.add_typer(topology_app, name="topology")
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(saga_app, name="saga")
 
 
 def _echo(text: str) -> None:
