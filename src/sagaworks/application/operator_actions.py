@@ -15,6 +15,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 from sagaworks.application.apply_inputs import apply_to_locked_saga
+from sagaworks.application.operations import SagaNotFound
 from sagaworks.application.outbox import OutboxRelay
 from sagaworks.application.ports import Clock, OutboxRow
 from sagaworks.application.ports.operator import (
@@ -22,7 +23,6 @@ from sagaworks.application.ports.operator import (
     OperatorStore,
     OperatorTransaction,
     PlanTarget,
-    SagaRef,
     TargetOutcome,
 )
 from sagaworks.application.registry import SagaRegistry
@@ -35,11 +35,9 @@ __all__ = [
     "ActOnSaga",
     "ActionRequest",
     "ActionResult",
-    "AmbiguousSaga",
     "OperatorError",
     "Preview",
-    "UnknownSagaRef",
-    "find_saga",
+    "inbox_id",
 ]
 
 
@@ -47,40 +45,13 @@ class OperatorError(Exception):
     """An operator's request that cannot be carried out; the message says what to do."""
 
 
-class UnknownSagaRef(OperatorError):
-    def __init__(self, ref: str, saga_type: str | None) -> None:
-        of = f" of type {saga_type}" if saga_type else ""
-        super().__init__(
-            f'no saga{of} has id or business key "{ref}"; `sagaworks saga list --key {ref}` '
-            "shows what there is"
-        )
-
-
-class AmbiguousSaga(OperatorError):
-    def __init__(self, ref: str, found: list[SagaRef]) -> None:
-        types = ", ".join(sorted(s.saga_type for s in found))
-        super().__init__(
-            f'business key "{ref}" belongs to sagas of several types ({types}); '
-            "name one with --type, or give the saga id"
-        )
-
-
-async def find_saga(store: OperatorStore, ref: str, saga_type: str | None) -> SagaRef:
-    """The one saga `ref` (an id or a business key) names."""
-    found = await store.find_sagas(ref, saga_type)
-    if not found:
-        raise UnknownSagaRef(ref, saga_type)
-    if len(found) > 1:
-        raise AmbiguousSaga(ref, found)
-    return found[0]
-
-
 @dataclass(frozen=True, slots=True)
 class ActionRequest:
     """One action on one saga, by whom and why; `request_id` makes a repeat act once."""
 
     action: Action
-    saga: SagaRef
+    saga_id: UUID
+    saga_type: str
     reason: str
     operator: str
     request_id: str
@@ -137,18 +108,18 @@ class ActOnSaga:
     ) -> ActionResult:
         """Act (or refuse, or recognise a repeat); `target`: a plan's, settled in the same
         transaction, and skipped when the saga's version moved since the plan was made."""
-        definition = self._registry.get(request.saga.saga_type)
+        definition = self._registry.get(request.saga_type)
         audit_id = uuid4()
         async with self._store.transaction() as tx:
             locked = await tx.lock_saga(
                 definition,
-                request.saga.saga_id,
-                message_id=inbox_id(request.request_id, request.saga.saga_id),
+                request.saga_id,
+                message_id=inbox_id(request.request_id, request.saga_id),
             )
             if locked.duplicate:
                 result = await self._repeated(tx, request, audit_id)
             elif locked.instance is None:
-                raise UnknownSagaRef(str(request.saga.saga_id), request.saga.saga_type)
+                raise SagaNotFound(str(request.saga_id), request.saga_type)
             elif target is not None and locked.instance.version != target.version:
                 result = ActionResult(
                     "skipped",
@@ -173,10 +144,10 @@ class ActOnSaga:
 
     async def preview(self, request: ActionRequest) -> Preview:
         """`decide()` on the saga as it is now, without writing anything."""
-        definition = self._registry.get(request.saga.saga_type)
-        (instance,) = await self._store.load_sagas([(definition, request.saga.saga_id)])
+        definition = self._registry.get(request.saga_type)
+        (instance,) = await self._store.load_sagas([(definition, request.saga_id)])
         if instance is None:
-            raise UnknownSagaRef(str(request.saga.saga_id), request.saga.saga_type)
+            raise SagaNotFound(str(request.saga_id), request.saga_type)
         command = self._command(request, uuid4())
         decision = decide(definition, instance, command, self._clock.now())
         plan = compensation_plan(definition, instance) if request.action == "cancel" else []
@@ -194,7 +165,7 @@ class ActOnSaga:
             request.action,
             request.operator,
             request.reason,
-            inbox_id(request.request_id, request.saga.saga_id),
+            inbox_id(request.request_id, request.saga_id),
             str(audit_id),
             request.step,
             request.note,
@@ -203,7 +174,7 @@ class ActOnSaga:
     async def _repeated(
         self, tx: OperatorTransaction, request: ActionRequest, audit_id: UUID
     ) -> ActionResult:
-        earlier = await tx.earlier_action(request.saga.saga_id, request.request_id)
+        earlier = await tx.earlier_action(request.saga_id, request.request_id)
         if earlier is None:
             told = "its result was not recorded"
         else:
@@ -241,12 +212,11 @@ def _audit(request: ActionRequest, result: ActionResult) -> ActionAudit:
         action=request.action,
         reason=request.reason,
         result=result.outcome,
-        saga_id=request.saga.saga_id,
-        saga_type=request.saga.saga_type,
+        saga_id=request.saga_id,
+        saga_type=request.saga_type,
         step=request.step,
         note=request.note,
         request_id=request.request_id,
         plan_id=request.plan_id,
         detail=detail,
     )
-

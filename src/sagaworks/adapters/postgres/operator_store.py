@@ -15,14 +15,17 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
+from sqlalchemy import and_, func, insert, literal, select, true
 
+from sagaworks.adapters.postgres.saga_queries import saga_conditions, stuck_sagas
 from sagaworks.adapters.postgres.store import PostgresStore, _Transaction
+from sagaworks.adapters.postgres.tables import operator_plan_targets, saga_instances
+from sagaworks.application.operations.filters import SagaFilter
 from sagaworks.application.ports.operator import (
     ActionAudit,
     AuditedAction,
     Plan,
     PlanTarget,
-    SagaRef,
     TargetOutcome,
 )
 
@@ -45,12 +48,6 @@ SET outcome = $3, detail = $4, audit_id = $5, settled_at = now()
 WHERE plan_id = $1 AND seq = $2 AND outcome IS NULL
 """
 
-_FIND = """
-SELECT id, saga_type, correlation_key, status, current_step, version FROM saga_instances
-WHERE (id = $1 OR correlation_key = $2) AND ($3::text IS NULL OR saga_type = $3)
-ORDER BY saga_type LIMIT 10
-"""
-
 _PLAN = """
 SELECT p.*, COALESCE((
   SELECT jsonb_object_agg(outcome, n) FROM (
@@ -64,13 +61,6 @@ _TARGET_COLUMNS = """
 plan_id, seq, version, saga_id, dead_letter_id, status, step, stuck_reason, outcome, detail,
 (SELECT s.saga_type FROM saga_instances s WHERE s.id = t.saga_id) AS saga_type
 """
-
-
-def _as_uuid(ref: str) -> UUID | None:
-    try:
-        return UUID(ref)
-    except ValueError:
-        return None
 
 
 def _audited(row: asyncpg.Record) -> AuditedAction:
@@ -195,21 +185,6 @@ class PostgresOperatorStore(PostgresStore):
         async with self._connection() as conn, conn.transaction():
             yield _OperatorTransaction(conn, self._hostname)
 
-    async def find_sagas(self, ref: str, saga_type: str | None) -> list[SagaRef]:
-        async with self._connection() as conn:
-            rows = await conn.fetch(_FIND, _as_uuid(ref), ref, saga_type)
-        return [
-            SagaRef(
-                r["id"],
-                r["saga_type"],
-                r["correlation_key"],
-                r["status"],
-                r["current_step"],
-                r["version"],
-            )
-            for r in rows
-        ]
-
     async def audit_trail(self, saga_id: UUID) -> list[AuditedAction]:
         async with self._connection() as conn:
             rows = await conn.fetch(
@@ -257,6 +232,63 @@ class PostgresOperatorStore(PostgresStore):
                 ],
             )
 
+    async def freeze_saga_plan(self, plan: Plan, selection: SagaFilter) -> int:
+        s, v = saga_instances.c, stuck_sagas.c
+        chosen = (
+            select(
+                literal(plan.id).label("plan_id"),
+                func.row_number().over(order_by=(s.saga_type, s.id)).label("seq"),
+                s.version,
+                s.id,
+                s.status,
+                s.current_step,
+                v.reason,
+            )
+            .select_from(saga_instances.outerjoin(stuck_sagas, v.saga_id == s.id))
+            .where(and_(true(), *saga_conditions(selection)))
+        )
+        freeze = insert(operator_plan_targets).from_select(
+            ["plan_id", "seq", "version", "saga_id", "status", "step", "stuck_reason"], chosen
+        )
+        async with self._engine.begin() as conn:
+            await conn.exec_driver_sql(
+                "INSERT INTO operator_plans (id, operator, action, reason, step, note, filters, "
+                "total, status) VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, 0, 'planned')",
+                (
+                    plan.id,
+                    plan.operator,
+                    plan.action,
+                    plan.reason,
+                    plan.step,
+                    plan.note,
+                    json.dumps(dict(plan.filters), default=str),
+                ),
+            )
+            frozen = (await conn.execute(freeze)).rowcount
+            if not frozen:
+                await conn.rollback()
+                return 0
+            await conn.exec_driver_sql(
+                "UPDATE operator_plans SET total = $2 WHERE id = $1", (plan.id, frozen)
+            )
+        return int(frozen)
+
+    async def plan_counts(self, plan_id: UUID) -> dict[str, dict[str, int]]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT 'status' AS dim, COALESCE(status, '-') AS value, count(*) AS n "
+                "FROM operator_plan_targets WHERE plan_id = $1 GROUP BY 2 UNION ALL "
+                "SELECT 'step', COALESCE(step, '-'), count(*) FROM operator_plan_targets "
+                "WHERE plan_id = $1 GROUP BY 2 UNION ALL "
+                "SELECT 'stuck_reason', COALESCE(stuck_reason, 'not stuck'), count(*) "
+                "FROM operator_plan_targets WHERE plan_id = $1 GROUP BY 2 ORDER BY 1, 3 DESC",
+                plan_id,
+            )
+        counts: dict[str, dict[str, int]] = {"status": {}, "step": {}, "stuck_reason": {}}
+        for row in rows:
+            counts[row["dim"]][row["value"]] = int(row["n"])
+        return counts
+
     async def plan(self, plan_id: UUID) -> Plan | None:
         async with self._connection() as conn:
             row = await conn.fetchrow(_PLAN + " WHERE p.id = $1", plan_id)
@@ -294,4 +326,3 @@ class PostgresOperatorStore(PostgresStore):
                 status,
                 halted_reason,
             )
-

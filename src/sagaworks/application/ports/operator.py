@@ -12,10 +12,13 @@ from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 from uuid import UUID
 
 from sagaworks.application.ports.store import SagaTransaction, Store
+
+if TYPE_CHECKING:
+    from sagaworks.application.operations.filters import SagaFilter
 
 __all__ = [
     "ActionAudit",
@@ -24,25 +27,12 @@ __all__ = [
     "OperatorTransaction",
     "Plan",
     "PlanTarget",
-    "SagaRef",
     "TargetOutcome",
 ]
 
 TargetOutcome = Literal["applied", "refused", "skipped", "failed", "duplicate"]
 """What became of one target: acted on, refused by the saga, skipped because it moved since
 the plan was made, failed with an error, or already acted on by the same request."""
-
-
-@dataclass(frozen=True, slots=True)
-class SagaRef:
-    """A saga an operator named (by id or business key), as it is now."""
-
-    saga_id: UUID
-    saga_type: str
-    correlation_key: str
-    status: str
-    current_step: str | None
-    version: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,10 +126,6 @@ class OperatorStore(Store, Protocol):
 
     def transaction(self) -> AbstractAsyncContextManager[OperatorTransaction]: ...
 
-    async def find_sagas(self, ref: str, saga_type: str | None) -> list[SagaRef]:
-        """Sagas whose id is `ref`, or whose business key is `ref` (of `saga_type` if given)."""
-        ...
-
     async def audit_trail(self, saga_id: UUID) -> list[AuditedAction]:
         """Every audit row about one saga, oldest first."""
         ...
@@ -150,6 +136,15 @@ class OperatorStore(Store, Protocol):
 
     async def create_plan(self, plan: Plan, targets: Sequence[PlanTarget]) -> None:
         """Store a plan and its frozen targets in one transaction."""
+        ...
+
+    async def freeze_saga_plan(self, plan: Plan, selection: SagaFilter) -> int:
+        """Store a plan with every saga `selection` matches now, each with its version, in one
+        statement; returns how many (none: nothing is stored)."""
+        ...
+
+    async def plan_counts(self, plan_id: UUID) -> Mapping[str, Mapping[str, int]]:
+        """The plan's targets counted by `status`, `step` and `stuck_reason` when planned."""
         ...
 
     async def plan(self, plan_id: UUID) -> Plan | None: ...

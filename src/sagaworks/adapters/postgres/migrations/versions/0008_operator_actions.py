@@ -1,7 +1,7 @@
 """Operator actions: an append-only audit of every action and plan, and bulk plans with targets.
 
 Revision ID: 0008
-Revises: 0006
+Revises: 0007
 
 `operator_audit` has one row per action on one saga (retry, resume, cancel,
 resolve, pause, unpause; applied, refused, skipped or a repeated request), per
@@ -26,7 +26,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = "0008"
-down_revision: str | None = "0006"
+down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
