@@ -428,6 +428,7 @@ class SagaActions:
     """What `sagaworks saga retry|...|plan|apply` need: the use cases on the real store."""
 
     store: PostgresOperatorStore
+    queries: SagaQueries
     act: ActOnSaga
     make_plan: MakeSagaPlan
     make_replay_plan: MakeReplayPlan
@@ -477,6 +478,7 @@ async def bootstrap_saga_actions(
     replay = ReplayDeadLetters(letters, replay_publisher, targets)
     return SagaActions(
         store=store,
+        queries=PostgresSagaQueries(engine),
         act=act,
         make_plan=MakeSagaPlan(store, clock),
         make_replay_plan=MakeReplayPlan(store, letters, replay, clock),

@@ -18,6 +18,7 @@ from sagaworks.entrypoints.cli.dlq import dlq_app
 from sagaworks.entrypoints.cli.errors import fail, load_settings, quiet_first_connect, run_async
 from sagaworks.entrypoints.cli.plugins import PluginGroup
 from sagaworks.entrypoints.cli.saga import saga_app
+from sagaworks.entrypoints.cli.saga_actions import register_saga_actions
 
 __all__ = ["app", "main"]
 
@@ -37,6 +38,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(topology_app, name="topology")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(saga_app, name="saga")
+register_saga_actions(saga_app, dlq_app)
 
 
 def _echo(text: str) -> None:
