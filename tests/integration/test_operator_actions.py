@@ -369,7 +369,8 @@ async def test_past_the_pivot_cancel_is_refused_and_resume_or_resolve_finish_the
 async def test_a_paused_saga_keeps_its_events_and_timers_and_applies_them_in_order_on_unpause(
     ops: Ops,
 ) -> None:
-    await ops.place("z-1", dispatch_in=timedelta(seconds=3))
+    dispatch_by = datetime.now(UTC) + timedelta(seconds=8)
+    await ops.place("z-1", dispatch_in=timedelta(seconds=8))
     await ops.reaches("z-1", "await_dispatch")
     paused = await ops.cli("saga", "pause", "z-1", "--reason", "investigating")
     assert paused.exit_code == 0, paused.output
@@ -381,7 +382,8 @@ async def test_a_paused_saga_keeps_its_events_and_timers_and_applies_them_in_ord
         lambda: ops.db.fetchval("SELECT count(*) = 2 FROM parked_messages WHERE reason = 'paused'"),
         what="both events kept",
     )
-    await asyncio.sleep(4.0)  # the dispatch deadline passes while paused
+    # The dispatch deadline passes while paused.
+    await asyncio.sleep(max(0.0, (dispatch_by - datetime.now(UTC)).total_seconds()) + 1.0)
     assert (await ops.saga("z-1"))["version"] == version, "a paused saga does not move"
     assert "deadline_missed" not in await ops.kinds("z-1")
     assert await ops.db.fetchval("SELECT count(*) FROM timers") == 1
