@@ -384,6 +384,8 @@ async def test_a_paused_saga_keeps_its_events_and_timers_and_applies_them_in_ord
     )
     # The dispatch deadline passes while paused.
     await asyncio.sleep(max(0.0, (dispatch_by - datetime.now(UTC)).total_seconds()) + 1.0)
+    # Kept past SAGAWORKS_PARK_FOR_S (1 s here): a paused saga's events do not expire.
+    assert await ops.system.expire_parked_events() == 0
     assert (await ops.saga("z-1"))["version"] == version, "a paused saga does not move"
     assert "deadline_missed" not in await ops.kinds("z-1")
     assert await ops.db.fetchval("SELECT count(*) FROM timers") == 1

@@ -85,6 +85,10 @@ class MemoryTransaction(Owner):
     def _saga(self, saga_id: UUID) -> SagaRecord | None:
         return self._changes.sagas.get(saga_id) or self._tables.sagas.get(saga_id)
 
+    def _paused(self, saga_id: UUID) -> bool:
+        saga = self._saga(saga_id)
+        return saga is not None and bool(saga.progress.get("paused", False))
+
     def _inbox(self, key: tuple[str, str]) -> InboxRecord | None:
         if key in self._changes.forgotten:
             return None
@@ -369,8 +373,8 @@ class MemoryTransaction(Owner):
                     for t in self._timers().values()
                     if t.fire_at <= moment
                     and t.parked_at is None
-                    and (saga := self._saga(t.saga_id)) is not None
-                    and not saga.progress.get("paused", False)
+                    and self._saga(t.saga_id) is not None
+                    and not self._paused(t.saga_id)
                 ),
                 key=lambda t: (t.fire_at, t.id),
             )[:_DUE_TIMER_BATCH]
@@ -441,7 +445,11 @@ class MemoryTransaction(Owner):
         try:
             moment = utc(now)
             candidates = sorted(
-                (p for p in self._parked().values() if p.expires_at <= moment),
+                (
+                    p
+                    for p in self._parked().values()
+                    if p.expires_at <= moment and not self._paused(p.saga_id)
+                ),
                 key=lambda p: (p.expires_at, p.id),
             )
             expired: list[ParkedRecord] = []

@@ -169,11 +169,14 @@ FROM parked_messages WHERE saga_id = $1 ORDER BY id FOR UPDATE
 """
 
 # An expired message was never applied: its inbox row goes too, so a replay is not a duplicate.
+# Events kept for a paused saga wait for its unpause, however long.
 _EXPIRE_PARKED = """
 WITH expired AS (
   DELETE FROM parked_messages WHERE id IN (
-    SELECT id FROM parked_messages WHERE expires_at <= $1
-    ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED)
+    SELECT p.id FROM parked_messages p WHERE p.expires_at <= $1
+      AND NOT EXISTS (SELECT 1 FROM saga_instances s
+                      WHERE s.id = p.saga_id AND s.progress->'paused' = 'true'::jsonb)
+    ORDER BY p.expires_at LIMIT $2 FOR UPDATE OF p SKIP LOCKED)
   RETURNING id, consumer, saga_type, headers, body, reason, expires_at, message_id, message_type
 ),
 forgotten AS (
