@@ -262,7 +262,7 @@ async def test_retry_runs_a_delayed_step_now_and_the_timeline_and_audit_say_who_
 
     result = await ops.cli("saga", "retry", "r-1", "--reason", "payments is back", "--as", "alice")
     assert result.exit_code == 0, result.output
-    assert "done: operator_retry, step_started" in result.stdout
+    assert "recorded operator_retry, step_started" in result.stdout
 
     await ops.reaches("r-1", "await_dispatch")
     steps = [(h["kind"], h["step"]) for h in await ops.history("r-1")]

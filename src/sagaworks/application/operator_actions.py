@@ -150,9 +150,9 @@ class ActOnSaga:
             raise SagaNotFound(str(request.saga_id), request.saga_type)
         command = self._command(request, uuid4())
         decision = decide(definition, instance, command, self._clock.now())
-        plan = compensation_plan(definition, instance) if request.action == "cancel" else []
         if decision.outcome != "applied":
-            return Preview(decision.reason, [], [], plan)
+            return Preview(decision.reason, [])
+        plan = compensation_plan(definition, instance) if request.action == "cancel" else []
         return Preview(
             None,
             [f"{h.kind} {h.step or ''}".rstrip() for h in decision.history],
@@ -198,8 +198,8 @@ def _result(decision: Decision, audit_id: UUID, before: SagaInstance) -> ActionR
     if decision.outcome == "applied":
         assert decision.instance is not None
         kinds = ", ".join(h.kind for h in decision.history)
-        return ActionResult("applied", f"done: {kinds}", audit_id, decision.instance.version)
-    return ActionResult("refused", f"refused: {decision.reason}", audit_id, before.version)
+        return ActionResult("applied", f"recorded {kinds}", audit_id, decision.instance.version)
+    return ActionResult("refused", decision.reason, audit_id, before.version)
 
 
 def _audit(request: ActionRequest, result: ActionResult) -> ActionAudit:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import textwrap
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar, get_args
@@ -39,6 +40,7 @@ from sagaworks.application.ports.operator import Plan
 from sagaworks.domain.operator import ACTIONS, Action
 from sagaworks.entrypoints.cli.errors import fail, load_settings, run_async
 from sagaworks.entrypoints.cli.saga_filters import with_saga_filter
+from sagaworks.entrypoints.cli.saga_render import WIDTH
 
 if TYPE_CHECKING:
     from sagaworks.bootstrap import SagaActions
@@ -124,7 +126,7 @@ def _act(
             request = ActionRequest(
                 action, found.id, found.saga_type, reason, who, request_id, step, note
             )
-            saga = f"{found.saga_type} {found.correlation_key} ({found.id})"
+            saga = f"{found.correlation_key} ({found.saga_type} {found.id})"
             if dry_run:
                 preview = await actions.act.preview(request)
                 return saga, {
@@ -162,22 +164,30 @@ _WHY = {
 }
 
 
+def _wrapped(text: str) -> list[str]:
+    return textwrap.wrap(text, WIDTH, initial_indent="  ", subsequent_indent="  ")
+
+
 def _action_lines(action: str, saga: str, report: dict[str, Any]) -> list[str]:
     if not report.get("dry_run"):
-        lines = [f"{action} {saga}: {report['message']}"]
-        lines.append(f"  request {report['request_id']}, audit {report['audit_id']}")
-        return lines
-    lines = [f"dry run: {action} {saga} (nothing was changed)"]
+        return [
+            f"{action} {saga}: {report['outcome']}",
+            *_wrapped(report["message"]),
+            f"  request {report['request_id']}",
+            f"  audit {report['audit_id']}",
+        ]
+    lines = [f"dry run of {action} {saga}", "  nothing was changed"]
     if report["compensations"]:
         lines.append("compensation plan, in order:")
         lines += [
             f"  {n}. {c['step']} -> port {c['port']} ({_WHY[c['why']]})"
             for n, c in enumerate(report["compensations"], start=1)
         ]
-    elif action == "cancel":
+    elif action == "cancel" and not report["refused"]:
         lines.append("compensation plan: nothing to compensate")
     if report["refused"]:
-        lines.append(f"would be refused: {report['refused']}")
+        lines.append("would be refused:")
+        lines += _wrapped(report["refused"])
         return lines
     lines.append("would record: " + ", ".join(report["history"]))
     lines += [f"would send: {c}" for c in report["commands"]]
