@@ -185,14 +185,30 @@ class PostgresOperatorStore(PostgresStore):
         async with self._connection() as conn, conn.transaction():
             yield _OperatorTransaction(conn, self._hostname)
 
-    async def audit_trail(self, saga_id: UUID) -> list[AuditedAction]:
+    async def audit(
+        self, *, saga_id: UUID | None = None, plan_id: UUID | None = None, limit: int = 100
+    ) -> list[AuditedAction]:
         async with self._connection() as conn:
             rows = await conn.fetch(
-                f"SELECT {_AUDIT_COLUMNS} FROM operator_audit "  # noqa: S608 - fixed columns
-                "WHERE saga_id = $1 ORDER BY at, id",
+                f"SELECT * FROM (SELECT {_AUDIT_COLUMNS} FROM operator_audit "  # noqa: S608
+                "WHERE ($1::uuid IS NULL OR saga_id = $1) AND ($2::uuid IS NULL OR plan_id = $2) "
+                "ORDER BY at DESC, id DESC LIMIT $3) newest ORDER BY at, id",
                 saga_id,
+                plan_id,
+                limit,
             )
         return [_audited(r) for r in rows]
+
+    async def targets(self, plan_id: UUID, outcomes: Sequence[str], limit: int) -> list[PlanTarget]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                f"SELECT {_TARGET_COLUMNS} FROM operator_plan_targets t "  # noqa: S608
+                "WHERE plan_id = $1 AND outcome = ANY($2::text[]) ORDER BY seq LIMIT $3",
+                plan_id,
+                list(outcomes),
+                limit,
+            )
+        return [_target(r) for r in rows]
 
     async def record_action(self, audit: ActionAudit) -> None:
         async with self._connection() as conn:

@@ -126,8 +126,14 @@ class OperatorStore(Store, Protocol):
 
     def transaction(self) -> AbstractAsyncContextManager[OperatorTransaction]: ...
 
-    async def audit_trail(self, saga_id: UUID) -> list[AuditedAction]:
-        """Every audit row about one saga, oldest first."""
+    async def audit(
+        self, *, saga_id: UUID | None = None, plan_id: UUID | None = None, limit: int = 100
+    ) -> list[AuditedAction]:
+        """The newest audit rows (of one saga, of one plan, or all), oldest of them first."""
+        ...
+
+    async def targets(self, plan_id: UUID, outcomes: Sequence[str], limit: int) -> list[PlanTarget]:
+        """A plan's targets that ended with one of `outcomes`, in plan order."""
         ...
 
     async def record_action(self, audit: ActionAudit) -> None:

@@ -36,7 +36,7 @@ from sagaworks.application.operator_plans import (
     MadePlan,
     SagaPlanRequest,
 )
-from sagaworks.application.ports.operator import Plan
+from sagaworks.application.ports.operator import AuditedAction, Plan, PlanTarget
 from sagaworks.domain.operator import ACTIONS, Action
 from sagaworks.entrypoints.cli.errors import fail, load_settings, run_async
 from sagaworks.entrypoints.cli.saga_filters import with_saga_filter
@@ -417,18 +417,21 @@ def plans(
 ) -> None:
     """Every plan (newest first), or one: action, progress by outcome, status."""
 
-    async def go() -> list[Plan]:
+    async def go() -> tuple[list[Plan], list[PlanTarget]]:
         async with saga_actions() as actions:
             if plan_id is None:
-                return await actions.store.plans(limit)
+                return await actions.store.plans(limit), []
             found = await actions.store.plan(plan_id)
             if found is None:
                 raise OperatorError(f"no plan {plan_id}; `sagaworks saga plans` lists them")
-            return [found]
+            return [found], await actions.store.targets(plan_id, _NOT_APPLIED, limit)
 
-    found = _run(go())
+    found, unsettled = _run(go())
     if as_json:
-        _print_json([_plan_json(p) for p in found])
+        listed = [_plan_json(p) for p in found]
+        if plan_id is not None:
+            listed[0]["not_applied"] = [_target_json(t) for t in unsettled]
+        _print_json(listed)
         return
     if not found:
         typer.echo("no plans yet; make one with `sagaworks saga plan ACTION <filters> --reason`")
@@ -442,6 +445,100 @@ def plans(
         typer.echo(f"    by {p.operator}: {p.reason}")
         if p.halted_reason:
             typer.echo(f"    halted: {p.halted_reason}")
+    for t in unsettled:
+        what = t.saga_id if t.saga_id is not None else f"dead letter {t.dead_letter_id}"
+        typer.echo(f"  {t.seq:>5} {t.outcome:<9} {what}")
+        typer.echo(
+            "\n".join(
+                textwrap.wrap(
+                    t.detail or "", WIDTH, initial_indent=" " * 8, subsequent_indent=" " * 8
+                )
+            )
+        )
+
+
+_NOT_APPLIED = ("refused", "failed", "skipped", "duplicate")
+
+
+def _target_json(t: PlanTarget) -> dict[str, Any]:
+    return {
+        "seq": t.seq,
+        "saga_id": t.saga_id,
+        "dead_letter_id": t.dead_letter_id,
+        "outcome": t.outcome,
+        "detail": t.detail,
+    }
+
+
+def audit(
+    ref: Annotated[
+        str | None, typer.Argument(metavar="[ID_OR_KEY]", help="Only this saga's actions.")
+    ] = None,
+    saga_type: SagaType = None,
+    plan_id: Annotated[UUID | None, typer.Option("--plan", help="Only this plan's.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=100_000, help="Newest rows to show.")] = 50,
+    as_json: AsJson = False,
+) -> None:
+    """The operator audit: who did what to which saga or plan, from where, why, and the result."""
+
+    async def go() -> list[AuditedAction]:
+        async with saga_actions() as actions:
+            saga_id = None
+            if ref is not None:
+                saga_id = (await find_one_saga(actions.queries, ref, saga_type)).id
+            return await actions.store.audit(saga_id=saga_id, plan_id=plan_id, limit=limit)
+
+    rows = _run(go())
+    if as_json:
+        _print_json([_audit_json(r) for r in rows])
+        return
+    if not rows:
+        typer.echo("no operator action recorded yet")
+    for r in rows:
+        a = r.audit
+        where = r.client_addr or "local socket"
+        target = a.saga_id or (f"dead letter {a.dead_letter_id}" if a.dead_letter_id else "")
+        typer.echo(f"{r.at:%Y-%m-%d %H:%M:%S} {a.action} -> {a.result} {target}".rstrip())
+        typer.echo(
+            f"    by {a.operator} (role {r.db_role}, from {where}"
+            f"{' on ' + r.client_hostname if r.client_hostname else ''})"
+        )
+        typer.echo(
+            "\n".join(
+                textwrap.wrap(
+                    f"why: {a.reason}", WIDTH, initial_indent=" " * 4, subsequent_indent=" " * 4
+                )
+            )
+        )
+        ids = [
+            f"request {a.request_id}" if a.request_id else "",
+            f"plan {a.plan_id}" if a.plan_id else "",
+        ]
+        if any(ids):
+            typer.echo("    " + ", ".join(i for i in ids if i))
+
+
+def _audit_json(r: AuditedAction) -> dict[str, Any]:
+    a = r.audit
+    return {
+        "id": a.id,
+        "at": r.at.isoformat(),
+        "operator": a.operator,
+        "db_role": r.db_role,
+        "client_addr": r.client_addr,
+        "client_hostname": r.client_hostname,
+        "action": a.action,
+        "result": a.result,
+        "saga_id": a.saga_id,
+        "saga_type": a.saga_type,
+        "dead_letter_id": a.dead_letter_id,
+        "step": a.step,
+        "reason": a.reason,
+        "note": a.note,
+        "request_id": a.request_id,
+        "plan_id": a.plan_id,
+        "detail": dict(a.detail),
+    }
 
 
 def register_saga_actions(group: typer.Typer, dlq_group: typer.Typer) -> None:
@@ -452,4 +549,5 @@ def register_saga_actions(group: typer.Typer, dlq_group: typer.Typer) -> None:
     group.command("plan")(plan)
     group.command("apply")(apply_plan_command)
     group.command("plans")(plans)
+    group.command("audit")(audit)
     dlq_group.command("apply")(apply_plan_command)
