@@ -510,12 +510,10 @@ def audit(
                 )
             )
         )
-        ids = [
-            f"request {a.request_id}" if a.request_id else "",
-            f"plan {a.plan_id}" if a.plan_id else "",
-        ]
-        if any(ids):
-            typer.echo("    " + ", ".join(i for i in ids if i))
+        if a.plan_id:
+            typer.echo(f"    plan {a.plan_id}")
+        elif a.request_id:
+            typer.echo(f"    request {a.request_id}")
 
 
 def _audit_json(r: AuditedAction) -> dict[str, Any]:
