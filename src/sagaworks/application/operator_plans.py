@@ -358,6 +358,7 @@ class _Run:
 
     def __init__(self, plan: Plan, request: ApplyRequest) -> None:
         self.request = request
+        self.plan_id = plan.id
         self.settled = plan.settled
         self.failed = sum(n for o, n in plan.outcomes.items() if o in FAILED)
         self.canary_left = max(0, request.canary - plan.settled)
@@ -378,8 +379,8 @@ class _Run:
             if not self.canary_left and self.canary_failed:
                 return (
                     f"the canary failed: {self.canary_failed} of {self.request.canary} targets "
-                    "refused or failed; look at them (`sagaworks saga plans PLAN`), then apply "
-                    "again to go on"
+                    f"refused or failed; look at them (`sagaworks saga plans {self.plan_id}`), "
+                    "then apply again to go on"
                 )
             return None
         bound = self.request.halt_on
@@ -388,6 +389,7 @@ class _Run:
             if rate > bound:
                 return (
                     f"{self.failed} of {self.settled} targets refused or failed ({rate:.0f}% > "
-                    f"--halt-on {bound:g}%); look at them, then apply again to go on"
+                    f"--halt-on {bound:g}%); look at them (`sagaworks saga plans "
+                    f"{self.plan_id}`), then apply again to go on"
                 )
         return None
