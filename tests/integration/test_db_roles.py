@@ -308,6 +308,8 @@ async def test_the_readonly_role_reads_everything_and_writes_nothing(
     try:
         for table in table_grants(d.names):
             await readonly.fetchval(f'SELECT count(*) FROM "{table}"')
+        for view in ("stuck_sagas", "dead_letter_sagas"):
+            assert await readonly.fetchval(f"SELECT count(*) FROM sagaworks_read.{view}") == 0
         await refused(
             readonly,
             "INSERT INTO dead_letters (message_id, queue, exchange, routing_key, body, reason, "
@@ -374,5 +376,6 @@ async def test_a_schema_a_superuser_migrated_is_handed_to_the_migrator(
     readonly = await d.connect(d.names.readonly)
     try:
         assert await readonly.fetchval("SELECT count(*) FROM saga_instances") == 0
+        assert await readonly.fetchval("SELECT count(*) FROM sagaworks_read.stuck_sagas") == 0
     finally:
         await readonly.close()

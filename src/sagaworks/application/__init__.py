@@ -22,4 +22,6 @@ What they share:
     published_marks.py      marks published rows in batches
     batching.py             group commit: requests arriving together share a transaction
     registry.py             the sagas this process runs and the ports they use
+    operations/             what operators find sagas by: SagaFilter, stuck reasons,
+                            find_one_saga (a saga named by id or business key)
 """

@@ -39,7 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from sagaworks.adapters.postgres.engine import connect, create_engine, sqlstate, to_asyncpg_url
 from sagaworks.adapters.postgres.errors import RolesNotApplied
-from sagaworks.adapters.postgres.tables import ALEMBIC_VERSION_TABLE, metadata
+from sagaworks.adapters.postgres.tables import ALEMBIC_VERSION_TABLE, READ_MODELS_SCHEMA, metadata
 
 __all__ = [
     "APPEND_ONLY_TABLES",
@@ -188,6 +188,7 @@ async def apply_grants(conn: AsyncConnection, names: RoleNames) -> int:
     present = await _existing(conn, names.grantees())
     if not present:
         return 0
+    await _grant_read_models(conn, names, present)
     wanted = table_grants(names)
     tables = await _existing_tables(conn)
     for table in tables:
@@ -201,6 +202,21 @@ async def apply_grants(conn: AsyncConnection, names: RoleNames) -> int:
                 text(f"GRANT {', '.join(privileges)} ON TABLE {quoted} TO {grantee}")
             )
     return len(tables)
+
+
+async def _grant_read_models(conn: AsyncConnection, names: RoleNames, present: set[str]) -> None:
+    """Operators and dashboards read every view of `sagaworks_read` (when it exists)."""
+    exists = await conn.scalar(
+        text("SELECT 1 FROM pg_namespace WHERE nspname = :name"), {"name": READ_MODELS_SCHEMA}
+    )
+    readers = [_quote(conn, r) for r in (names.operator, names.readonly) if r in present]
+    if not exists or not readers:
+        return
+    schema = _quote(conn, READ_MODELS_SCHEMA)
+    await conn.execute(text(f"GRANT USAGE ON SCHEMA {schema} TO {', '.join(readers)}"))
+    await conn.execute(
+        text(f"GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {', '.join(readers)}")
+    )
 
 
 @dataclass(frozen=True)
@@ -271,6 +287,8 @@ async def _apply(
     others = ", ".join(_quote(conn, role) for role in names.grantees())
     everyone = f"{migrator}, {others}"
     await conn.execute(text(f"GRANT CONNECT ON DATABASE {_quote(conn, database)} TO {everyone}"))
+    # Creating the schema of the read models (`sagaworks_read`) takes CREATE on the database.
+    await conn.execute(text(f"GRANT CREATE ON DATABASE {_quote(conn, database)} TO {migrator}"))
     schema = _quote(conn, str(await conn.scalar(text("SELECT current_schema()"))))
     await conn.execute(text(f"GRANT USAGE, CREATE ON SCHEMA {schema} TO {migrator}"))
     await conn.execute(text(f"GRANT USAGE ON SCHEMA {schema} TO {others}"))
@@ -309,6 +327,38 @@ async def _hand_over(conn: AsyncConnection, migrator: str) -> None:
             "JOIN pg_namespace n ON n.oid = p.pronamespace "
             "WHERE n.nspname = current_schema() AND p.proname LIKE 'sagaworks\\_%'"
         )
+    )
+    for signature in functions.scalars():
+        await conn.execute(text(f"ALTER FUNCTION {signature} OWNER TO {owner}"))
+    await _hand_over_read_models(conn, owner)
+
+
+_ALTER_KIND = {"r": "TABLE", "v": "VIEW", "m": "MATERIALIZED VIEW"}
+
+
+async def _hand_over_read_models(conn: AsyncConnection, owner: str) -> None:
+    """The schema `sagaworks_read`, its views and functions: the migrator's too."""
+    params = {"name": READ_MODELS_SCHEMA}
+    if not await conn.scalar(text("SELECT 1 FROM pg_namespace WHERE nspname = :name"), params):
+        return
+    schema = _quote(conn, READ_MODELS_SCHEMA)
+    await conn.execute(text(f"ALTER SCHEMA {schema} OWNER TO {owner}"))
+    relations = await conn.execute(
+        text(
+            "SELECT c.relkind::text, c.oid::regclass::text FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = :name AND c.relkind IN ('r', 'v', 'm')"
+        ),
+        params,
+    )
+    for kind, name in relations.all():
+        await conn.execute(text(f"ALTER {_ALTER_KIND[kind]} {name} OWNER TO {owner}"))
+    functions = await conn.execute(
+        text(
+            "SELECT p.oid::regprocedure::text FROM pg_proc p "
+            "JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = :name"
+        ),
+        params,
     )
     for signature in functions.scalars():
         await conn.execute(text(f"ALTER FUNCTION {signature} OWNER TO {owner}"))

@@ -16,6 +16,7 @@ from sqlalchemy import ColumnElement, Select, and_, column, func, or_, select, t
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from sagaworks.adapters.postgres.tables import (
+    READ_MODELS_SCHEMA,
     dead_letters,
     outbox,
     parked_messages,
@@ -39,15 +40,11 @@ from sagaworks.application.ports import (
 )
 
 __all__ = [
-    "READ_SCHEMA",
     "PostgresSagaQueries",
     "dead_letter_sagas",
     "saga_conditions",
     "stuck_sagas",
 ]
-
-READ_SCHEMA = "sagaworks_read"
-"""The schema of the operators' and dashboards' views."""
 
 stuck_sagas = table(
     "stuck_sagas",
@@ -60,12 +57,12 @@ stuck_sagas = table(
     column("detail"),
     column("since"),
     column("command"),
-    schema=READ_SCHEMA,
+    schema=READ_MODELS_SCHEMA,
 )
 """`sagaworks_read.stuck_sagas` (migration 0007): one row per saga needing a person."""
 
 dead_letter_sagas = table(
-    "dead_letter_sagas", column("dead_letter_id"), column("saga_id"), schema=READ_SCHEMA
+    "dead_letter_sagas", column("dead_letter_id"), column("saga_id"), schema=READ_MODELS_SCHEMA
 )
 """`sagaworks_read.dead_letter_sagas`: which saga each dead letter belongs to."""
 

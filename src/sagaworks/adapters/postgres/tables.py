@@ -39,6 +39,7 @@ __all__ = [
     "BREAKER_STATES",
     "DEAD_LETTER_STATUSES",
     "OUTBOX_CHANNEL",
+    "READ_MODELS_SCHEMA",
     "SAGA_STATUSES",
     "dead_letter_audit",
     "dead_letters",
@@ -60,6 +61,9 @@ ALEMBIC_VERSION_TABLE = "sagaworks_alembic_version"
 
 OUTBOX_CHANNEL = "sagaworks_outbox"
 """`LISTEN` channel notified (empty payload) after every statement that inserts into `outbox`."""
+
+READ_MODELS_SCHEMA = "sagaworks_read"
+"""Schema of the views operators and dashboards read (made by migrations, not by `metadata`)."""
 
 BREAKER_STATES = ("closed", "open", "half_open")
 SAGA_STATUSES = ("running", "compensating", "completed", "compensated", "needs_attention")

@@ -1,7 +1,7 @@
 """The engine's ports: every Protocol the use cases need, and the records they pass.
 
 Grouped by role (messages in and out, the saga store, calls and time, dead
-letters, breaker changes); import them from here. Adapters implement them,
+letters, breaker changes, operators' reads of sagas); import them from here. Adapters implement them,
 use cases see nothing else of the outside world.
 """
 

@@ -22,6 +22,7 @@ from sagaworks.application.ports import (
 )
 
 __all__ = [
+    "WIDTH",
     "detail_lines",
     "duration",
     "list_lines",
@@ -77,13 +78,12 @@ def _cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _table(
-    header: Sequence[str], rows: Sequence[Sequence[str]], limits: Sequence[int]
-) -> list[str]:
-    widths = [
-        min(limit, max([len(header[i]), *(len(r[i]) for r in rows)]))
-        for i, limit in enumerate(limits)
-    ]
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Columns as wide as their values, the widest cut first until the line fits."""
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
+    while sum(widths) + 2 * (len(widths) - 1) > WIDTH:
+        widest = widths.index(max(widths))
+        widths[widest] -= 1
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(_cut(c, w).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
@@ -98,7 +98,7 @@ def list_lines(items: Sequence[SagaSummary], now: datetime, *, page: int, more: 
         (s.correlation_key, s.saga_type, s.status, s.current_step or "-", _ago(s.updated_at, now))
         for s in items
     ]
-    lines = _table(("KEY", "TYPE", "STATUS", "STEP", "CHANGED"), rows, (20, 16, 15, 16, 11))
+    lines = _table(("KEY", "TYPE", "STATUS", "STEP", "CHANGED"), rows)
     following = f"; next: --page {page + 1}" if more else ""
     lines.append(f"page {page}: {len(items)} saga(s){following}")
     return lines
@@ -144,9 +144,10 @@ def _flight(progress: Mapping[str, Any]) -> str | None:
     return f"{flight.get('kind')} of {flight.get('step')}, attempt {flight.get('attempt')}{after}"
 
 
-def _section(title: str, lines: Iterable[str]) -> list[str]:
+def _section(title: str, lines: Iterable[str], count: int | None = None) -> list[str]:
     body = list(lines)
-    return ["", f"{title} ({len(body)})", *body] if body else []
+    shown = len(body) if count is None else count
+    return ["", f"{title} ({shown})", *body] if body else []
 
 
 def detail_lines(d: SagaDetail, now: datetime) -> list[str]:
@@ -205,7 +206,7 @@ def detail_lines(d: SagaDetail, now: datetime) -> list[str]:
             for x in d.dead_letters
         ),
     )
-    lines += _section("timeline", _timeline(d.timeline))
+    lines += _section("timeline", _timeline(d.timeline), len(d.timeline))
     return [_cut(line, WIDTH) for line in lines]
 
 

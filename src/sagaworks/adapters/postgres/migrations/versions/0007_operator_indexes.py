@@ -39,6 +39,17 @@ _CALL_ENDS = (
     "kind IN ('step_completed', 'compensation_completed', 'step_failed', 'retry_scheduled')"
 )
 
+_CAN_CREATE_SCHEMA = """
+DO $$ BEGIN
+  IF NOT has_database_privilege(current_database(), 'CREATE') THEN
+    RAISE EXCEPTION 'role % may not create the schema sagaworks_read in this database',
+      current_user
+      USING HINT = 'run `sagaworks db roles` as an administrator (it grants the migrator '
+                   'CREATE on the database), then `sagaworks db upgrade` again';
+  END IF;
+END $$
+"""
+
 _SETTING = """
 CREATE FUNCTION sagaworks_read.setting(name text, fallback text) RETURNS text
 LANGUAGE sql STABLE AS $$
@@ -78,7 +89,7 @@ idle AS MATERIALIZED (
   WHERE f.retry_at IS NULL
     AND f.updated_at < now() - sagaworks_read.setting('stuck_idle_floor', '5 minutes')::interval
 ),
-learned AS (
+learned AS MATERIALIZED (
   SELECT k.saga_type, k.step, l.p95, l.samples
   FROM (SELECT DISTINCT saga_type, step FROM idle) k
   CROSS JOIN LATERAL (
@@ -93,7 +104,7 @@ learned AS (
                        'retry_scheduled')
         AND h.at > now() - sagaworks_read.setting('stuck_learn_window', '7 days')::interval
       ORDER BY h.at DESC
-      LIMIT 1000
+      LIMIT 300
     ) e
     CROSS JOIN LATERAL (
       SELECT x.at FROM saga_history x
@@ -115,11 +126,12 @@ open_ports AS (
   SELECT b.port, count(*) AS workers, min(b.changed_at) AS since
   FROM port_breakers b
   WHERE b.state = 'open'
-    AND b.changed_at > now() - sagaworks_read.setting('stuck_breaker_fresh', '15 minutes')::interval
+    AND b.changed_at > now() - sagaworks_read.setting('stuck_breaker_fresh', '5 minutes')::interval
   GROUP BY b.port
 ),
 candidates AS (
-  SELECT s.id AS saga_id, s.saga_type, s.correlation_key, 'needs_attention' AS reason,
+  SELECT s.id AS saga_id, s.saga_type, s.correlation_key, s.status, s.current_step,
+         'needs_attention' AS reason,
          format('stopped at %s: %s', coalesce(s.current_step, 'the end'),
                 coalesce(s.progress->>'error', 'no error recorded')) AS detail,
          s.updated_at AS since,
@@ -127,21 +139,22 @@ candidates AS (
   FROM saga_instances s
   WHERE s.status = 'needs_attention'
   UNION ALL
-  SELECT f.id, f.saga_type, f.correlation_key, 'compensation_failing',
+  SELECT f.id, f.saga_type, f.correlation_key, f.status, f.current_step, 'compensation_failing',
          format('compensation of %s failed %s time(s)%s%s', f.step,
                 CASE WHEN f.retry_at IS NULL THEN f.attempt - 1 ELSE f.attempt END,
                 coalesce(' (' || (
                   SELECT h.detail->>'reason' FROM saga_history h
                   WHERE h.saga_id = f.id AND h.kind = 'retry_scheduled'
                   ORDER BY h.seq DESC LIMIT 1) || ')', ''),
-                coalesce('; next attempt at ' || f.retry_at, '; attempt running')),
+                coalesce('; next attempt at ' || sagaworks_read.utc(f.retry_at),
+                         '; attempt running')),
          f.updated_at,
          format('sagaworks saga retry %s --reason "..."', f.id)
   FROM flight f
   WHERE f.status = 'compensating' AND f.kind = 'compensation'
     AND (f.retry_at IS NOT NULL OR f.attempt > 1)
   UNION ALL
-  SELECT f.id, f.saga_type, f.correlation_key, 'port_breaker_open',
+  SELECT f.id, f.saga_type, f.correlation_key, f.status, f.current_step, 'port_breaker_open',
          format('%s of %s waits on port %s, whose breaker is open in %s worker(s)',
                 f.kind, f.step, o.port, o.workers),
          o.since,
@@ -154,7 +167,7 @@ candidates AS (
   ) p
   JOIN open_ports o ON o.port = p.port
   UNION ALL
-  SELECT s.id, s.saga_type, s.correlation_key, 'dead_lettered',
+  SELECT s.id, s.saga_type, s.correlation_key, s.status, s.current_step, 'dead_lettered',
          format('dead letter %s (%s) of message %s: %s', d.id, d.reason, d.message_id,
                 coalesce(d.exception_type || ': ', '') || coalesce(d.exception_message, '')),
          d.last_failed_at,
@@ -163,8 +176,10 @@ candidates AS (
   JOIN dead_letters d ON d.id = ds.dead_letter_id AND d.status = 'active'
   JOIN saga_instances s ON s.id = ds.saga_id
   UNION ALL
-  SELECT w.id, w.saga_type, w.correlation_key, 'waiting_past_deadline',
-         format('waiting at %s; its deadline %s passed and %s', w.current_step, u.until,
+  SELECT w.id, w.saga_type, w.correlation_key, w.status, w.current_step,
+         'waiting_past_deadline',
+         format('waiting at %s; its deadline %s passed and %s', w.current_step,
+                sagaworks_read.utc(u.until),
                 CASE WHEN w.timer_id IS NULL THEN 'no timer is set to fire it'
                      ELSE format('its timer is parked after %s failed attempt(s): %s',
                                  w.attempts, coalesce(w.last_error, 'no error recorded'))
@@ -179,8 +194,9 @@ candidates AS (
   ) u
   WHERE u.until < now()
   UNION ALL
-  SELECT s.id, s.saga_type, s.correlation_key, 'timer_overdue',
-         format('timer %s was due at %s and no worker has fired it', t.name, t.fire_at),
+  SELECT s.id, s.saga_type, s.correlation_key, s.status, s.current_step, 'timer_overdue',
+         format('timer %s was due at %s and no worker has fired it', t.name,
+                sagaworks_read.utc(t.fire_at)),
          t.fire_at,
          format('sagaworks saga retry %s --reason "..."', s.id)
   FROM timers t
@@ -188,7 +204,7 @@ candidates AS (
   WHERE t.parked_at IS NULL
     AND t.fire_at < now() - sagaworks_read.setting('stuck_timer_grace', '1 minute')::interval
   UNION ALL
-  SELECT s.id, s.saga_type, s.correlation_key, 'timer_overdue',
+  SELECT s.id, s.saga_type, s.correlation_key, s.status, s.current_step, 'timer_overdue',
          format('timer %s is parked after %s failed attempt(s): %s', t.name, t.attempts,
                 coalesce(t.last_error, 'no error recorded')),
          t.parked_at,
@@ -197,33 +213,38 @@ candidates AS (
   JOIN saga_instances s ON s.id = t.saga_id
   WHERE t.parked_at IS NOT NULL
   UNION ALL
-  SELECT f.id, f.saga_type, f.correlation_key, 'step_retrying',
+  SELECT f.id, f.saga_type, f.correlation_key, f.status, f.current_step, 'step_retrying',
          format('%s of %s failed %s time(s)%s; next attempt at %s', f.kind, f.step, f.attempt,
                 coalesce(' (' || (
                   SELECT h.detail->>'reason' FROM saga_history h
                   WHERE h.saga_id = f.id AND h.kind = 'retry_scheduled'
                   ORDER BY h.seq DESC LIMIT 1) || ')', ''),
-                f.retry_at),
+                sagaworks_read.utc(f.retry_at)),
          f.updated_at,
          format('sagaworks saga retry %s --reason "..."', f.id)
   FROM flight f
   WHERE f.retry_at IS NOT NULL
     AND f.attempt >= sagaworks_read.setting('stuck_retry_attempts', '2')::int
   UNION ALL
-  SELECT p.saga_id, p.saga_type, p.correlation_key, 'parked_expiring',
-         format('event %s (%s) parked because %s expires at %s', p.message_type,
-                p.message_id, p.reason, p.expires_at),
+  SELECT p.saga_id, p.saga_type, p.correlation_key, s.status, s.current_step,
+         'parked_expiring',
+         format('event %s (%s) parked because %s %s at %s', p.message_type,
+                p.message_id, p.reason,
+                CASE WHEN p.expires_at < now() THEN 'expired' ELSE 'expires' END,
+                sagaworks_read.utc(p.expires_at)),
          p.received_at,
          format('sagaworks saga show %s', p.saga_id)
   FROM parked_messages p
+  LEFT JOIN saga_instances s ON s.id = p.saga_id
   WHERE p.expires_at < now()
         + sagaworks_read.setting('stuck_parked_within', '10 minutes')::interval
   UNION ALL
-  SELECT i.id, i.saga_type, i.correlation_key, 'idle_too_long',
+  SELECT i.id, i.saga_type, i.correlation_key, i.status, i.current_step, 'idle_too_long',
          format('%s of %s in flight since %s; usually done within %s', i.kind, i.step,
-                i.updated_at,
+                sagaworks_read.utc(i.updated_at),
                 CASE WHEN l.samples > 0
-                     THEN format('%s (p95 of %s calls)', date_trunc('second', l.p95), l.samples)
+                     THEN format('%s s (p95 of %s calls)',
+                                 to_char(extract(epoch FROM l.p95), 'FM9999990.000'), l.samples)
                      ELSE 'an unknown time (no finished calls in history)' END),
          i.updated_at,
          format('sagaworks saga retry %s --reason "..."', i.id)
@@ -233,11 +254,17 @@ candidates AS (
         - l.p95 * sagaworks_read.setting('stuck_idle_factor', '3')::float8
 )
 SELECT DISTINCT ON (c.saga_id)
-       c.saga_id, c.saga_type, c.correlation_key, s.status, s.current_step,
+       c.saga_id, c.saga_type, c.correlation_key, c.status, c.current_step,
        c.reason, c.detail, c.since, c.command
 FROM candidates c
-LEFT JOIN saga_instances s ON s.id = c.saga_id
 ORDER BY c.saga_id, sagaworks_read.reason_rank(c.reason), c.since DESC
+"""
+
+_UTC = """
+CREATE FUNCTION sagaworks_read.utc(at timestamptz) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+  SELECT to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS"Z"')
+$$
 """
 
 _REASON_RANK = """
@@ -287,9 +314,11 @@ def upgrade() -> None:
         ["message_id"],
         postgresql_ops={"message_id": "text_pattern_ops"},
     )
+    op.execute(_CAN_CREATE_SCHEMA)
     op.execute("CREATE SCHEMA IF NOT EXISTS sagaworks_read")
     op.execute(_SETTING)
     op.execute(_REASON_RANK)
+    op.execute(_UTC)
     op.execute(_DEAD_LETTER_SAGAS)
     op.execute(_STUCK_SAGAS)
 
@@ -297,6 +326,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.execute("DROP VIEW sagaworks_read.stuck_sagas")
     op.execute("DROP VIEW sagaworks_read.dead_letter_sagas")
+    op.execute("DROP FUNCTION sagaworks_read.utc(timestamptz)")
     op.execute("DROP FUNCTION sagaworks_read.reason_rank(text)")
     op.execute("DROP FUNCTION sagaworks_read.setting(text, text)")
     op.execute(
