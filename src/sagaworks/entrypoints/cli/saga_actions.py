@@ -398,12 +398,12 @@ def apply_plan_command(
             report = _run(go(bar))
         p = report.plan
         outcomes = ", ".join(f"{n} {o}" for o, n in sorted(p.outcomes.items())) or "none"
+        typer.echo(f"plan {p.id}: {p.status}")
         typer.echo(
-            f"plan {p.id}: {p.status}; {p.settled} of {p.total} settled ({outcomes}); "
-            f"{report.acted_now} in this run"
+            f"  {p.settled} of {p.total} settled ({outcomes}); {report.acted_now} in this run"
         )
         if report.halted:
-            typer.echo(f"halted: {report.halted}")
+            typer.echo("\n".join(textwrap.wrap(f"halted: {report.halted}", WIDTH)))
     if report.halted:
         raise SystemExit(1)
 
@@ -444,7 +444,16 @@ def plans(
         )
         typer.echo(f"    by {p.operator}: {p.reason}")
         if p.halted_reason:
-            typer.echo(f"    halted: {p.halted_reason}")
+            typer.echo(
+                "\n".join(
+                    textwrap.wrap(
+                        f"halted: {p.halted_reason}",
+                        WIDTH,
+                        initial_indent=" " * 4,
+                        subsequent_indent=" " * 6,
+                    )
+                )
+            )
     for t in unsettled:
         what = t.saga_id if t.saga_id is not None else f"dead letter {t.dead_letter_id}"
         typer.echo(f"  {t.seq:>5} {t.outcome:<9} {what}")
