@@ -1,8 +1,9 @@
 """The engine's ports: every Protocol the use cases need, and the records they pass.
 
 Grouped by role (messages in and out, the saga store, calls and time, dead
-letters, breaker changes, operators' reads of sagas); import them from here. Adapters implement them,
-use cases see nothing else of the outside world.
+letters, breaker changes, operators' reads of sagas); import them from here.
+Adapters implement them, use cases see nothing else of the outside world.
+Operators' actions and plans have theirs in `operator.py`.
 """
 
 from sagaworks.application.ports.breakers import BreakerChange, BreakerLog, BreakerState
