@@ -35,8 +35,10 @@ from sagaworks.application.ports.operator import (
 from sagaworks.domain.operator import Action
 
 __all__ = [
+    "MIN_SAMPLE",
     "REPLAY",
     "ApplyPlan",
+    "ApplyProgress",
     "ApplyReport",
     "ApplyRequest",
     "MadePlan",
@@ -239,7 +241,7 @@ class ApplyPlan:
         if plan.status == "finished":
             return ApplyReport(plan, 0)
         await self._store.set_plan_status(plan.id, "applying")
-        run = _Run(plan, request)
+        run = ApplyProgress(plan, request)
         halted = await self._work(plan, request, run, progress)
         await self._store.set_plan_status(plan.id, "halted" if halted else "finished", halted)
         await self._store.record_action(
@@ -265,7 +267,7 @@ class ApplyPlan:
         return ApplyReport(final, run.acted, halted, dict(run.outcomes))
 
     async def _work(
-        self, plan: Plan, request: ApplyRequest, run: _Run, progress: Progress | None
+        self, plan: Plan, request: ApplyRequest, run: ApplyProgress, progress: Progress | None
     ) -> str | None:
         interval = 1.0 / request.rate if request.rate else 0.0
         started = time.monotonic()
@@ -353,8 +355,8 @@ class ApplyPlan:
         await self._store.settle_target(target, outcome, text, audit_id)
 
 
-class _Run:
-    """One apply's counts, and the rules that halt it."""
+class ApplyProgress:
+    """One apply's counts, from where the plan stood, and the rules that halt it."""
 
     def __init__(self, plan: Plan, request: ApplyRequest) -> None:
         self.request = request
