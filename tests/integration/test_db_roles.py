@@ -154,6 +154,29 @@ async def test_the_migrator_owns_the_schema_it_migrates(deployment: Deployment) 
         await conn.close()
 
 
+async def test_a_migrator_that_may_not_create_the_read_schema_is_told_to_run_db_roles(
+    deployment: Deployment,
+) -> None:
+    d = deployment
+    admin = await asyncpg.connect(_plain(d.admin))
+    try:
+        database = await admin.fetchval("SELECT current_database()")
+        await admin.execute(f'REVOKE CREATE ON DATABASE "{database}" FROM "{d.names.migrator}"')
+    finally:
+        await admin.close()
+
+    code, _, err = await sagaworks(
+        "db",
+        "upgrade",
+        SAGAWORKS_MIGRATION_DATABASE_URL=d.url(d.names.migrator),
+        SAGAWORKS_DB_ROLE_PREFIX=d.names.migrator.removesuffix("migrator"),
+    )
+
+    assert code != 0
+    assert "may not create the schema sagaworks_read" in err
+    assert "run `sagaworks db roles` as an administrator" in err
+
+
 async def test_roles_command_is_idempotent_and_keeps_passwords_out_of_output(
     deployment: Deployment,
 ) -> None:

@@ -9,7 +9,7 @@ tested, not restated. The commands run as the console script does.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -224,3 +224,16 @@ async def test_operator_mistakes_end_with_one_line_saying_what_to_do(
     bad_age = await sagaworks("saga", "list", "--older-than", "soon", env=env)
     assert bad_age.code == 2
     assert "is not an age like 30s" in bad_age.stderr
+
+
+async def test_a_database_that_is_missing_or_behind_is_named_in_one_line(
+    unused_database_url: str, database_factory: Callable[[], Awaitable[str]], run_id: str
+) -> None:
+    missing = await sagaworks("saga", "list", env=cli_env(unused_database_url, f"{run_id}.s."))
+    assert missing.code == 3
+    assert len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+    empty = await database_factory()
+    behind = await sagaworks("saga", "stuck", env=cli_env(empty, f"{run_id}.s."))
+    assert behind.code == 4
+    assert "sagaworks db upgrade" in behind.stderr
+    assert len(behind.stderr.strip().splitlines()) == 1, behind.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from uuid import UUID, uuid4
@@ -31,6 +32,7 @@ from sagaworks.entrypoints.cli.saga_render import (
     duration,
     list_lines,
     stuck_lines,
+    to_json,
 )
 
 pytestmark = pytest.mark.unit
@@ -215,3 +217,11 @@ def test_show_prints_every_part_and_the_gaps_between_history_rows() -> None:
     assert "operator_retried" in text
     assert "operator=alice" in text
     assert "parked events" not in text, "empty parts are left out"
+
+
+def test_json_keeps_every_value_uncut_with_times_in_iso_8601() -> None:
+    row = summary("k" * 300)
+    (item,) = json.loads(to_json([row]))
+    assert item["correlation_key"] == "k" * 300
+    assert item["updated_at"] == "2026-12-02T07:53:00+00:00"
+    assert item["id"] == str(row.id)

@@ -154,6 +154,12 @@ saga_history = Table(
             "kind IN ('step_completed', 'compensation_completed', 'step_failed', 'retry_scheduled')"
         ),
     ),
+    Index(
+        "ix_saga_history_saga_id_seq_retries",
+        "saga_id",
+        "seq",
+        postgresql_where=text("kind = 'retry_scheduled'"),
+    ),
 )
 """Append-only timeline of a saga (a trigger refuses UPDATE and direct DELETE)."""
 

@@ -174,11 +174,17 @@ def _settings() -> Settings:
 
 @asynccontextmanager
 async def saga_queries() -> AsyncIterator[SagaQueries]:
-    """Operators' reads of sagas on the configured database, closed on exit."""
-    # Imported here, as in app.py, so that `sagaworks --help` stays quick.
-    from sagaworks.bootstrap import bootstrap_tools
+    """Operators' reads of sagas on the configured database, closed on exit.
 
-    tools = await bootstrap_tools(_settings(), saga_queries=True)
+    A database that is unreachable or not at the newest revision ends the
+    command with one line saying so (exit codes 3 and 4), before any query.
+    """
+    # Imported here, as in app.py, so that `sagaworks --help` stays quick.
+    from sagaworks.bootstrap import bootstrap_tools, preflight
+
+    settings = _settings()
+    await preflight(settings)
+    tools = await bootstrap_tools(settings, saga_queries=True)
     try:
         assert tools.saga_queries is not None
         yield tools.saga_queries

@@ -34,17 +34,21 @@ __all__ = [
 WIDTH = 80
 
 
+def _plain(value: Any) -> str:
+    return value.isoformat() if isinstance(value, datetime) else str(value)
+
+
 def to_json(value: Any) -> str:
     """Records (dataclasses, or lists of them) as indented JSON; times in ISO 8601."""
     plain = [asdict(v) for v in value] if isinstance(value, list) else asdict(value)
-    return json.dumps(plain, indent=2, default=str, ensure_ascii=False)
+    return json.dumps(plain, indent=2, default=_plain, ensure_ascii=False)
 
 
 def page_json(found: SagaPage, *, page: int, limit: int) -> str:
     """One page of `saga list` as JSON, with whether another page follows."""
     items = [asdict(s) for s in found.items]
     body = {"page": page, "limit": limit, "more": found.more, "items": items}
-    return json.dumps(body, indent=2, default=str, ensure_ascii=False)
+    return json.dumps(body, indent=2, default=_plain, ensure_ascii=False)
 
 
 def duration(delta: timedelta) -> str:

@@ -6,7 +6,8 @@ Revises: 0006
 Indexes serve `sagaworks saga list` filters (type and status, current step,
 age, business key by prefix), the learning of usual step durations (history
 rows that end a port call, by step and time), and `saga show` (a saga's
-unpublished outbox rows, dead letters named after its id).
+unpublished outbox rows, dead letters named after its id), and a saga's
+last delayed retry (why it is retrying).
 
 The schema `sagaworks_read` holds the operators' views:
 
@@ -303,6 +304,12 @@ def upgrade() -> None:
         postgresql_where=sa.text(_CALL_ENDS),
     )
     op.create_index(
+        op.f("ix_saga_history_saga_id_seq_retries"),
+        "saga_history",
+        ["saga_id", "seq"],
+        postgresql_where=sa.text("kind = 'retry_scheduled'"),
+    )
+    op.create_index(
         op.f("ix_outbox_saga_id_unpublished"),
         "outbox",
         ["saga_id"],
@@ -337,6 +344,7 @@ def downgrade() -> None:
     )
     op.drop_index(op.f("ix_dead_letters_message_id"), table_name="dead_letters")
     op.drop_index(op.f("ix_outbox_saga_id_unpublished"), table_name="outbox")
+    op.drop_index(op.f("ix_saga_history_saga_id_seq_retries"), table_name="saga_history")
     op.drop_index(op.f("ix_saga_history_step_at"), table_name="saga_history")
     op.drop_index(op.f("ix_saga_instances_correlation_key"), table_name="saga_instances")
     op.drop_index(op.f("ix_saga_instances_updated_at"), table_name="saga_instances")
