@@ -46,6 +46,7 @@ from sagaworks.adapters.postgres.engine import (
 from sagaworks.adapters.postgres.heartbeats import PostgresHeartbeats
 from sagaworks.adapters.postgres.migrations_runner import check_schema_current
 from sagaworks.adapters.postgres.notify import PostgresOutboxWakeUps
+from sagaworks.adapters.postgres.operator_store import PostgresOperatorStore
 from sagaworks.adapters.postgres.pool import ConnectionPool
 from sagaworks.adapters.postgres.read_models import PostgresReadModels
 from sagaworks.adapters.postgres.retention import PostgresRetention
@@ -77,10 +78,17 @@ from sagaworks.application.boundary import (
 )
 from sagaworks.application.circuit import RecordBreakerChange
 from sagaworks.application.config import EngineOptions, PortPolicy
-from sagaworks.application.dead_letters import IngestDeadLetter, LastErrors, QueueOwner
+from sagaworks.application.dead_letters import (
+    IngestDeadLetter,
+    LastErrors,
+    QueueOwner,
+    ReplayDeadLetters,
+)
 from sagaworks.application.eager import EagerSteps
 from sagaworks.application.handle_event import HandleEvent
 from sagaworks.application.handle_step_command import HandleStepCommand
+from sagaworks.application.operator_actions import ActOnSaga
+from sagaworks.application.operator_plans import ApplyPlan, MakeReplayPlan, MakeSagaPlan
 from sagaworks.application.outbox import OutboxRelay
 from sagaworks.application.oversized import RejectOversized
 from sagaworks.application.ports import (
@@ -111,9 +119,11 @@ __all__ = [
     "InMemoryAdapters",
     "OperatorTools",
     "Route",
+    "SagaActions",
     "System",
     "SystemClock",
     "bootstrap",
+    "bootstrap_saga_actions",
     "bootstrap_tools",
     "boundary_for",
     "in_memory",
@@ -467,6 +477,72 @@ async def bootstrap_tools(
         await tools.aclose()
         raise
     return tools
+
+
+@dataclass
+class SagaActions:
+    """What `sagaworks saga retry|...|plan|apply` need: the use cases on the real store."""
+
+    store: PostgresOperatorStore
+    queries: SagaQueries
+    act: ActOnSaga
+    make_plan: MakeSagaPlan
+    make_replay_plan: MakeReplayPlan
+    apply_plan: ApplyPlan
+    engine: AsyncEngine
+    connection: AbstractRobustConnection
+    publishers: tuple[RabbitPublisher, RabbitPublisher]
+
+    async def aclose(self) -> None:
+        await _close_all(
+            [
+                *(p.close for p in self.publishers),
+                self.connection.close,
+                *_database_closers(self.store, self.engine),
+            ]
+        )
+
+
+async def bootstrap_saga_actions(
+    settings: Settings, sagas: Iterable[SagaDefinition[Any]]
+) -> SagaActions:
+    """Operators' actions on sagas: they lock, decide, write and publish as a worker does.
+
+    The step commands an action sends are published as the user of
+    `SAGAWORKS_AMQP_URL`, which workers accept them from.
+    """
+    registry = SagaRegistry(sagas)
+    engine = create_engine_from_settings(settings)
+    pool = ConnectionPool(
+        settings.database_url.get_secret_value(),
+        size=2,
+        connect_timeout_s=settings.db_connect_timeout_s,
+    )
+    store = PostgresOperatorStore(engine, pool, hostname=socket.gethostname())
+    try:
+        connection = await _connect(settings)
+    except BaseException:
+        await _close_all(_database_closers(store, engine))
+        raise
+    commands = exchange_name(settings.exchange_prefix, COMMANDS_DOMAIN)
+    publisher = RabbitPublisher(connection, {commands}, own_user(settings))
+    replay_publisher = RabbitPublisher(connection, {""}, own_user(settings))
+    clock = SystemClock()
+    act = ActOnSaga(store, OutboxRelay(store, publisher), clock, registry, _wire(settings))
+    letters = PostgresDeadLetters(engine, client_hostname=socket.gethostname())
+    targets = frozenset(q.name for q in topology_for(settings, registry).queues)
+    replay = ReplayDeadLetters(letters, replay_publisher, targets)
+    return SagaActions(
+        store=store,
+        queries=PostgresSagaQueries(engine),
+        act=act,
+        make_plan=MakeSagaPlan(store, clock),
+        make_replay_plan=MakeReplayPlan(store, letters, replay, clock),
+        apply_plan=ApplyPlan(store, act, letters, replay),
+        engine=engine,
+        connection=connection,
+        publishers=(publisher, replay_publisher),
+    )
 
 
 def own_user(settings: Settings) -> str:

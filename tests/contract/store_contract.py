@@ -45,6 +45,7 @@ from sagaworks.domain.decide import (
     EventReceived,
     HistoryEntry,
     Input,
+    OperatorCommand,
     RunStep,
     StepFinished,
     TimerFired,
@@ -489,6 +490,27 @@ class StoreContract:
         async with backend.store.transaction() as tx:
             assert await tx.claim_due_timer(DISPATCH_BY + timedelta(days=1)) is None
         assert await backend.probe.timers(saga_id) == {}
+
+    async def test_a_paused_sagas_timers_wait_and_its_kept_events_do_not_expire(
+        self, backend: Backend
+    ) -> None:
+        await self.to_wait(backend, "o-1")
+        saga_id = saga_id_for(SAGA.name, "o-1")
+        pause = OperatorCommand("pause", "ops", "why", "operator:p", "a-1")
+        await self.apply(backend, pause, message_id="operator:p")
+        async with backend.store.transaction() as tx:
+            await tx.park(SAGA.name, saga_id, "o-1", inbound("m-kept"), "paused", T0)
+        later = DISPATCH_BY + timedelta(days=1)
+        async with backend.store.transaction() as tx:
+            assert await tx.claim_due_timer(later) is None
+            assert await tx.expire_parked(later, 10) == []
+        unpause = OperatorCommand("unpause", "ops", "why", "operator:u", "a-2")
+        await self.apply(backend, unpause, message_id="operator:u")
+        async with backend.store.transaction() as tx:
+            due = await tx.claim_due_timer(later)
+            assert due is not None
+            assert due.name == DEADLINE
+            assert [p.inbound.message_id for p in await tx.expire_parked(later, 10)] == ["m-kept"]
 
     async def test_claim_due_timer_skips_sagas_another_transaction_holds(
         self, backend: Backend

@@ -275,7 +275,7 @@ async def _a_dead_letter(worker: asyncpg.Connection, message_id: str) -> int:
     return row_id
 
 
-async def test_the_operator_handles_dead_letters_but_cannot_rewrite_the_audit(
+async def test_the_operator_handles_dead_letters_and_sagas_but_cannot_rewrite_the_audit(
     deployment: Deployment,
 ) -> None:
     d = deployment
@@ -309,10 +309,14 @@ async def test_the_operator_handles_dead_letters_but_cannot_rewrite_the_audit(
         await refused(operator, "UPDATE dead_letter_audit SET operator = 'someone else'")
         await refused(operator, "DELETE FROM dead_letter_audit")
         await refused(operator, "TRUNCATE dead_letter_audit")
-        await refused(operator, "UPDATE saga_instances SET status = 'completed'")
-        await refused(
-            operator, "INSERT INTO saga_history (saga_id, seq, kind) VALUES ($1, 1, 'x')", uuid4()
-        )
+        # It acts on sagas as messages do (saga rows, history, outbox), but never rewrites
+        # a saga's history or the operator audit, and never removes a saga.
+        await refused(operator, "UPDATE saga_history SET kind = 'x'")
+        await refused(operator, "DELETE FROM saga_history")
+        await refused(operator, "DELETE FROM saga_instances")
+        await refused(operator, "INSERT INTO saga_instances (id) VALUES ($1)", uuid4())
+        await refused(operator, "UPDATE operator_audit SET operator = 'someone else'")
+        await refused(operator, "DELETE FROM operator_audit")
         await refused(operator, "ALTER TABLE dead_letters ADD COLUMN probe int")
     finally:
         await operator.close()

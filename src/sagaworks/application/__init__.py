@@ -10,6 +10,8 @@ Use cases (each a class named for what it does, called with one input):
     oversized.py            RejectOversized: a body over the limit, stored cut short, unparsed
     retention.py            PruneDatabase: delete what retention allows, in short batches
     circuit.py              RecordBreakerChange, and CircuitOpen: a call a breaker refused
+    operator_actions.py     ActOnSaga: a person's action on one saga, through ApplyInputs' route
+    operator_plans.py       MakeSagaPlan, MakeReplayPlan, ApplyPlan: bulk work, plan then apply
 
 What they share:
     ports/                  every port (Protocol) and the records that cross it

@@ -345,7 +345,7 @@ class ReplayDeadLetters:
         progress: Progress | None = None,
     ) -> ReplayReport:
         batch = uuid4()
-        await self._refuse_undeclared(ids, operator, batch)
+        await self.refuse_undeclared(ids, operator, batch)
         interval = 1.0 / rate if rate else 0.0
         started = time.monotonic()
         replayed = 0
@@ -355,25 +355,32 @@ class ReplayDeadLetters:
             letter = await self._repo.get(letter_id)
             if letter is None:
                 continue
-            replay = letter.times_replayed + 1
-            key = f"{letter.message_id}#replay-{letter.id}-{replay}"
-            row = await self._repo.stage_replay(letter, key, replay_envelope(letter, replay))
-            detail = {"queue": letter.queue, "outbox_message_id": key, "replay": replay}
-            try:
-                await self._publisher.publish([row])
-            except Exception as error:  # noqa: BLE001 - any failed publish stops the batch
-                text = f"{type(error).__name__}: {error}"
-                audit = AuditRecord(operator, "replay", batch, "failed", {**detail, "error": text})
-                await self._repo.abandon_replay(letter.id, row.id, audit)
-                return ReplayReport(batch, len(ids), replayed, letter.id, text)
-            audit = AuditRecord(operator, "replay", batch, "replayed", detail)
-            await self._repo.confirm_replay(letter.id, row.id, audit)
+            error = await self.replay_one(letter, operator, batch)
+            if error is not None:
+                return ReplayReport(batch, len(ids), replayed, letter.id, error)
             replayed += 1
             if progress is not None:
                 progress(replayed, len(ids))
         return ReplayReport(batch, len(ids), replayed)
 
-    async def _refuse_undeclared(self, ids: Sequence[int], operator: str, batch: UUID) -> None:
+    async def replay_one(self, letter: StoredDeadLetter, operator: str, batch: UUID) -> str | None:
+        """Stage, publish and confirm one letter's replay; the error if the publish failed."""
+        replay = letter.times_replayed + 1
+        key = f"{letter.message_id}#replay-{letter.id}-{replay}"
+        row = await self._repo.stage_replay(letter, key, replay_envelope(letter, replay))
+        detail = {"queue": letter.queue, "outbox_message_id": key, "replay": replay}
+        try:
+            await self._publisher.publish([row])
+        except Exception as error:  # noqa: BLE001 - any failed publish is reported
+            text = f"{type(error).__name__}: {error}"
+            audit = AuditRecord(operator, "replay", batch, "failed", {**detail, "error": text})
+            await self._repo.abandon_replay(letter.id, row.id, audit)
+            return text
+        audit = AuditRecord(operator, "replay", batch, "replayed", detail)
+        await self._repo.confirm_replay(letter.id, row.id, audit)
+        return None
+
+    async def refuse_undeclared(self, ids: Sequence[int], operator: str, batch: UUID) -> None:
         """Check every letter before sending any; audit and refuse the whole run otherwise."""
         selection = DeadLetterFilter(ids=tuple(ids), statuses=())
         letters = await self._repo.find(selection, limit=max(len(ids), 1))

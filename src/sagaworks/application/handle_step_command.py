@@ -84,6 +84,8 @@ class HandleStepCommand:
         instance = await self._reads.submit((definition, command.saga_id))
         if instance is None or not _is_current(instance, command):
             return Handled("stale", saga_id=str(command.saga_id))
+        if instance.paused:  # runs no step; unpausing sends the command again
+            return Handled("stale", "paused", str(command.saga_id))
         finished = await self._call_port(
             definition, instance, command, inbound.message_id, inbound.trace_context
         )

@@ -135,6 +135,7 @@ def saga_from_row(
 ) -> SagaInstance:
     """The instance a `saga_instances` row holds; `state` is the state model as JSON."""
     flight = progress.get("in_flight")
+    stopped = progress.get("stopped")
     return SagaInstance(
         id=saga_id,
         saga_type=definition.name,
@@ -148,4 +149,6 @@ def saga_from_row(
         done=tuple(progress.get("done", ())),
         reason=progress.get("reason"),
         error=progress.get("error"),
+        stopped=InFlight.from_json(stopped) if stopped else None,
+        paused=bool(progress.get("paused", False)),
     )

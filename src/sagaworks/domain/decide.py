@@ -17,6 +17,7 @@ from uuid import UUID
 from sagaworks.domain.definition import SagaDefinition, Step, Wait
 from sagaworks.domain.instance import InFlight, SagaInstance, Status, saga_id_for
 from sagaworks.domain.messages import Envelope, Message
+from sagaworks.domain.operator import OperatorCommand, refusal
 
 __all__ = [
     "COMMANDS_DOMAIN",
@@ -26,6 +27,7 @@ __all__ = [
     "Failure",
     "HistoryEntry",
     "Input",
+    "OperatorCommand",
     "Outgoing",
     "RunStep",
     "SagaNeedsAttention",
@@ -95,7 +97,7 @@ class TimerFired:
     name: str
 
 
-Input = EventReceived | StepFinished | TimerFired
+Input = EventReceived | StepFinished | TimerFired | OperatorCommand
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +160,8 @@ def decide(
     if instance is None:
         return _start(definition, given, now)
     t = _Transition(definition, instance, now, _cause(given))
+    if isinstance(given, OperatorCommand):
+        return _on_operator(t, given)
     if isinstance(given, EventReceived):
         return _noted(t, given, _on_event(t, given))
     if isinstance(given, StepFinished):
@@ -168,7 +172,7 @@ def decide(
 def _cause(given: Input) -> str | None:
     if isinstance(given, EventReceived):
         return given.envelope.id
-    if isinstance(given, StepFinished):
+    if isinstance(given, StepFinished | OperatorCommand):
         return given.message_id
     return None
 
@@ -305,6 +309,8 @@ def _on_event(t: _Transition, given: EventReceived) -> Decision:
         return t.ignore("already_started")
     if t.i.status.terminal:
         return t.ignore(f"saga_{t.i.status.value}")
+    if t.i.paused:
+        return t.park("paused")
     for cancel in t.d.cancel:
         if isinstance(message, cancel.event):
             return _on_cancel(t, cancel.reason)
@@ -351,6 +357,8 @@ def _on_step_finished(t: _Transition, given: StepFinished) -> Decision:
         or (flight.step, flight.kind, flight.attempt) != (given.step, given.kind, given.attempt)
     ):
         return t.ignore("stale_step_result")
+    if t.i.paused:
+        return _result_while_paused(t, given)
     step = t.d.step(given.step)
     failure = given.failure
     if failure is None:
@@ -359,6 +367,7 @@ def _on_step_finished(t: _Transition, given: StepFinished) -> Decision:
         if _retryable(failure):
             _schedule_retry(t, flight, failure)
         else:
+            t.i = replace(t.i, stopped=flight)
             _needs_attention(t, step.name, failure.reason)
     elif t.i.status is Status.COMPENSATING:
         _action_failed(t, step, failure)
@@ -464,6 +473,8 @@ def _next_compensation(t: _Transition) -> None:
 def _on_timer(t: _Transition, given: TimerFired) -> Decision:
     if t.i.status.terminal:
         return t.ignore("stale_timer")
+    if t.i.paused:
+        return _timer_while_paused(t, given)
     flight = t.i.in_flight
     if (
         flight is not None
@@ -485,3 +496,118 @@ def _on_timer(t: _Transition, given: TimerFired) -> Decision:
             _compensate(t, current.timeout_reason)
         return t.decision()
     return t.ignore("stale_timer")
+
+
+def _result_while_paused(t: _Transition, given: StepFinished) -> Decision:
+    """A result that arrives while paused is not applied; unpausing runs the step again.
+
+    The port applies a repeated call once (same idempotency key), so nothing is lost.
+    """
+    entry = HistoryEntry(
+        "step_result_ignored",
+        given.step,
+        given.message_id,
+        {"reason": "paused", "kind": given.kind, "attempt": given.attempt},
+    )
+    return Decision(outcome="ignored", instance=t.i, at=t.now, reason="paused", history=(entry,))
+
+
+def _timer_while_paused(t: _Transition, given: TimerFired) -> Decision:
+    """A timer claimed just as the saga was paused is kept, due, for when it is unpaused."""
+    t.set_timers.append(TimerSpec(given.name, t.now))
+    t.record("timer_held", timer=given.name)
+    return t.decision()
+
+
+def _on_operator(t: _Transition, given: OperatorCommand) -> Decision:
+    """A person's action: refused with the reason why, or applied and recorded with who and why."""
+    refused = refusal(t.d, t.i, given)
+    if refused is not None:
+        entry = HistoryEntry(
+            "operator_refused",
+            given.step,
+            given.message_id,
+            {"action": given.action, **_who(given), "refused": refused},
+        )
+        return Decision(outcome="ignored", instance=t.i, at=t.now, reason=refused, history=(entry,))
+    t.record(f"operator_{given.action}", given.step, **_who(given))
+    if given.action == "retry":
+        _operator_retry(t)
+    elif given.action == "resume":
+        _operator_resume(t)
+    elif given.action == "cancel":
+        _compensate(t, given.reason)
+    elif given.action == "resolve":
+        assert given.step is not None
+        _operator_resolve(t, given.step)
+    else:
+        _operator_pause(t, paused=given.action == "pause")
+    return t.decision()
+
+
+def _who(given: OperatorCommand) -> dict[str, Any]:
+    detail: dict[str, Any] = {
+        "operator": given.operator,
+        "reason": given.reason,
+        "audit_id": given.audit_id,
+    }
+    if given.note:
+        detail["note"] = given.note
+    return detail
+
+
+def _operator_retry(t: _Transition) -> None:
+    """Run the step in flight again now, dropping a pending delayed retry."""
+    flight = t.i.in_flight
+    assert flight is not None
+    if flight.retry_at is not None:
+        t.cancel_timers.append(retry_timer(flight.step, flight.kind, flight.attempt))
+    t.run(t.d.step(flight.step), flight.kind, flight.attempt + 1)
+
+
+def _operator_resume(t: _Transition) -> None:
+    """Back into the flow at the step (or compensation) that stopped the saga."""
+    stopped = t.i.stopped
+    assert stopped is not None
+    status = Status.COMPENSATING if stopped.kind == "compensation" else Status.RUNNING
+    t.i = replace(t.i, status=status, error=None, stopped=None)
+    t.run(t.d.step(stopped.step), stopped.kind, stopped.attempt + 1)
+
+
+def _operator_resolve(t: _Transition, name: str) -> None:
+    """A person did the step (or its compensation) by hand: move on as if it had succeeded.
+
+    The state is left as it was: a step's `on_success` needs the port's result,
+    which a person's declaration does not have.
+    """
+    flight = t.i.in_flight
+    kind = "action"
+    if flight is not None and flight.step == name:
+        kind = flight.kind
+        if flight.retry_at is not None:
+            t.cancel_timers.append(retry_timer(flight.step, flight.kind, flight.attempt))
+    elif t.i.stopped is not None:
+        kind = t.i.stopped.kind
+    compensating = t.i.status is Status.COMPENSATING or kind == "compensation"
+    status = Status.COMPENSATING if compensating else Status.RUNNING
+    t.i = replace(t.i, status=status, in_flight=None, stopped=None, error=None)
+    if kind == "compensation":
+        t.i = replace(t.i, done=tuple(s for s in t.i.done if s != name))
+        _next_compensation(t)
+        return
+    if isinstance(t.d.steps[t.d.index_of(name)], Step):
+        t.i = replace(t.i, done=(*t.i.done, name))
+    if compensating:
+        _next_compensation(t)
+        return
+    t.i = replace(t.i, position=t.i.position + 1)
+    _advance(t)
+
+
+def _operator_pause(t: _Transition, *, paused: bool) -> None:
+    """Pause: nothing new starts. Unpause: the step in flight is sent again (its result was
+    not applied while paused); due timers fire and kept events are applied, in order."""
+    t.i = replace(t.i, paused=paused)
+    flight = t.i.in_flight
+    if not paused and flight is not None and flight.retry_at is None:
+        t.run(t.d.step(flight.step), flight.kind, flight.attempt + 1)

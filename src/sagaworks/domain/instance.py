@@ -86,6 +86,10 @@ class SagaInstance:
     done: tuple[str, ...] = ()
     reason: str | None = None
     error: str | None = None
+    stopped: InFlight | None = None
+    """For a saga that needs attention: the step attempt that stopped it (None: a wait did)."""
+    paused: bool = False
+    """An operator paused it: it runs no step and fires no timer; events for it are kept."""
 
     def progress_json(self) -> dict[str, Any]:
         """The engine's bookkeeping, stored beside the saga's own state."""
@@ -96,4 +100,6 @@ class SagaInstance:
             "reason": self.reason,
             "error": self.error,
             "correlation_id": self.correlation_id,
+            "stopped": self.stopped.to_json() if self.stopped else None,
+            "paused": self.paused,
         }

@@ -86,6 +86,10 @@ class MemoryTransaction(Owner):
     def _saga(self, saga_id: UUID) -> SagaRecord | None:
         return self._changes.sagas.get(saga_id) or self._tables.sagas.get(saga_id)
 
+    def _paused(self, saga_id: UUID) -> bool:
+        saga = self._saga(saga_id)
+        return saga is not None and bool(saga.progress.get("paused", False))
+
     def _inbox(self, key: tuple[str, str]) -> InboxRecord | None:
         if key in self._changes.forgotten:
             return None
@@ -396,6 +400,7 @@ class MemoryTransaction(Owner):
                     if t.fire_at <= moment
                     and t.parked_at is None
                     and self._saga(t.saga_id) is not None
+                    and not self._paused(t.saga_id)
                 ),
                 key=lambda t: (t.fire_at, t.id),
             )[:_DUE_TIMER_BATCH]

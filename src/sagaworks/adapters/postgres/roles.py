@@ -57,15 +57,24 @@ _DML = ("SELECT", "INSERT", "UPDATE", "DELETE")
 _INSUFFICIENT_PRIVILEGE = "42501"
 _SCRAM_ITERATIONS = 4096
 
-APPEND_ONLY_TABLES = frozenset({"saga_history", "dead_letter_audit"})
+APPEND_ONLY_TABLES = frozenset({"saga_history", "dead_letter_audit", "operator_audit"})
 """Tables nobody but their owner may `UPDATE`, `DELETE` or `TRUNCATE`."""
 
 OPERATOR_WRITES: Mapping[str, tuple[str, ...]] = {
-    "dead_letters": ("UPDATE", "DELETE"),  # edit, replay, archive, purge
+    "dead_letters": ("INSERT", "UPDATE", "DELETE"),  # edit, replay, archive, purge
     "outbox": ("INSERT", "UPDATE", "DELETE"),  # a replay is staged, confirmed or abandoned
     "dead_letter_audit": ("INSERT",),  # every operator action is recorded
+    # `sagaworks saga retry|resume|cancel|resolve|pause|unpause` take the path of a message:
+    "saga_instances": ("UPDATE",),
+    "saga_history": ("INSERT",),
+    "inbox": ("INSERT",),
+    "timers": ("INSERT", "UPDATE", "DELETE"),
+    "parked_messages": ("DELETE",),  # kept events applied on unpause
+    "operator_audit": ("INSERT",),
+    "operator_plans": ("INSERT", "UPDATE"),
+    "operator_plan_targets": ("INSERT", "UPDATE"),
 }
-"""What `sagaworks dlq` writes, besides reading every table."""
+"""What `sagaworks dlq` and `sagaworks saga` write, besides reading every table."""
 
 
 @dataclass(frozen=True)

@@ -195,10 +195,13 @@ forgotten AS (
 SELECT id, saga_type, headers, body, reason, expires_at, message_id, message_type FROM expired
 """
 
+# A paused saga fires no timer: its due timers wait, unclaimed, until it is unpaused.
 _DUE_TIMERS = """
 SELECT t.id, t.saga_id, t.name, t.attempts, s.saga_type, t.fire_at, t.trace_context
 FROM timers t JOIN saga_instances s ON s.id = t.saga_id
-WHERE t.fire_at <= $1 AND t.parked_at IS NULL ORDER BY t.fire_at LIMIT 20
+WHERE t.fire_at <= $1 AND t.parked_at IS NULL
+  AND s.progress->'paused' IS DISTINCT FROM 'true'::jsonb
+ORDER BY t.fire_at LIMIT 20
 """
 
 # After the failed application rolled back: count it, then back off (`$4`) or park (`$4` NULL).

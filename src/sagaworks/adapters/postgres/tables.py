@@ -46,6 +46,9 @@ __all__ = [
     "dead_letters",
     "inbox",
     "metadata",
+    "operator_audit",
+    "operator_plan_targets",
+    "operator_plans",
     "outbox",
     "parked_messages",
     "port_breakers",
@@ -67,6 +70,7 @@ READ_MODELS_SCHEMA = "sagaworks_read"
 BREAKER_STATES = ("closed", "open", "half_open")
 SAGA_STATUSES = ("running", "compensating", "completed", "compensated", "needs_attention")
 DEAD_LETTER_STATUSES = ("active", "replayed", "archived")
+PLAN_STATUSES = ("planned", "applying", "halted", "finished")
 
 metadata = MetaData(
     naming_convention={
@@ -374,3 +378,84 @@ worker_heartbeats = Table(
 upserted every heartbeat interval and deleted on a graceful stop; a row older than three
 intervals is a worker that is gone. `breakers`: port -> state; `queue_depths`: queue ->
 {messages, consumers} as the worker last saw them."""
+operator_audit = Table(
+    "operator_audit",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    _timestamp("at", now=True),
+    Column("operator", Text, nullable=False),
+    Column("db_role", Text, nullable=False, server_default=text("current_user")),
+    Column("client_addr", INET, nullable=True, server_default=text("inet_client_addr()")),
+    Column("client_hostname", Text, nullable=True),
+    Column("action", Text, nullable=False),
+    Column("saga_id", UUID(as_uuid=True), nullable=True),
+    Column("saga_type", Text, nullable=True),
+    Column("dead_letter_id", BigInteger, nullable=True),
+    Column("step", Text, nullable=True),
+    Column("reason", Text, nullable=False),
+    Column("note", Text, nullable=True),
+    Column("request_id", Text, nullable=True),
+    Column("plan_id", UUID(as_uuid=True), nullable=True),
+    Column("result", Text, nullable=False),
+    Column("detail", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Index("ix_operator_audit_saga_id", "saga_id"),
+    Index("ix_operator_audit_plan_id", "plan_id"),
+    Index("ix_operator_audit_request_id", "request_id"),
+    Index("ix_operator_audit_at", "at"),
+)
+"""Every operator action on a saga and every plan: who, why, the request, the plan, the result.
+
+Append-only (a trigger stamps the database role and client address and refuses UPDATE,
+DELETE and TRUNCATE); the saga's history row of an action names its `id` (`detail.audit_id`)."""
+
+operator_plans = Table(
+    "operator_plans",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    _timestamp("created_at", now=True),
+    _timestamp("updated_at", now=True),
+    Column("operator", Text, nullable=False),
+    Column("action", Text, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("step", Text, nullable=True),
+    Column("note", Text, nullable=True),
+    Column("filters", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("total", Integer, nullable=False),
+    Column("status", Text, nullable=False, server_default=text("'planned'")),
+    Column("halted_reason", Text, nullable=True),
+    CheckConstraint(_one_of("status", PLAN_STATUSES), name="status"),
+)
+"""A bulk action: what, why, the filters that chose its targets, and how far it got."""
+
+operator_plan_targets = Table(
+    "operator_plan_targets",
+    metadata,
+    Column(
+        "plan_id",
+        UUID(as_uuid=True),
+        ForeignKey("operator_plans.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("seq", Integer, nullable=False),
+    Column("saga_id", UUID(as_uuid=True), nullable=True),
+    Column("dead_letter_id", BigInteger, nullable=True),
+    Column("version", Integer, nullable=False),
+    Column("status", Text, nullable=True),
+    Column("step", Text, nullable=True),
+    Column("stuck_reason", Text, nullable=True),
+    Column("outcome", Text, nullable=True),
+    Column("detail", Text, nullable=True),
+    Column("audit_id", UUID(as_uuid=True), nullable=True),
+    _timestamp("settled_at", nullable=True),
+    PrimaryKeyConstraint("plan_id", "seq"),
+    CheckConstraint("(saga_id IS NULL) <> (dead_letter_id IS NULL)", name="one_target"),
+    Index(
+        "ix_operator_plan_targets_pending",
+        "plan_id",
+        "seq",
+        postgresql_where=text("outcome IS NULL"),
+    ),
+)
+"""A plan's frozen targets (a saga, or a dead letter), each with its version when planned;
+`outcome` NULL: not acted on yet. Written in the transaction that acts, so nothing is acted
+on twice."""

@@ -3,7 +3,7 @@
 Grouped by role (messages in and out, the saga store, calls and time, dead
 letters, breaker changes, operators' reads of sagas, worker heartbeats,
 telemetry); import them from here. Adapters implement them, use cases see nothing
-else of the outside world.
+else of the outside world. Operators' actions and plans have theirs in `operator.py`.
 """
 
 from sagaworks.application.ports.breakers import BreakerChange, BreakerLog, BreakerState

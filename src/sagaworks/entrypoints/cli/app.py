@@ -21,6 +21,7 @@ from sagaworks.entrypoints.cli.plugins import PluginGroup
 from sagaworks.entrypoints.cli.prune import db_prune
 from sagaworks.entrypoints.cli.publish import publish
 from sagaworks.entrypoints.cli.saga import saga_app
+from sagaworks.entrypoints.cli.saga_actions import register_saga_actions
 from sagaworks.entrypoints.cli.top import top
 
 __all__ = ["app", "main"]
@@ -44,6 +45,7 @@ app.add_typer(saga_app, name="saga")
 db_app.command("prune")(db_prune)
 app.add_typer(contract_app, name="contract")
 app.command("top")(top)
+register_saga_actions(saga_app, dlq_app)
 
 
 def _echo(text: str) -> None:

@@ -663,6 +663,42 @@ def _assigned(body: bytes, assignments: list[str]) -> bytes:
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+@dlq_app.command("plan")
+@_filtered()
+def plan(
+    selection: DeadLetterFilter,
+    why: Annotated[str, typer.Option("--why", help="Why they are replayed (for the audit).")],
+    every: Every = False,
+    operator: Operator = None,
+    as_json: AsJson = False,
+) -> None:
+    """Freeze the selected letters into a replay plan; `dlq apply PLAN_ID` sends them.
+
+    The apply is the same as `saga apply`: canary, rate, halt on failures,
+    resumable; a letter replayed or archived since the plan was made is skipped.
+    """
+    from sagaworks.application.operator_plans import MadePlan, ReplayPlanRequest
+    from sagaworks.entrypoints.cli.saga_actions import plan_lines, saga_actions
+
+    _require_selection(selection, every, "replay")
+    shown = {
+        k: v
+        for k, v in asdict(selection).items()
+        if v not in (None, (), "") and not isinstance(v, datetime)
+    }
+    request = ReplayPlanRequest(selection, why, _operator(operator), shown)
+
+    async def go() -> MadePlan:
+        async with saga_actions() as actions:
+            return await actions.make_replay_plan(request)
+
+    made = _run(go())
+    if as_json:
+        _print_json({"id": str(made.plan.id), "total": made.plan.total, "counts": made.counts})
+        return
+    typer.echo("\n".join(plan_lines(made)))
+
+
 @dlq_app.command("edit")
 def edit(
     letter_id: Annotated[int, typer.Argument(metavar="ID", help="Dead-letter id.")],

@@ -1,7 +1,7 @@
 """Read models for dashboards: worker heartbeats and the views of schema `sagaworks_read`.
 
 Revision ID: 0009
-Revises: 0007
+Revises: 0008
 
 `worker_heartbeats`: one row per live worker process, upserted every
 `SAGAWORKS_HEARTBEAT_INTERVAL_S` and deleted when the worker stops gracefully;
@@ -28,7 +28,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = "0009"
-down_revision: str | None = "0007"
+down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
