@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from private_services import RABBITMQ_BIN_DIRS, _binary, _run, free_port
+from private_services import RABBITMQ_BIN_DIRS, _binary, _run, free_port, node_environment
 
 __all__ = ["ClusterNode", "rabbitmq_cluster"]
 
@@ -140,20 +140,5 @@ def _node(directory: Path, token: str, cookie: str, server: Path, ctl: Path) -> 
         "cluster_partition_handling = pause_minority\n"
     )
     name = f"sagaworks-cluster-{os.getpid()}-{token}@localhost"
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "LANG": os.environ.get("LANG", "C.UTF-8"),
-        "HOME": str(home),
-        "RABBITMQ_CONF_ENV_FILE": str(base / "rabbitmq-env.conf"),
-        "RABBITMQ_NODENAME": name,
-        "RABBITMQ_NODE_PORT": str(amqp_port),
-        "RABBITMQ_DIST_PORT": str(dist_port),
-        "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
-        "RABBITMQ_LOG_BASE": str(base / "log"),
-        "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq.conf"),
-        "RABBITMQ_ADVANCED_CONFIG_FILE": str(base / "advanced.config"),
-        "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
-        "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
-        "ERL_EPMD_ADDRESS": "127.0.0.1",
-    }
+    env = node_environment(base, name, amqp_port, dist_port)
     return ClusterNode(name, amqp_port, base, env, server, ctl)
