@@ -50,7 +50,7 @@ async def _kill_and_restart(scenario: Scenario, points: list[str], workers: int 
         await scenario.wait_until_consuming(worker)
     await scenario.listen_for_outcomes()
     scenario.place_orders(over_s=10.0)
-    deadline = time.monotonic() + 900
+    deadline = time.monotonic() + 300
     while not await scenario.wait_until_all_ended(0.5):
         assert time.monotonic() < deadline, await scenario.diagnose()
         for index, worker in enumerate(running):

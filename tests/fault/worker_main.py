@@ -49,9 +49,10 @@ class _Countdown:
 def _after_port_call(countdown: _Countdown, kind: str | None) -> None:
     original = HandleStepCommand._call_port
 
-    async def call_port(self: HandleStepCommand, definition: Any, instance: Any, command: Any,
-                        message_id: str) -> Any:  # fmt: skip
-        finished = await original(self, definition, instance, command, message_id)
+    async def call_port(
+        self: HandleStepCommand, definition: Any, instance: Any, command: Any, *rest: Any
+    ) -> Any:
+        finished = await original(self, definition, instance, command, *rest)
         if kind is None or command.kind == kind:
             countdown.hit()
         return finished
