@@ -229,7 +229,9 @@ async def test_operator_mistakes_end_with_one_line_saying_what_to_do(
 async def test_a_database_that_is_missing_or_behind_is_named_in_one_line(
     unused_database_url: str, database_factory: Callable[[], Awaitable[str]], run_id: str
 ) -> None:
-    missing = await sagaworks("saga", "list", env=cli_env(unused_database_url, f"{run_id}.s."))
+    # A name of this test's own: other tests of the session may create `unused_database_url`.
+    never_created = unused_database_url.rsplit("/", 1)[0] + f"/sagaworks_{run_id}_never_created"
+    missing = await sagaworks("saga", "list", env=cli_env(never_created, f"{run_id}.s."))
     assert missing.code == 3
     assert len(missing.stderr.strip().splitlines()) == 1, missing.stderr
     empty = await database_factory()

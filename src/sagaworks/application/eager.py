@@ -88,6 +88,11 @@ class EagerSteps:
         """Steps whose port answered and whose result is being applied: not to be cancelled."""
         self._run: RunEagerStep | None = None
 
+    @property
+    def running(self) -> int:
+        """Eager steps taken and not finished yet, all ports together."""
+        return sum(self._running.values())
+
     def bind(self, run: RunEagerStep) -> None:
         """The use case that runs a step (it needs `ApplyInputs`, which needs this)."""
         self._run = run

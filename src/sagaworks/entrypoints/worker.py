@@ -97,9 +97,9 @@ class Worker:
         )
         self._background: list[asyncio.Task[None]] = []
         self.in_flight = 0
-        """Deliveries being handled now, for the heartbeat."""
+        """Deliveries being handled now; the heartbeat adds the eager steps running."""
         self.heartbeat = (
-            HeartbeatLoop(system, system.heartbeats, lambda: self.in_flight, self._broker_state)
+            HeartbeatLoop(system, system.heartbeats, self._work_in_flight, self._broker_state)
             if system.heartbeats is not None
             else None
         )
@@ -107,6 +107,10 @@ class Worker:
             (*system.transient_errors, AMQPError), settings.db_statement_timeout_s + CLIENT_GRACE_S
         )
         self._subscribe()
+
+    def _work_in_flight(self) -> int:
+        eager = self.system.eager
+        return self.in_flight + (eager.running if eager is not None else 0)
 
     def _broker_state(self) -> ServiceState:
         down_for_s = self.broker_watch.down_for_s
