@@ -312,6 +312,9 @@ class Scenario:
             "SAGAWORKS_PUBLISHERS": json.dumps(settings.publishers),
             "SAGAWORKS_LOG_FORMAT": "json",
             "SAGAWORKS_GRACE_PERIOD_S": "10",
+            # A worker killed between an eager step's commit and its mark leaves the row leased;
+            # a short lease lets the next worker's sweeper send it before the books are closed.
+            "SAGAWORKS_EAGER_LEASE_S": "3",
             "SAGAWORKS_DB_POOL_SIZE": "5",
             "ORDER_FULFILMENT_HTTP_INVENTORY_URL": self._participant_url("inventory"),
             "ORDER_FULFILMENT_HTTP_PAYMENTS_URL": self._participant_url("payments"),
@@ -526,6 +529,11 @@ class Scenario:
         while books.left_in_queues and time.monotonic() < deadline:
             await asyncio.sleep(1.0)
             books.left_in_queues = self._queue_depths()
+        unpublished = "SELECT count(*) FROM outbox WHERE published_at IS NULL"
+        while time.monotonic() < deadline:
+            if not await self.db.fetchval(unpublished):
+                break
+            await asyncio.sleep(1.0)
         for worker in self.workers:
             if worker.alive:
                 worker.stop()
