@@ -49,6 +49,7 @@ from sagaworks.adapters.postgres.notify import PostgresOutboxWakeUps
 from sagaworks.adapters.postgres.operator_store import PostgresOperatorStore
 from sagaworks.adapters.postgres.pool import ConnectionPool
 from sagaworks.adapters.postgres.read_models import PostgresReadModels
+from sagaworks.adapters.postgres.read_rollup import PostgresHistoryRollup
 from sagaworks.adapters.postgres.retention import PostgresRetention
 from sagaworks.adapters.postgres.saga_queries import PostgresSagaQueries
 from sagaworks.adapters.postgres.store import PostgresStore
@@ -105,6 +106,7 @@ from sagaworks.application.ports import (
     Store,
 )
 from sagaworks.application.published_marks import PublishedMarks
+from sagaworks.application.read_rollup import RollUpHistory
 from sagaworks.application.registry import SagaRegistry
 from sagaworks.application.results import Handled
 from sagaworks.application.retention import PruneDatabase, RetentionPolicy
@@ -223,6 +225,9 @@ class System:
     """Records breaker changes and announces them; None with a store handed in that is neither."""
     prune: PruneDatabase | None = None
     """Retention on the PostgreSQL store (the worker's schedule); None with a store handed in."""
+    roll_up: RollUpHistory | None = None
+    """Folds history into the dashboards' per-minute rows (the worker's schedule); None
+    without PostgreSQL."""
     heartbeats: HeartbeatLog | None = None
     """Where the worker beats (`worker_heartbeats`); None without PostgreSQL."""
     telemetry: EngineTelemetry | None = None
@@ -399,6 +404,7 @@ async def bootstrap(
         breakers=breakers,
         record_breaker_change=record_breaker_change,
         prune=None if engine is None else _prune(settings, engine, clock),
+        roll_up=None if engine is None else _roll_up(settings, engine),
         heartbeats=PostgresHeartbeats(engine) if engine is not None else None,
         telemetry=telemetry,
         eager=eager,
@@ -591,6 +597,12 @@ def retention_policy(settings: Settings) -> RetentionPolicy:
 
 def _prune(settings: Settings, engine: AsyncEngine, clock: Clock) -> PruneDatabase:
     return PruneDatabase(PostgresRetention(engine), clock, retention_policy(settings))
+
+
+def _roll_up(settings: Settings, engine: AsyncEngine) -> RollUpHistory:
+    return RollUpHistory(
+        PostgresHistoryRollup(engine), keep=timedelta(seconds=settings.read_rollup_keep_s)
+    )
 
 
 def _eager_steps(

@@ -285,6 +285,20 @@ class Settings(BaseSettings):
         le=60,
         description="Rest between two pruning batches, so the hot path always gets its turn.",
     )
+    read_rollup_interval_s: float = Field(
+        default=5.0,
+        ge=0,
+        le=300,
+        description="How often a worker folds new saga history into the per-minute rows the "
+        "dashboards read (one worker at a time cluster-wide); 0: never, and the dashboards' "
+        "history views read ever more raw history (docs/operations.md).",
+    )
+    read_rollup_keep_s: float = Field(
+        default=86400.0,
+        ge=3600,
+        description="How long the per-minute rows of the dashboards are kept (the views read "
+        "the last hour).",
+    )
     heartbeat_interval_s: float = Field(
         default=5.0,
         gt=0,

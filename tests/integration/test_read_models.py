@@ -24,7 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 from grafana_files import GrafanaQuery, alert_rules, panel_queries, rule_queries
-from read_model_world import DemoWorld, demo_world
+from read_model_world import DEMO_ORDERS, DemoWorld, demo_world, eventually
 from rich.console import Console
 
 from sagaworks.adapters.postgres.engine import create_engine
@@ -205,6 +205,27 @@ async def test_the_outcomes_panel_counts_the_demo_sagas(
         world.report.completed,
         world.report.compensated,
         world.report.needs_attention,
+    )
+
+
+async def test_the_worker_rolls_the_history_up_and_the_outcomes_stay_the_same(
+    readonly: asyncpg.Connection, world: DemoWorld
+) -> None:
+    """After the worker's rollup has taken in the demo's history, the panel reads the same."""
+    started = await readonly.fetchval("SELECT max(at) FROM saga_history WHERE kind = 'started'")
+
+    async def rolled_past_it() -> bool:
+        mark = await readonly.fetchval("SELECT rolled_up_to FROM read_rollup_state")
+        return bool(mark > started)
+
+    # History settles for 10 s before a rollup, which comes every 5 s.
+    await eventually(rolled_past_it, "the worker rolled up the demo's history", 45.0)
+    assert await readonly.fetchval("SELECT sum(started) FROM read_saga_minutes") >= DEMO_ORDERS
+    (query,) = [q for q in panel_queries() if q.title == "Outcomes (last hour)"]
+    _, (row,) = await run(readonly, query)
+    assert (row["completed"], row["compensated"]) == (
+        world.report.completed,
+        world.report.compensated,
     )
 
 

@@ -9,6 +9,7 @@ Use cases (each a class named for what it does, called with one input):
                             ArchiveDeadLetters, PurgeDeadLetters
     oversized.py            RejectOversized: a body over the limit, stored cut short, unparsed
     retention.py            PruneDatabase: delete what retention allows, in short batches
+    read_rollup.py          RollUpHistory: fold settled history into the dashboards' minutes
     circuit.py              RecordBreakerChange, and CircuitOpen: a call a breaker refused
     operator_actions.py     ActOnSaga: a person's action on one saga, through ApplyInputs' route
     operator_plans.py       MakeSagaPlan, MakeReplayPlan, ApplyPlan: bulk work, plan then apply

@@ -241,6 +241,8 @@ class Worker:
         ]
         if self.system.prune is not None and self.system.settings.prune_interval_s > 0:
             self._background.append(asyncio.create_task(self._prune(), name="retention"))
+        if self.system.roll_up is not None and self.system.settings.read_rollup_interval_s > 0:
+            self._background.append(asyncio.create_task(self._roll_up(), name="read-rollup"))
         if self.heartbeat is not None:
             self._background.append(asyncio.create_task(self.heartbeat.run(), name="heartbeat"))
         _log.info(
@@ -303,6 +305,20 @@ class Worker:
             pruned = await self._guard("pruning", prune.if_nobody_else(), None)
             if pruned and any(p.rows for p in pruned):
                 _log.info("pruned", **{p.what.value: p.rows for p in pruned})
+
+    async def _roll_up(self) -> None:
+        """The dashboards' per-minute rows: one worker of the cluster at a time (a row lock)."""
+        roll_up = self.system.roll_up
+        assert roll_up is not None
+        while True:
+            rolled = await self._guard("read rollup", roll_up(), None)
+            for skipped in (r.skipped for r in rolled or () if r.skipped):
+                _log.warning(
+                    "history left out of the dashboards' rollup: no worker rolled it up for "
+                    "longer than any view looks back",
+                    skipped_s=round(skipped.total_seconds()),
+                )
+            await asyncio.sleep(self.system.settings.read_rollup_interval_s)
 
     async def _guard(self, what: str, work: Awaitable[T], nothing: T) -> T:
         try:

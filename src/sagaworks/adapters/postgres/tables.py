@@ -52,6 +52,11 @@ __all__ = [
     "outbox",
     "parked_messages",
     "port_breakers",
+    "read_latency_minutes",
+    "read_rollup_state",
+    "read_saga_minutes",
+    "read_step_minutes",
+    "read_step_ports",
     "saga_history",
     "saga_instances",
     "timers",
@@ -378,6 +383,78 @@ worker_heartbeats = Table(
 upserted every heartbeat interval and deleted on a graceful stop; a row older than three
 intervals is a worker that is gone. `breakers`: port -> state; `queue_depths`: queue ->
 {messages, consumers} as the worker last saw them."""
+read_rollup_state = Table(
+    "read_rollup_state",
+    metadata,
+    Column("id", Integer, primary_key=True, server_default=text("1")),
+    _timestamp("rolled_up_to"),
+    _timestamp("rolled_at", nullable=True),
+    CheckConstraint("id = 1", name="one_row"),
+)
+"""The one row of the history rollup: history before `rolled_up_to` is counted in the
+`read_*_minutes` tables; the views add what came after it from `saga_history` itself."""
+
+read_saga_minutes = Table(
+    "read_saga_minutes",
+    metadata,
+    _timestamp("minute"),
+    Column("saga_type", Text, nullable=False),
+    *(
+        Column(name, BigInteger, nullable=False, server_default=text("0"))
+        for name in ("started", "completed", "compensated", "needs_attention", "steps_run")
+    ),
+    PrimaryKeyConstraint("minute", "saga_type"),
+)
+"""Sagas started and ended, and steps run, per minute and saga type (the history rollup)."""
+
+read_step_minutes = Table(
+    "read_step_minutes",
+    metadata,
+    _timestamp("minute"),
+    Column("saga_type", Text, nullable=False),
+    Column("step", Text, nullable=False),
+    *(
+        Column(name, BigInteger, nullable=False, server_default=text("0"))
+        for name in (
+            "calls",
+            "transient_failures",
+            "business_failures",
+            "retries_scheduled",
+            "needs_attention",
+        )
+    ),
+    PrimaryKeyConstraint("minute", "saga_type", "step"),
+)
+"""Port calls and their failures per minute and step (the history rollup)."""
+
+read_latency_minutes = Table(
+    "read_latency_minutes",
+    metadata,
+    _timestamp("minute"),
+    Column("saga_type", Text, nullable=False),
+    Column("step", Text, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("measure", Text, nullable=False),
+    Column("bucket", Integer, nullable=False),
+    Column("samples", BigInteger, nullable=False),
+    PrimaryKeyConstraint("minute", "saga_type", "step", "kind", "measure", "bucket"),
+    CheckConstraint("measure IN ('attempt', 'stay')", name="measure"),
+    CheckConstraint("bucket BETWEEN 0 AND 99", name="bucket"),
+)
+"""How long attempts took and steps were stayed in, per minute of their end, as a histogram:
+`bucket` 0 is under 1 ms, bucket b ≥ 1 is [1 ms × 1.25^(b-1), 1 ms × 1.25^b)."""
+
+read_step_ports = Table(
+    "read_step_ports",
+    metadata,
+    Column("saga_type", Text, nullable=False),
+    Column("step", Text, nullable=False),
+    Column("port", Text, nullable=False),
+    _timestamp("seen_at"),
+    PrimaryKeyConstraint("saga_type", "step"),
+)
+"""The port each step last called, as its history said (the history rollup)."""
+
 operator_audit = Table(
     "operator_audit",
     metadata,

@@ -2,8 +2,9 @@
 
 Grouped by role (messages in and out, the saga store, calls and time, dead
 letters, breaker changes, operators' reads of sagas, worker heartbeats,
-telemetry); import them from here. Adapters implement them, use cases see nothing
-else of the outside world. Operators' actions and plans have theirs in `operator.py`.
+telemetry, the read models' rollup); import them from here. Adapters
+implement them, use cases see nothing else of the outside world. Operators'
+actions and plans have theirs in `operator.py`.
 """
 
 from sagaworks.application.ports.breakers import BreakerChange, BreakerLog, BreakerState
@@ -28,6 +29,7 @@ from sagaworks.application.ports.messages import (
     decode_raw_fields,
     encode_raw_fields,
 )
+from sagaworks.application.ports.read_models import HistoryRollup, RolledUp, RollUp
 from sagaworks.application.ports.retention import Prunable, Retention
 from sagaworks.application.ports.saga_queries import (
     BreakerReading,
@@ -78,6 +80,7 @@ __all__ = [
     "FinishedSaga",
     "Heartbeat",
     "HeartbeatLog",
+    "HistoryRollup",
     "InboundMessage",
     "LockedSaga",
     "OutboxReading",
@@ -93,6 +96,8 @@ __all__ = [
     "Publisher",
     "QueueDepth",
     "Retention",
+    "RollUp",
+    "RolledUp",
     "SagaChange",
     "SagaClaim",
     "SagaDetail",
