@@ -165,10 +165,13 @@ class Settings(BaseSettings):
         "Keep it above a port's longest call with its immediate retries.",
     )
     delivery_limit: int = Field(
-        default=5,
+        default=20,
         ge=1,
         le=1_000,
-        description="Deliveries of one message before the broker dead-letters it.",
+        description="Returns of one message to its queue before the broker dead-letters it. "
+        "A worker that dies returns every delivery it held, so this is also how many crashes "
+        "in a row a healthy message outlives; changing it on an existing queue: "
+        "docs/topology.md.",
     )
     dead_letter_delivery_limit: int = Field(
         default=20,

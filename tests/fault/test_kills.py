@@ -77,20 +77,9 @@ async def test_a_worker_killed_at_each_point_in_turn_loses_and_repeats_nothing(
     report(books)
 
 
-CRASH_LOOP = pytest.mark.xfail(
-    reason="ten kills within seconds of each start return the prefetched deliveries ten "
-    "times: the quorum queue's delivery limit dead-letters healthy messages "
-    "(docs/recoverability.md, What it found)",
-    strict=False,
-)
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not LONG, reason="long variant: set SAGAWORKS_FAULT_LONG=1")
-@pytest.mark.parametrize(
-    "point",
-    [pytest.param(p, marks=CRASH_LOOP) if p == "dead_letter_ingest" else p for p in KILL_ON],
-)
+@pytest.mark.parametrize("point", list(KILL_ON))
 async def test_a_worker_killed_many_times_at_one_point_loses_and_repeats_nothing(
     scenario_factory: ScenarioFactory, point: str
 ) -> None:
