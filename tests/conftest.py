@@ -11,7 +11,10 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import sys
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
@@ -24,6 +27,66 @@ from sagaworks.bootstrap import own_user
 from sagaworks.settings import Settings
 
 BASE = Settings.load(secrets_dir=None)
+
+
+_UNTIMED_MARKERS = ("soak", "cluster", "fuzz")
+"""Opt-in runs that last as long as they are told to: no per-test limit (pyproject's `timeout`)."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    long_faults = os.environ.get("SAGAWORKS_FAULT_LONG") == "1"
+    for item in items:
+        if any(item.get_closest_marker(m) for m in _UNTIMED_MARKERS) or (
+            long_faults and item.get_closest_marker("fault")
+        ):
+            item.add_marker(pytest.mark.timeout(0))
+
+
+_SESSION_LOOP: list[asyncio.AbstractEventLoop] = []
+
+
+@pytest.fixture(autouse=True)
+async def _remember_the_loop() -> None:
+    """The session's event loop, for the report of a test that times out."""
+    _SESSION_LOOP[:] = [asyncio.get_running_loop()]
+
+
+def _write_tasks(item: pytest.Item) -> None:
+    """Where every task of the loop waits: the thread dump of a hung asyncio test shows
+    only the loop's `select()`."""
+    if not _SESSION_LOOP:
+        return
+    sys.stderr.write(f"\n--- asyncio tasks when {item.nodeid} timed out ---\n")
+    for task in asyncio.all_tasks(_SESSION_LOOP[0]):
+        sys.stderr.write(f"{task.get_name()}:\n")
+        awaiting: Any = task.get_coro()
+        while awaiting is not None:
+            frame = getattr(awaiting, "cr_frame", None) or getattr(awaiting, "ag_frame", None)
+            if frame is None:
+                break
+            sys.stderr.write(
+                f"  {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}\n"
+            )
+            awaiting = getattr(awaiting, "cr_await", None) or getattr(awaiting, "ag_await", None)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[object]:
+    marker = item.get_closest_marker("timeout")
+    limit = (
+        float(marker.args[0])
+        if marker and marker.args
+        else float(item.config.getini("timeout") or 0)
+    )
+    timer = threading.Timer(limit - 1.0, _write_tasks, (item,)) if limit > 1 else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
+    try:
+        return (yield)
+    finally:
+        if timer is not None:
+            timer.cancel()
 
 
 def _with_database(url: str, database: str) -> str:

@@ -81,7 +81,13 @@ class Settings(BaseSettings):
         "unset: left as it is.",
     )
     db_pool_size: int = Field(
-        default=10, ge=1, le=200, description="Pooled connections per worker."
+        default=10,
+        ge=1,
+        le=200,
+        description=(
+            "Pooled connections per worker. When all are in use, work waits for one for at "
+            "most the statement timeout plus the connect timeout, then is retried like an outage."
+        ),
     )
     db_pool_max_overflow: int = Field(
         default=5, ge=0, le=200, description="Extra connections allowed above the pool size."

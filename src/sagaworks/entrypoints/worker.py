@@ -58,6 +58,10 @@ _log = get_logger("sagaworks.worker")
 
 _OUTAGE_PATIENCE_S = 60.0
 
+_CANCEL_CONSUMER_S = 5.0
+"""How long stopping waits for the broker to confirm a `basic.cancel`; closing the channel
+cancels the consumer anyway."""
+
 T = TypeVar("T")
 
 
@@ -225,7 +229,8 @@ class Worker:
             if not isinstance(subscriber, RabbitSubscriber):
                 continue
             try:
-                await cancel_consumer(subscriber)
+                async with asyncio.timeout(_CANCEL_CONSUMER_S):
+                    await cancel_consumer(subscriber)
             except Exception as error:  # noqa: BLE001 - closing the channel cancels it too
                 _log.warning(
                     "could not cancel a consumer", queue=subscriber.queue.name, error=repr(error)

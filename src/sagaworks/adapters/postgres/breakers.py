@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import cast
 
-import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from sagaworks.adapters.postgres.engine import driver_connection
 from sagaworks.application.ports import BreakerChange, OutboxRow, PendingMessage
 
 __all__ = ["PostgresBreakerLog"]
@@ -35,21 +34,18 @@ class PostgresBreakerLog:
         self._engine = engine
 
     async def record(self, change: BreakerChange, event: PendingMessage) -> Sequence[OutboxRow]:
-        async with self._engine.connect() as conn:
-            raw = await conn.get_raw_connection()
-            driver = cast(asyncpg.Connection, raw.driver_connection)
-            async with driver.transaction():
-                await driver.execute(
-                    _UPSERT, change.port, change.worker, change.state, change.failures, change.at
-                )
-                row_id = await driver.fetchval(
-                    _OUTBOX,
-                    event.message_id,
-                    event.exchange,
-                    event.routing_key,
-                    json.dumps(event.headers),
-                    event.body,
-                )
+        async with driver_connection(self._engine) as driver, driver.transaction():
+            await driver.execute(
+                _UPSERT, change.port, change.worker, change.state, change.failures, change.at
+            )
+            row_id = await driver.fetchval(
+                _OUTBOX,
+                event.message_id,
+                event.exchange,
+                event.routing_key,
+                json.dumps(event.headers),
+                event.body,
+            )
         return [
             OutboxRow(
                 row_id,

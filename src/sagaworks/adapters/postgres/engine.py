@@ -10,6 +10,7 @@ import socket
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import cast
 
 import asyncpg
 from sqlalchemy import text
@@ -28,6 +29,7 @@ __all__ = [
     "create_engine",
     "create_engine_from_settings",
     "describe_connect_failure",
+    "driver_connection",
     "probe_database",
     "session_deadlines",
     "sqlstate",
@@ -221,6 +223,15 @@ async def connect(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
         yield conn
     finally:
         await conn.close()
+
+
+@asynccontextmanager
+async def driver_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:
+    """A pooled connection of `engine` as asyncpg's own: for listeners, advisory locks and
+    many-statement transactions that SQLAlchemy's layer only slows down."""
+    async with engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        yield cast(asyncpg.Connection, raw.driver_connection)
 
 
 async def probe_database(url: str, timeout_s: float) -> None:

@@ -6,11 +6,11 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, cast
+from typing import Any
 
-import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from sagaworks.adapters.postgres.engine import driver_connection
 from sagaworks.adapters.postgres.tables import OUTBOX_CHANNEL
 
 __all__ = ["PostgresOutboxWakeUps"]
@@ -41,9 +41,7 @@ class PostgresOutboxWakeUps:
         def on_notify(*_: Any) -> None:
             notified.event.set()
 
-        async with self._engine.connect() as conn:
-            raw = await conn.get_raw_connection()
-            pg = cast(asyncpg.Connection, raw.driver_connection)
+        async with driver_connection(self._engine) as pg:
             await pg.add_listener(OUTBOX_CHANNEL, on_notify)
             try:
                 yield notified

@@ -22,7 +22,17 @@ import asyncpg
 from sagaworks.adapters.postgres.deadlines import SessionDeadlines
 from sagaworks.adapters.postgres.dsn import parse_database_url
 
-__all__ = ["ConnectionPool"]
+__all__ = ["ConnectionPool", "NoFreeConnection"]
+
+_CLOSE_WAIT_S = 5.0
+"""How long closing waits for connections still checked out before it terminates them."""
+
+
+class NoFreeConnection(TimeoutError):
+    """Every connection of the pool stayed checked out for the whole wait.
+
+    A `TimeoutError`, so callers that wait out a database outage wait this out too.
+    """
 
 
 def _json_decoder(value: bytes) -> Any:
@@ -76,6 +86,8 @@ class ConnectionPool:
         self._deadlines = deadlines
         self._pool: asyncpg.Pool | None = None
         self._lock = asyncio.Lock()
+        self._out = 0
+        """Connections handed out and not yet back in the pool."""
 
     async def _open(self) -> asyncpg.Pool:
         async with self._lock:
@@ -104,11 +116,42 @@ class ConnectionPool:
 
     @asynccontextmanager
     async def acquire(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection, waited for no longer than a statement may run plus a connect.
+
+        The deadline is set only when every connection is out: asyncpg enforces it
+        with a task of its own per call, which the common case has no need to pay for.
+        """
         pool = self._pool or await self._open()
-        async with pool.acquire() as conn:
+        if self._out < self._size:
+            conn = await pool.acquire()
+        else:
+            wait_s = self._timeout + (
+                0.0 if self._deadlines is None else self._deadlines.command_timeout_s
+            )
+            try:
+                conn = await pool.acquire(timeout=wait_s)
+            except TimeoutError as error:
+                raise NoFreeConnection(
+                    f"no database connection came free within {wait_s:g} s: all {self._size} "
+                    "were in use (SAGAWORKS_DB_POOL_SIZE); the database is slow or the pool "
+                    "too small"
+                ) from error
+        self._out += 1
+        try:
             yield cast(asyncpg.Connection, conn)
+        finally:
+            try:
+                await pool.release(conn)
+            finally:
+                self._out -= 1
 
     async def close(self) -> None:
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            await pool.close()
+        """Close the connections; those still checked out after a short wait are terminated."""
+        if self._pool is None:
+            return
+        pool, self._pool = self._pool, None
+        try:
+            async with asyncio.timeout(_CLOSE_WAIT_S):
+                await pool.close()
+        except TimeoutError:
+            pool.terminate()

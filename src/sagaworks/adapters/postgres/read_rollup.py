@@ -11,14 +11,11 @@ functions the views use for their tail (migration 0013).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import timedelta
-from typing import cast
 
-import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from sagaworks.adapters.postgres.engine import driver_connection
 from sagaworks.application.ports import RolledUp, RollUp
 
 __all__ = ["OLDEST_WINDOW", "PostgresHistoryRollup"]
@@ -92,7 +89,7 @@ class PostgresHistoryRollup:
         self._engine = engine
 
     async def roll_up(self, step: RollUp) -> RolledUp | None:
-        async with self._driver() as conn, conn.transaction():
+        async with driver_connection(self._engine) as conn, conn.transaction():
             # Seconds of history a few times a minute: compiling a plan (JIT) never pays.
             await conn.execute("SET LOCAL jit = off")
             claim = await conn.fetchrow(_CLAIM, step.settle, step.span, OLDEST_WINDOW)
@@ -111,9 +108,3 @@ class PostgresHistoryRollup:
             caught_up=until >= claim["settled"],
             skipped=since - claim["mark"],
         )
-
-    @asynccontextmanager
-    async def _driver(self) -> AsyncIterator[asyncpg.Connection]:
-        async with self._engine.connect() as conn:
-            raw = await conn.get_raw_connection()
-            yield cast(asyncpg.Connection, raw.driver_connection)

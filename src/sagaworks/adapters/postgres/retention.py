@@ -16,11 +16,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import cast
 
-import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from sagaworks.adapters.postgres.engine import driver_connection
 from sagaworks.application.ports import Prunable
 
 __all__ = ["PRUNE_LOCK", "PostgresRetention"]
@@ -94,12 +93,12 @@ class PostgresRetention:
         self._engine = engine
 
     async def count(self, what: Prunable, before: datetime) -> int:
-        async with self._driver() as conn:
+        async with driver_connection(self._engine) as conn:
             found: int = await conn.fetchval(_COUNT[what], before)
         return found
 
     async def delete_batch(self, what: Prunable, before: datetime, limit: int) -> int:
-        async with self._driver() as conn, conn.transaction():
+        async with driver_connection(self._engine) as conn, conn.transaction():
             await conn.execute(
                 f"SET LOCAL lock_timeout = '{_LOCK_TIMEOUT}'; "
                 f"SET LOCAL statement_timeout = '{_STATEMENT_TIMEOUT}'"
@@ -109,16 +108,10 @@ class PostgresRetention:
 
     @asynccontextmanager
     async def exclusively(self) -> AsyncIterator[bool]:
-        async with self._driver() as conn:
+        async with driver_connection(self._engine) as conn:
             taken = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", *PRUNE_LOCK))
             try:
                 yield taken
             finally:
                 if taken:
                     await conn.execute("SELECT pg_advisory_unlock($1, $2)", *PRUNE_LOCK)
-
-    @asynccontextmanager
-    async def _driver(self) -> AsyncIterator[asyncpg.Connection]:
-        async with self._engine.connect() as conn:
-            raw = await conn.get_raw_connection()
-            yield cast(asyncpg.Connection, raw.driver_connection)

@@ -19,12 +19,13 @@ import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 from uuid import UUID
 
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from sagaworks.adapters.postgres.engine import driver_connection
 from sagaworks.adapters.postgres.pool import ConnectionPool
 from sagaworks.application.ports import (
     DeadLetter,
@@ -569,9 +570,8 @@ class PostgresStore:
             async with self._pool.acquire() as pooled:
                 yield pooled
             return
-        async with self._engine.connect() as conn:
-            raw = await conn.get_raw_connection()
-            yield cast(asyncpg.Connection, raw.driver_connection)
+        async with driver_connection(self._engine) as conn:
+            yield conn
 
     async def aclose(self) -> None:
         if self._pool is not None:
