@@ -26,12 +26,12 @@ The rollup starts an hour back, the longest window a view shows.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import sqlalchemy as sa
 from alembic import op
+
+from sagaworks.adapters.postgres.migrations.released import released_revision
 
 revision: str = "0013"
 down_revision: str | None = "0012"
@@ -381,12 +381,6 @@ def _replace_views(views: Mapping[str, str]) -> None:
 
 
 def _views_of_0009() -> Mapping[str, str]:
-    """The views as revision 0009 made them (a migration's text never changes once released)."""
-    path = Path(__file__).with_name("0009_read_models.py")
-    spec = importlib.util.spec_from_file_location("sagaworks_migration_0009", path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    views: Mapping[str, str] = module._VIEWS
+    """The views as revision 0009 made them."""
+    views: Mapping[str, str] = released_revision("0009_read_models.py")._VIEWS
     return views
