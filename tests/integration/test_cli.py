@@ -254,10 +254,15 @@ async def test_db_upgrade_creates_and_migrates_then_downgrade_empties(
     assert state.stdout.strip() == f"not migrated (behind; newest is {newest})"
 
 
-async def test_db_current_on_a_missing_database_is_one_line_and_exit_3(
-    missing_database_url: str, prefix: str
+@pytest.mark.parametrize(
+    "command",
+    [("db", "current"), ("dlq", "list"), ("dlq", "show", "1"), ("db", "prune", "--dry-run")],
+    ids=" ".join,
+)
+async def test_a_command_on_a_missing_database_is_one_line_and_exit_3(
+    missing_database_url: str, prefix: str, command: tuple[str, ...]
 ) -> None:
-    run = await sagaworks("db", "current", env=cli_env(missing_database_url, prefix))
+    run = await sagaworks(*command, env=cli_env(missing_database_url, prefix))
 
     assert run.code == 3
     assert "Traceback" not in run.stderr

@@ -237,9 +237,10 @@ class _Context:
 @asynccontextmanager
 async def _context(*, publisher: bool = False) -> AsyncIterator[_Context]:
     # Imported here, as in app.py, so that `sagaworks --help` stays quick.
-    from sagaworks.bootstrap import bootstrap_tools
+    from sagaworks.bootstrap import bootstrap_tools, preflight
 
     settings = _settings()
+    await preflight(settings)
     tools = await bootstrap_tools(settings, dead_letters=True, replay_publisher=publisher)
     try:
         assert tools.dead_letters is not None

@@ -33,9 +33,12 @@ def db_prune(
         bool, typer.Option("--json", help="The summary as one JSON object.")
     ] = False,
 ) -> None:
-    """Delete inbox rows, published outbox rows, finished sagas, settled dead letters and stale
-    breaker rows older than their retention, in short batches."""
-    from sagaworks.bootstrap import bootstrap_tools, retention_policy
+    """Delete rows older than their retention, in short batches.
+
+    Inbox rows, published outbox rows, finished sagas with their history, settled dead
+    letters and the breaker rows of workers long gone (docs/retention.md).
+    """
+    from sagaworks.bootstrap import bootstrap_tools, preflight, retention_policy
 
     settings = load_settings()
     configure_logging(settings.log_format, settings.log_level)
@@ -54,6 +57,7 @@ def db_prune(
             typer.echo(f"{pruned.what.value}: {pruned.rows} deleted so far", err=True)
 
     async def go() -> list[Pruned]:
+        await preflight(settings)
         with quiet_first_connect():
             tools = await bootstrap_tools(settings, prune=True)
         try:
