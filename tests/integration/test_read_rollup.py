@@ -10,18 +10,23 @@ exact ones within a bucket's width.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from typing import Any
 
 import asyncpg
 import pytest
+from engine_harness import EngineHarness
 from read_model_volume import top_up
+from structlog.testing import capture_logs
 
 from sagaworks.adapters.postgres.engine import create_engine
 from sagaworks.adapters.postgres.read_rollup import PostgresHistoryRollup
 from sagaworks.application.ports import RollUp
 from sagaworks.application.read_rollup import RollUpHistory
+from sagaworks.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -168,3 +173,36 @@ async def test_after_a_long_pause_only_what_the_views_read_is_rolled_up(
     rolled = await rollup.roll_up(ALL_SETTLED)
     assert rolled is not None
     assert timedelta(hours=22) < rolled.skipped < timedelta(hours=23)
+
+
+async def test_a_worker_back_after_hours_logs_the_history_it_left_out(
+    db: asyncpg.Connection,
+    migrated_database_url: str,
+    settings_factory: Callable[..., Settings],
+    run_id: str,
+) -> None:
+    await db.execute("UPDATE read_rollup_state SET rolled_up_to = now() - interval '3 hours'")
+    settings = settings_factory(
+        database_url=migrated_database_url,
+        exchange_prefix=f"{run_id}.{secrets.token_hex(3)}.",
+        read_rollup_interval_s=0.2,
+    )
+    harness = EngineHarness(settings, migrated_database_url)
+    await harness.open()
+    try:
+        with capture_logs() as logged:
+            await harness.start_worker()
+            deadline = time.monotonic() + 20
+            while not (left_out := [e for e in logged if e["event"].startswith("history left")]):
+                assert time.monotonic() < deadline, "no warning about the history left out"
+                await asyncio.sleep(0.1)
+    finally:
+        await harness.close()
+    (warning,) = left_out
+    assert warning["log_level"] == "warning"
+    assert "longer than any view looks back" in warning["event"]
+    # Three hours behind, the views look back 65 minutes: 115 minutes were left out.
+    assert 115 * 60 - 30 <= warning["skipped_s"] <= 115 * 60 + 30
+    assert await db.fetchval(
+        "SELECT rolled_up_to > now() - interval '1 minute' FROM read_rollup_state"
+    ), "and the rest was rolled up"
