@@ -85,7 +85,7 @@ from sagaworks.application.dead_letters import (
     QueueOwner,
     ReplayDeadLetters,
 )
-from sagaworks.application.eager import EagerSteps
+from sagaworks.application.eager import EagerSteps, leases
 from sagaworks.application.handle_event import HandleEvent
 from sagaworks.application.handle_step_command import HandleStepCommand
 from sagaworks.application.operator_actions import ActOnSaga
@@ -358,13 +358,14 @@ async def bootstrap(
     )
     telemetry = telemetry or telemetry_from_environment(worker_name())
     relay = OutboxRelay(store, publisher, marks=PublishedMarks(store), telemetry=telemetry)
+    port_policies = {**declared_policies(ports), **(policies or {})}
     if caller is None:
-        caller = ResilientCaller({**declared_policies(ports), **(policies or {})})
+        caller = ResilientCaller(port_policies)
     breakers = caller.breakers if isinstance(caller, ResilientCaller) else None
     if breakers is not None:
         telemetry.watch_breakers(registry.ports())
         breakers.listen(telemetry.breaker_changed)
-    eager = _eager_steps(settings, relay, breakers)
+    eager = _eager_steps(settings, relay, breakers, port_policies)
     apply = ApplyInputs(store, relay, clock, options, wire, telemetry, eager)
     record_breaker_change = None
     if breaker_log is not None:
@@ -606,16 +607,25 @@ def _roll_up(settings: Settings, engine: AsyncEngine) -> RollUpHistory:
 
 
 def _eager_steps(
-    settings: Settings, relay: OutboxRelay, breakers: PortBreakers | None
+    settings: Settings,
+    relay: OutboxRelay,
+    breakers: PortBreakers | None,
+    policies: Mapping[str, PortPolicy],
 ) -> EagerSteps | None:
-    """Eager steps as the settings say; a port runs eagerly only while its breaker is closed."""
+    """Eager steps as the settings say; a port runs eagerly only while its breaker is closed.
+
+    Unless `SAGAWORKS_EAGER_LEASE_S` says otherwise, a step's lease outlasts its port's
+    longest delivery plus a commit (a statement's deadline).
+    """
     if not settings.eager_steps:
         return None
     prefix = settings.exchange_prefix
     return EagerSteps(
         relay,
         per_port=settings.eager_steps_per_port,
-        lease_s=settings.eager_lease_s,
+        lease_for=leases(
+            policies, fixed_s=settings.eager_lease_s, commit_s=settings.db_statement_timeout_s
+        ),
         breaker_closed=lambda port: breakers is None or breakers[port].state == "closed",
         queue_for=lambda port: port_queue_name(prefix, port),
     )

@@ -162,13 +162,15 @@ class Settings(BaseSettings):
         description="Eager steps of one port running at once in a worker; further commands go "
         "through the port's queue, where any worker can take them.",
     )
-    eager_lease_s: float = Field(
-        default=30.0,
+    eager_lease_s: float | None = Field(
+        default=None,
         gt=0,
         le=3_600,
         description="How long an eager step's command stays unpublished: if its result has not "
         "committed by then (the worker died), the outbox sweeper sends it to the port's queue. "
-        "Keep it above a port's longest call with its immediate retries.",
+        "Unset: per port, its longest delivery (every immediate attempt to its call deadline) "
+        "plus the statement timeout, and at least 30 s. Set, it applies to every port as it "
+        "is: keep it above each port's longest delivery, or a slow call runs a second time.",
     )
     delivery_limit: int = Field(
         default=20,

@@ -133,6 +133,36 @@ async def test_every_step_of_a_saga_runs_eagerly_and_no_command_crosses_the_brok
     await assert_settled(harness, saga)  # each leased row marked once its result committed
 
 
+async def test_a_slow_port_leases_its_eager_steps_past_its_longest_delivery(
+    harness_factory: HarnessFactory,
+) -> None:
+    """Three attempts of up to 20 s and a second between: leased for 62 s plus a commit."""
+    harness = await harness_factory()
+    assert harness.settings.eager_lease_s is None, "the lease comes from each port's policy"
+    slow = PortPolicy(call_timeout_s=20.0, immediate_attempts=3, immediate_wait_max_s=1.0)
+    await harness.start_worker(policies={"shipping": slow})
+    oid = "o-slow-lease"
+    dispatch_after_booking(harness, oid)
+    await place(harness, placed(oid))
+    await harness.wait_for_status(oid, "completed")
+
+    leased_s = {
+        step: float(
+            await harness.db.fetchval(
+                "SELECT extract(epoch FROM lease_until - created_at) FROM outbox "
+                "WHERE message_id = $1",
+                row["message_id"],
+            )
+        )
+        for step, row in (await command_rows(harness, oid)).items()
+    }
+    commit_s = harness.settings.db_statement_timeout_s
+    assert leased_s["book_shipment"] == pytest.approx(62.0 + commit_s)
+    others = {step: s for step, s in leased_s.items() if step != "book_shipment"}
+    assert others, "the other ports ran eagerly too"
+    assert all(30.0 <= s < 62.0 for s in others.values()), others
+
+
 async def test_with_eager_steps_off_every_command_goes_through_its_queue(
     harness_factory: HarnessFactory,
 ) -> None:

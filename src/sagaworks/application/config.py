@@ -71,6 +71,15 @@ class PortPolicy:
                 "delayed_retries >= 0, breaker_failures >= 1 and breaker_reset_s > 0"
             )
 
+    @property
+    def longest_delivery_s(self) -> float:
+        """The longest one delivery's calls can take: every immediate attempt running to its
+        deadline, with the longest wait between them."""
+        return (
+            self.immediate_attempts * self.call_timeout_s
+            + (self.immediate_attempts - 1) * self.immediate_wait_max_s
+        )
+
     def next_retry_at(self, attempt: int, now: datetime, rng: Random) -> datetime | None:
         """Capped exponential backoff, jittered within [half, all] of it; None once spent.
 

@@ -23,18 +23,22 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from sagaworks.application.circuit import CircuitOpen
+from sagaworks.application.config import PortPolicy
 from sagaworks.application.outbox import OutboxRelay
 from sagaworks.application.ports import OutboxRow, SagaChange
 from sagaworks.domain.decide import Decision, RunStep
 from sagaworks.domain.definition import SagaDefinition
 from sagaworks.domain.instance import SagaInstance
 
-__all__ = ["EagerStep", "EagerSteps"]
+__all__ = ["LEASE_FLOOR_S", "EagerStep", "EagerSteps", "leases"]
+
+LEASE_FLOOR_S = 30.0
+"""The shortest lease a port's eager steps get when no fixed lease is configured."""
 
 _log = logging.getLogger("sagaworks.eager")
 
@@ -53,6 +57,25 @@ class EagerStep:
     """The port's queue, where the command would have gone (and goes, if this run fails)."""
 
 
+def leases(
+    policies: Mapping[str, PortPolicy], *, fixed_s: float | None, commit_s: float
+) -> Callable[[str], float]:
+    """Each port's lease: `fixed_s` when given, else the port's longest delivery plus
+    `commit_s` (applying the result), and never under `LEASE_FLOOR_S`.
+
+    A lease that runs out while the call is still going sends the command to the
+    queue, and the step runs a second time: harmless, but a wasted call.
+    """
+
+    def lease_for(port: str) -> float:
+        if fixed_s is not None:
+            return fixed_s
+        longest = policies.get(port, PortPolicy()).longest_delivery_s
+        return max(LEASE_FLOOR_S, longest + commit_s)
+
+    return lease_for
+
+
 Commit = Callable[[], Awaitable[object]]
 """Applies a step's result (lock, inbox, decide, commit): a transaction, never cancelled."""
 
@@ -68,17 +91,17 @@ class EagerSteps:
         relay: OutboxRelay,
         *,
         per_port: int,
-        lease_s: float,
+        lease_for: Callable[[str], float],
         breaker_closed: Callable[[str], bool],
         queue_for: Callable[[str], str],
     ) -> None:
-        if per_port < 1 or lease_s <= 0:
-            raise ValueError(
-                f"eager steps need per_port ≥ 1 and lease_s > 0, got {per_port} and {lease_s}"
-            )
+        """`lease_for(port)`: seconds a step of `port` keeps its command unpublished; longer
+        than its call can take, or the queue would run it a second time meanwhile."""
+        if per_port < 1:
+            raise ValueError(f"eager steps need per_port ≥ 1, got {per_port}")
         self._relay = relay
         self._per_port = per_port
-        self._lease_s = lease_s
+        self._lease_for = lease_for
         self._breaker_closed = breaker_closed
         self._queue_for = queue_for
         self._served: frozenset[str] = frozenset()
@@ -120,7 +143,7 @@ class EagerSteps:
             command = outgoing.body
             if not isinstance(command, RunStep) or not self._take(command.port):
                 continue
-            outbox[i] = replace(pending, lease_s=self._lease_s)
+            outbox[i] = replace(pending, lease_s=self._lease_for(command.port))
             steps.append(
                 EagerStep(
                     definition,
