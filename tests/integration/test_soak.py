@@ -5,10 +5,11 @@ private PostgreSQL cluster with the stock configuration (autovacuum on: the
 shared test cluster runs without it, and table sizes mean nothing there). A
 `sagaworks worker` subprocess (simulated participants, scheduled pruning with
 retention scaled down to minutes so the steady state arrives early) serves
-orders this process publishes at `SAGAWORKS_SOAK_RATE` orders/s (default 20: about half
-of what one worker sustains with pruning and autovacuum on a two-core machine, see
-docs/retention.md; the warehouse's events are sent on a clock, not on the saga's
-commands, so a rate near capacity tips into parking them, which costs more). Every minute it samples
+orders this process publishes at `SAGAWORKS_SOAK_RATE` orders/s (default 20, well within
+what one worker sustains with pruning and autovacuum on the slowest two-core machine
+measured; docs/retention.md says how to soak at half of `sagaworks bench` instead; the
+warehouse's events are sent on a clock, not on the saga's commands, so a rate near
+capacity tips into parking them, which costs more). Every minute it samples
 table sizes and row counts, the steps and sagas ended in that minute, and
 the step latency percentiles from the history; the samples go to
 `SAGAWORKS_SOAK_REPORT` (JSON, default under the test's tmp dir) and are
