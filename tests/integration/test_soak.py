@@ -7,14 +7,15 @@ shared test cluster runs without it, and table sizes mean nothing there). A
 retention scaled down to minutes so the steady state arrives early) serves
 orders this process publishes at `SAGAWORKS_SOAK_RATE` orders/s (default 20, well within
 what one worker sustains with pruning and autovacuum on the slowest two-core machine
-measured; docs/retention.md says how to soak at half of `sagaworks bench` instead; the
-warehouse's events are sent on a clock, not on the saga's commands, so a rate near
-capacity tips into parking them, which costs more). Every minute it samples
-table sizes and row counts, the steps and sagas ended in that minute, and
-the step latency percentiles from the history; the samples go to
-`SAGAWORKS_SOAK_REPORT` (JSON, default under the test's tmp dir) and are
-printed as a table, with the slowest dashboard query over the history at
-that minute. At the end, the second half's table sizes must not
+measured; docs/retention.md says how to soak at half of `sagaworks bench` instead).
+As in the demo, the warehouse answers bookings: it sends what the order's plan says
+once the saga has started booking its shipment (read from the history), so its
+events arrive before their saga is ready only where the mix means them to.
+Every minute, without holding up the orders, it samples table sizes and row counts,
+the steps and sagas ended in that minute, and the step latency percentiles from
+the history; the samples go to `SAGAWORKS_SOAK_REPORT` (JSON, default under the
+test's tmp dir) and are printed as a table, with the slowest dashboard query over
+the history at that minute. At the end, the second half's table sizes must not
 have grown past the first half's by more than the slack below, and every
 saga older than a minute must have ended.
 """
@@ -34,6 +35,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from uuid import UUID
 
 import aio_pika
 import asyncpg
@@ -42,10 +44,12 @@ from broker_tools import USER, delete_prefixed
 from private_services import POSTGRES_BIN_DIRS, _binary, _run, free_port
 from worker_processes import Spawn, WorkerProcess, worker_env
 
-from sagas.order_fulfilment.simulation.order_mix import OrderPlan, Send, plan_orders
-from sagas.order_fulfilment.simulation.shop import publish
+from sagas.order_fulfilment.saga import order_fulfilment
+from sagas.order_fulfilment.simulation.order_mix import OrderPlan, plan_orders
+from sagas.order_fulfilment.simulation.shop import Warehouse, publish
 from sagaworks.adapters.postgres.migrations_runner import upgrade
 from sagaworks.adapters.rabbitmq.topology import exchange_name, saga_queue_name
+from sagaworks.domain.instance import saga_id_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.soak]
 
@@ -66,8 +70,10 @@ RETENTION = {
     "SAGAWORKS_PRUNE_INTERVAL_S": "30",
 }
 """Retention in minutes instead of days: the steady state arrives within the first ten minutes."""
-WAREHOUSE_DELAY_S = 0.5
-"""The warehouse answers a booking after this (plus the mix's own delay)."""
+BOOKINGS_POLL_S = 0.1
+"""How often the warehouse looks in the history for sagas that started booking a shipment."""
+BOOKINGS_LOOKBACK = 5000
+"""History ids are drawn before their transactions commit: each look starts this many back."""
 WARM_UP_MINUTES = 5
 """Samples before the steady state: retention (2 min) plus a prune interval, with margin."""
 GROWTH_SLACK = 1.25
@@ -75,6 +81,11 @@ GROWTH_SLACK = 1.25
 
 DASHBOARD_VIEWS = ("throughput_per_minute", "step_latency", "port_activity")
 """The read models over the saga history: the ones whose cost could grow with traffic."""
+
+_BOOKINGS = """
+SELECT id, saga_id FROM saga_history
+WHERE id > $1 AND kind = 'step_started' AND step = 'book_shipment'
+"""
 
 _STEP_LATENCY = """
 WITH done AS (
@@ -172,16 +183,11 @@ async def sample(
     )
 
 
-def _sends(plan: OrderPlan) -> list[Send]:
-    """The order service's messages and, a while later, the warehouse's: one sender, in time."""
-    later = [Send(WAREHOUSE_DELAY_S + s.delay_s, s.message, s.message_id) for s in plan.warehouse]
-    return [*plan.order_service, *later]
-
-
 async def _send_plan(
     exchange_for: Callable[[str], Awaitable[aio_pika.abc.AbstractExchange]], plan: OrderPlan
 ) -> None:
-    for send in sorted(_sends(plan), key=lambda s: s.delay_s):
+    """The order service's messages, one after the other, as the demo sends them."""
+    for send in plan.order_service:
         await asyncio.sleep(send.delay_s)
         exchange = await exchange_for(send.message.domain)
         await publish(
@@ -192,6 +198,53 @@ async def _send_plan(
             user_id=USER,
             correlation_id=plan.order_id,
         )
+
+
+async def answer_bookings(
+    database_url: str, waiting: dict[UUID, str], warehouse: Warehouse, done: asyncio.Event
+) -> None:
+    """Tells the warehouse of each order whose saga started booking its shipment, once.
+
+    The worker's simulated shipping participant runs in its own process; the
+    step's `step_started` row is this process's sign that it books now.
+    """
+    db = await asyncpg.connect(database_url)
+    try:
+        seen = 0
+        while not done.is_set():
+            for row in await db.fetch(_BOOKINGS, seen - BOOKINGS_LOOKBACK):
+                seen = max(seen, row["id"])
+                if (order_id := waiting.pop(row["saga_id"], None)) is not None:
+                    warehouse.on_booked(order_id, f"shp-{order_id}")
+            await asyncio.sleep(BOOKINGS_POLL_S)
+    finally:
+        await db.close()
+
+
+async def take_samples(
+    database_url: str,
+    minutes: float,
+    started: float,
+    sent: Callable[[], int],
+    report: Path,
+    worker: WorkerProcess,
+) -> list[Sample]:
+    """A sample at the end of each whole minute, on its own connection: orders go on meanwhile."""
+    db = await asyncpg.connect(database_url)
+    samples: list[Sample] = []
+    try:
+        window_start = datetime.now(UTC)
+        for minute in range(1, int(minutes) + 1):
+            await asyncio.sleep(max(0.0, started + 60 * minute - time.monotonic()))
+            now = datetime.now(UTC)
+            samples.append(await sample(db, minute, window_start, now, sent()))
+            print(print_table(samples[-1:]), flush=True)
+            window_start = now
+            _write(report, samples)
+            assert worker.returncode is None, worker.output()
+    finally:
+        await db.close()
+    return samples
 
 
 def _write(report: Path, samples: list[Sample]) -> None:
@@ -267,12 +320,26 @@ async def _soak(
             assert time.monotonic() < deadline, "the worker did not declare its topology"
             await asyncio.sleep(0.5)
 
-    samples: list[Sample] = []
     pending: set[asyncio.Task[None]] = set()
+    waiting: dict[UUID, str] = {}  # saga id → order id, where the warehouse awaits the booking
+    answered: dict[str, OrderPlan] = {}
+    warehouse = Warehouse(
+        channel,
+        lambda domain: exchange_name(prefix, domain),
+        lambda order_id, _shipment: [
+            (s.delay_s, s.message, s.message_id) for s in answered.pop(order_id).warehouse
+        ],
+        USER,
+    )
+    no_more_bookings = asyncio.Event()
+    bookings = asyncio.create_task(
+        answer_bookings(database_url, waiting, warehouse, no_more_bookings)
+    )
     sent = 0
     started = time.monotonic()
-    window_start = datetime.now(UTC)
-    next_sample = started + 60
+    sampler = asyncio.create_task(
+        take_samples(database_url, minutes, started, lambda: sent, report, worker)
+    )
     tick = 0.1
     batch = 0
     plans: list[OrderPlan] = []
@@ -283,28 +350,35 @@ async def _soak(
                 if not plans:
                     plans = plan_orders(1000, f"{run_id}-{batch}", datetime.now(UTC), seed=batch)
                     batch += 1
-                task = asyncio.create_task(_send_plan(exchange_for, plans.pop()))
+                plan = plans.pop()
+                if plan.warehouse:
+                    waiting[saga_id_for(order_fulfilment.name, plan.order_id)] = plan.order_id
+                    answered[plan.order_id] = plan
+                task = asyncio.create_task(_send_plan(exchange_for, plan))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
                 sent += 1
-            if time.monotonic() >= next_sample:
-                now = datetime.now(UTC)
-                samples.append(await sample(db, len(samples) + 1, window_start, now, sent))
-                print(print_table(samples[-1:]), flush=True)
-                window_start, next_sample = now, next_sample + 60
-                _write(report, samples)
-                assert worker.returncode is None, worker.output()
+            for helper in (sampler, bookings):
+                if helper.done():
+                    helper.result()  # raises what stopped it
             await asyncio.sleep(tick)
+        samples = await sampler
         await asyncio.gather(*pending)
         await asyncio.sleep(30)
+        no_more_bookings.set()
+        await bookings
         stuck = await db.fetchval(
             "SELECT count(*) FROM saga_instances WHERE status NOT IN "
             "('completed', 'compensated') AND created_at < now() - interval '60 seconds'"
         )
         async with broker.channel() as probe:
-            waiting = (await probe.declare_queue(queue, passive=True)).declaration_result
-        unread = waiting.message_count
+            waiting_in_queue = (await probe.declare_queue(queue, passive=True)).declaration_result
+        unread = waiting_in_queue.message_count
     finally:
+        for helper in (sampler, bookings):
+            helper.cancel()
+        await asyncio.gather(sampler, bookings, return_exceptions=True)
+        await warehouse.stop()
         await db.close()
         await channel.close()
         await worker.stop(signal.SIGTERM, 30)
