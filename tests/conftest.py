@@ -9,6 +9,7 @@ removes them afterwards, so runs never see each other's data.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
 import sys
@@ -20,9 +21,11 @@ from urllib.parse import urlsplit, urlunsplit
 import aio_pika
 import asyncpg
 import pytest
+import structlog
 from aio_pika.abc import AbstractRobustConnection
 
 from sagas.order_fulfilment.simulation.shop import simulated_publishers
+from sagaworks.adapters.observability.logging import clear_message_context
 from sagaworks.bootstrap import own_user
 from sagaworks.settings import Settings
 
@@ -40,6 +43,42 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             long_faults and item.get_closest_marker("fault")
         ):
             item.add_marker(pytest.mark.timeout(0))
+
+
+_LOGGERS = ("faststream", "aio_pika", "aiormq", "asyncio", "sqlalchemy", "alembic", "asyncpg")
+"""The libraries whose loggers `configure_logging` sets."""
+
+
+def _pytests(handler: logging.Handler) -> bool:
+    return type(handler).__module__.startswith("_pytest")
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """Put back the process' logging after each test.
+
+    A command run in-process configures logging process-wide, on a stream that
+    is closed after the test; left in place, every later log line fails to write.
+    pytest's own handlers change from phase to phase and are left as they are.
+    """
+    root = logging.getLogger()
+    handlers, level = [h for h in root.handlers if not _pytests(h)], root.level
+    libraries = {
+        name: (logger.level, logger.propagate, logger.handlers[:])
+        for name in _LOGGERS
+        for logger in (logging.getLogger(name),)
+    }
+    config = structlog.get_config()
+    yield
+    clear_message_context()
+    root.handlers[:] = handlers + [h for h in root.handlers if _pytests(h)]
+    root.setLevel(level)
+    for name, (saved, propagate, saved_handlers) in libraries.items():
+        logger = logging.getLogger(name)
+        logger.setLevel(saved)
+        logger.propagate = propagate
+        logger.handlers[:] = saved_handlers
+    structlog.configure(**config)
 
 
 _SESSION_LOOP: list[asyncio.AbstractEventLoop] = []

@@ -14,7 +14,9 @@ proves, for every generated delivery, that:
 - at the end no queue holds a message or an unacknowledged delivery, the
   unstorable queue included;
 
-and that every valid order completed, and the process' memory stayed bounded.
+and that every valid order completed and its outcome event was published, the
+worker kept its broker connections throughout (a loss is named with its
+cause), and the process' memory stayed bounded.
 
 The small run (`SMALL` deliveries) runs with the suite; the large one is
 marked `fuzz` and runs only when `SAGAWORKS_FUZZ_DELIVERIES` says how many:
@@ -29,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import random
 import time
@@ -59,6 +62,9 @@ RSS_GROWTH_BOUND = 512 * 1024 * 1024
 """How much the worker's process may grow over the run: generous, a leak goes far past it."""
 PROCESSED = {"applied", "parked", "ignored", "duplicate", "stale"}
 """A use case's outcomes for a delivery it took (anything but a dead letter or a crash)."""
+OUTCOME_WAIT_S = 30.0
+"""How long a completed order's outcome event may take to arrive: past a lost connection's
+reconnection (5 s apart) and the sweeper's next pass (1 s), so the loss is what fails."""
 
 
 @pytest.fixture
@@ -90,19 +96,21 @@ def fuzz_seed(request: pytest.FixtureRequest) -> int:
     return int(given) if given is not None else random.randrange(2**32)
 
 
-async def test_generated_deliveries_hold_the_line(harness: EngineHarness, fuzz_seed: int) -> None:
-    await _hold_the_line(harness, SMALL, fuzz_seed)
+async def test_generated_deliveries_hold_the_line(
+    harness: EngineHarness, fuzz_seed: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    await _hold_the_line(harness, SMALL, fuzz_seed, caplog)
 
 
 @pytest.mark.fuzz
 @pytest.mark.slow
 async def test_thousands_of_generated_deliveries_hold_the_line(
-    harness: EngineHarness, fuzz_seed: int
+    harness: EngineHarness, fuzz_seed: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     count = os.environ.get("SAGAWORKS_FUZZ_DELIVERIES")
     if not count:
         pytest.skip("the large fuzz run: set SAGAWORKS_FUZZ_DELIVERIES (e.g. 3000) to run it")
-    await _hold_the_line(harness, int(count), fuzz_seed)
+    await _hold_the_line(harness, int(count), fuzz_seed, caplog)
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -147,7 +155,10 @@ async def _sampling(every_s: float = 0.1) -> AsyncIterator[Memory]:
         memory.samples.append(process.memory_info().rss)
 
 
-async def _hold_the_line(harness: EngineHarness, count: int, seed: int) -> None:
+async def _hold_the_line(
+    harness: EngineHarness, count: int, seed: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="sagaworks.broker")
     max_bytes = harness.settings.max_message_bytes
     deliveries = drawn(count, seed, max_bytes)
     assert len(deliveries) == count, f"hypothesis generated {len(deliveries)} of {count}"
@@ -194,15 +205,27 @@ async def _hold_the_line(harness: EngineHarness, count: int, seed: int) -> None:
     failures = _compare(harness, expected, described, _by_seq(harness.handled))
     failures += await _compare_letters(harness, expected)
     errors = [h for h in harness.handled if h.error is not None]
+    losses = _broker_losses(caplog)
     figures = _figures(count, expected, published_s, settled_s, memory, len(valid))
-    print(f"\nfuzz figures (seed {seed}): {json.dumps(figures)}")
+    print(f"\nfuzz figures (seed {seed}): {json.dumps(figures | {'broker_losses': losses})}")
     assert not errors, f"seed {seed}: handlers crashed: {errors[:5]}"
     assert not failures, f"seed {seed}, {len(failures)} deliveries wrong:\n" + "\n".join(
         failures[:20]
     )
     assert by_seq.keys() == expected.keys()
     assert memory.peak - memory.start < RSS_GROWTH_BOUND, figures
-    assert {f"{o.body['order_id']}" for o in harness.outcomes} >= set(valid)
+    for order_id in valid:
+        await harness.wait_for_outcome(order_id, timeout_s=OUTCOME_WAIT_S)
+    assert not losses, f"seed {seed}: the worker lost its broker connections: {losses}"
+
+
+def _broker_losses(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Each loss of a worker's broker connection during the run: which one, and why."""
+    return [
+        f"{getattr(r, 'connection', '?')}: {r.cause}"
+        for r in caplog.records
+        if r.name == "sagaworks.broker" and hasattr(r, "cause")
+    ]
 
 
 def _port_bindings(harness: EngineHarness) -> list[Binding]:

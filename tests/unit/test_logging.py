@@ -5,12 +5,10 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
 import pytest
-import structlog
 
 from sagaworks.adapters.observability.logging import (
     bind_message_context,
@@ -30,25 +28,6 @@ class TerminalStream(io.StringIO):
 
     def isatty(self) -> bool:
         return True
-
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """configure_logging changes process-wide state; put it back after each test."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    levels = {
-        name: logging.getLogger(name).level
-        for name in ("aio_pika", "aiormq", "asyncio", "sqlalchemy.engine", "alembic", "faststream")
-    }
-    config = structlog.get_config()
-    yield
-    clear_message_context()
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    for name, saved in levels.items():
-        logging.getLogger(name).setLevel(saved)
-    structlog.configure(**config)
 
 
 def json_lines(stream: io.StringIO) -> list[dict[str, Any]]:

@@ -7,7 +7,8 @@ consumers' connection is not lost; `sagaworks health` reads it.
 What it reports: the sagas and ports it runs, deliveries in flight, its breakers'
 states and its queues' depths as the broker last told it (a passive declaration
 per queue, which needs no configure permission). A beat that fails is logged
-and the next one tries again; a failed depth reading keeps the last depths seen.
+and the next one tries again; a failed or late depth reading keeps the last
+depths seen, and a late one is left to finish for the next beat (`depths.py`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 
 from sagaworks.adapters.observability.logging import get_logger
-from sagaworks.adapters.rabbitmq.depths import queue_depths
+from sagaworks.adapters.rabbitmq.depths import QueueDepthReader
 from sagaworks.application.ports import Heartbeat, HeartbeatLog, QueueDepth
 from sagaworks.bootstrap import System
 from sagaworks.entrypoints.health import HealthReport, ServiceState, write_report
@@ -63,24 +64,32 @@ class HeartbeatLoop:
         self._started_at = datetime.now(UTC)
         self._queues = [route.queue for route in system.routes()]
         self._depths: Mapping[str, QueueDepth] = {}
+        self._depth_reader: QueueDepthReader | None = None
 
     async def run(self) -> None:
         """Beat every `SAGAWORKS_HEARTBEAT_INTERVAL_S` until cancelled."""
         interval = self._system.settings.heartbeat_interval_s
-        while True:
-            try:
-                await self.beat_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:  # noqa: BLE001 - a missed beat must not stop the worker
-                cause = f"{type(error).__name__}: {error}"
-                _log.warning("heartbeat failed; will retry", error=cause)
-                if self._database.up:
-                    self._database = ServiceState(up=False, down_since=time.time(), cause=cause)
-            else:
-                self._database = ServiceState(up=True)
-            self._write_health(interval)
-            await asyncio.sleep(interval)
+        try:
+            while True:
+                await self._beat_and_report(interval)
+                await asyncio.sleep(interval)
+        finally:
+            if self._depth_reader is not None:
+                await self._depth_reader.close()
+
+    async def _beat_and_report(self, interval: float) -> None:
+        try:
+            await self.beat_once()
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 - a missed beat must not stop the worker
+            cause = f"{type(error).__name__}: {error}"
+            _log.warning("heartbeat failed; will retry", error=cause)
+            if self._database.up:
+                self._database = ServiceState(up=False, down_since=time.time(), cause=cause)
+        else:
+            self._database = ServiceState(up=True)
+        self._write_health(interval)
 
     def _write_health(self, interval: float) -> None:
         report = HealthReport(
@@ -131,8 +140,9 @@ class HeartbeatLoop:
         connection = self._system.connection
         if connection is None:
             return
+        if self._depth_reader is None:
+            self._depth_reader = QueueDepthReader(connection, self._queues)
         try:
-            async with asyncio.timeout(_DEPTHS_DEADLINE_S):
-                self._depths = await queue_depths(connection, self._queues)
+            self._depths = await self._depth_reader.read(_DEPTHS_DEADLINE_S)
         except Exception as error:  # noqa: BLE001 - the last depths seen are reported instead
             _log.warning("queue depths not read", error=f"{type(error).__name__}: {error}")

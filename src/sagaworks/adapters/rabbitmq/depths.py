@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+from collections.abc import Iterable, Mapping
 
 import aio_pika
 from aio_pika.abc import AbstractConnection
@@ -10,7 +11,7 @@ from aio_pika.exceptions import ChannelNotFoundEntity
 
 from sagaworks.application.ports import QueueDepth
 
-__all__ = ["queue_depths"]
+__all__ = ["QueueDepthReader", "queue_depths"]
 
 
 async def queue_depths(
@@ -34,3 +35,45 @@ async def queue_depths(
                 result = queue.declaration_result
                 depths[name] = QueueDepth(result.message_count or 0, result.consumer_count or 0)
     return depths
+
+
+class QueueDepthReader:
+    """One reading of the depths at a time, in the background, never cut short by a deadline.
+
+    Cancelling a declaration in flight makes aiormq close its channel while the
+    broker may be closing it too, and RabbitMQ can answer that with a connection
+    error (504 "expected 'channel.open'"): the whole connection closes, and with
+    it the outbox's publishing. So a reading that outlasts the caller's deadline
+    goes on, and its answer serves a later call.
+    """
+
+    def __init__(self, connection: AbstractConnection, queues: Iterable[str]) -> None:
+        self._connection = connection
+        self._queues = tuple(queues)
+        self._reading: asyncio.Task[dict[str, QueueDepth]] | None = None
+
+    async def read(self, deadline_s: float) -> Mapping[str, QueueDepth]:
+        """The depths, if the reading in flight (or a new one) ends within `deadline_s`.
+
+        Raises `TimeoutError` when it does not, and what the reading raised when it failed.
+        """
+        if self._reading is None:
+            self._reading = asyncio.create_task(
+                queue_depths(self._connection, self._queues), name="queue-depths"
+            )
+        reading = self._reading
+        await asyncio.wait({reading}, timeout=deadline_s)
+        if not reading.done():
+            raise TimeoutError(
+                f"the broker has not answered within {deadline_s:g} s; "
+                "the reading goes on and serves the next call"
+            )
+        self._reading = None
+        return reading.result()
+
+    async def close(self) -> None:
+        """Stop a reading still in flight: the connection is about to close."""
+        reading, self._reading = self._reading, None
+        if reading is not None and not reading.done():
+            reading.cancel()
+            await asyncio.gather(reading, return_exceptions=True)

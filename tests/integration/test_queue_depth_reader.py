@@ -1,0 +1,67 @@
+"""Reading queue depths under deadlines never costs the connection they are read on.
+
+The heartbeat reads its queues' depths on the publisher's connection with a
+deadline. Cut short in flight, such a reading once made RabbitMQ close the
+whole connection (504 "expected 'channel.open'") and the outbox's publishing
+stopped until it reconnected; here thousands of deadlines far shorter than the
+broker's answer, with a missing queue among those read, leave it open.
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+from collections.abc import AsyncIterator
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractRobustConnection
+
+from sagaworks.adapters.rabbitmq.depths import QueueDepthReader
+from sagaworks.application.ports import QueueDepth
+
+pytestmark = pytest.mark.integration
+
+READINGS = 1500
+"""Deadlines tried; cut short in flight, readings lost the connection well within these."""
+
+
+@pytest.fixture
+async def queue_with_three(broker: AbstractRobustConnection) -> AsyncIterator[str]:
+    name = f"sagaworks.test.depths.{secrets.token_hex(4)}"
+    async with broker.channel() as channel:
+        await channel.declare_queue(name)
+        for n in range(3):
+            await channel.default_exchange.publish(
+                aio_pika.Message(str(n).encode()), routing_key=name
+            )
+    yield name
+    async with broker.channel() as channel:
+        await channel.queue_delete(name)
+
+
+async def test_deadlines_shorter_than_the_answer_leave_the_connection_open(
+    broker: AbstractRobustConnection, queue_with_three: str
+) -> None:
+    lost: list[BaseException | None] = []
+    broker.close_callbacks.add(lambda _sender, error=None: lost.append(error))
+    missing = f"{queue_with_three}.missing"
+    reader = QueueDepthReader(broker, [queue_with_three, missing, queue_with_three])
+    rng = random.Random(7)
+    late = answered = 0
+    try:
+        for n in range(READINGS):
+            try:
+                await reader.read(0 if n % 2 else rng.uniform(0, 0.004))
+            except TimeoutError:
+                late += 1
+            else:
+                answered += 1
+            assert not lost, f"the connection closed after {n} readings: {lost}"
+        depths = await reader.read(10)
+    finally:
+        await reader.close()
+    assert late >= READINGS // 2, "every other reading has no time at all"
+    assert answered > 0, "the answers of late readings serve later calls"
+    assert depths == {queue_with_three: QueueDepth(messages=3, consumers=0)}
+    assert not lost
