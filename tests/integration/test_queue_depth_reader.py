@@ -59,8 +59,10 @@ async def test_deadlines_shorter_than_the_answer_leave_the_connection_open(
                 answered += 1
             assert not lost, f"the connection closed after {n} readings: {lost}"
         depths = await reader.read(10)
+        with pytest.raises(TimeoutError):
+            await reader.read(0)
     finally:
-        await reader.close()
+        await reader.stop(10)
     assert late >= READINGS // 2, "every other reading has no time at all"
     assert answered > 0, "the answers of late readings serve later calls"
     assert depths == {queue_with_three: QueueDepth(messages=3, consumers=0)}

@@ -75,7 +75,7 @@ class HeartbeatLoop:
                 await asyncio.sleep(interval)
         finally:
             if self._depth_reader is not None:
-                await self._depth_reader.close()
+                await self._depth_reader.stop(_DEPTHS_DEADLINE_S)
 
     async def _beat_and_report(self, interval: float) -> None:
         try:

@@ -71,9 +71,20 @@ class QueueDepthReader:
         self._reading = None
         return reading.result()
 
-    async def close(self) -> None:
-        """Stop a reading still in flight: the connection is about to close."""
+    async def stop(self, wait_s: float) -> None:
+        """Let a reading in flight end, for up to `wait_s`; never cut it short.
+
+        The worker flushes its outbox on this connection after the heartbeat stops.
+        A reading still going after `wait_s` ends when the connection closes.
+        """
         reading, self._reading = self._reading, None
-        if reading is not None and not reading.done():
-            reading.cancel()
-            await asyncio.gather(reading, return_exceptions=True)
+        if reading is None:
+            return
+        await asyncio.wait({reading}, timeout=wait_s)
+        reading.add_done_callback(_forget_outcome)
+
+
+def _forget_outcome(reading: asyncio.Task[dict[str, QueueDepth]]) -> None:
+    """Retrieve a stopped reading's error: nobody will read its depths."""
+    if not reading.cancelled():
+        reading.exception()
