@@ -80,16 +80,23 @@ class HeartbeatLoop:
     async def _beat_and_report(self, interval: float) -> None:
         try:
             await self.beat_once()
-        except asyncio.CancelledError:
-            raise
+        except asyncio.CancelledError as cancelled:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise
+            # A library cancelled a call the beat awaited, not this loop: a missed beat.
+            self._missed(ConnectionError(f"interrupted: {cancelled!r}"))
         except Exception as error:  # noqa: BLE001 - a missed beat must not stop the worker
-            cause = f"{type(error).__name__}: {error}"
-            _log.warning("heartbeat failed; will retry", error=cause)
-            if self._database.up:
-                self._database = ServiceState(up=False, down_since=time.time(), cause=cause)
+            self._missed(error)
         else:
             self._database = ServiceState(up=True)
         self._write_health(interval)
+
+    def _missed(self, error: Exception) -> None:
+        cause = f"{type(error).__name__}: {error}"
+        _log.warning("heartbeat failed; will retry", error=cause)
+        if self._database.up:
+            self._database = ServiceState(up=False, down_since=time.time(), cause=cause)
 
     def _write_health(self, interval: float) -> None:
         report = HealthReport(

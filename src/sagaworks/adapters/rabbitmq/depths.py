@@ -56,6 +56,9 @@ class QueueDepthReader:
         """The depths, if the reading in flight (or a new one) ends within `deadline_s`.
 
         Raises `TimeoutError` when it does not, and what the reading raised when it failed.
+        aiormq cancels the calls in flight on a connection it declares dead; that ends
+        the reading as cancelled, raised here as `ConnectionError`, not as a cancellation
+        the caller would take for its own.
         """
         if self._reading is None:
             self._reading = asyncio.create_task(
@@ -69,6 +72,8 @@ class QueueDepthReader:
                 "the reading goes on and serves the next call"
             )
         self._reading = None
+        if reading.cancelled():
+            raise ConnectionError("the broker connection closed under the reading")
         return reading.result()
 
     async def stop(self, wait_s: float) -> None:
