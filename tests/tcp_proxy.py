@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+from urllib.parse import urlsplit, urlunsplit
 
 __all__ = ["BlackHoleProxy"]
 
@@ -40,6 +41,12 @@ class BlackHoleProxy:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def routed(self, url: str) -> str:
+        """`url` (credentials, path and query kept) pointed at this proxy instead."""
+        parts = urlsplit(url)
+        credentials = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+        return urlunsplit(parts._replace(netloc=f"{credentials}127.0.0.1:{self.port}"))
 
     def black_hole(self) -> None:
         self._holed = True

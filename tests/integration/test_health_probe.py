@@ -11,7 +11,7 @@ import asyncio
 import os
 import signal
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import pytest
 from broker_tools import AMQP_URL
@@ -41,8 +41,7 @@ async def test_the_probe_follows_the_worker_through_a_cut_a_freeze_and_a_kill(
     broker = urlsplit(AMQP_URL)
     proxy = BlackHoleProxy(broker.port or 5672)
     await proxy.start()
-    credentials = broker.netloc.rsplit("@", 1)[0]
-    via_proxy = urlunsplit(broker._replace(netloc=f"{credentials}@127.0.0.1:{proxy.port}"))
+    via_proxy = proxy.routed(AMQP_URL)
     env = worker_env(
         migrated_database_url,
         prefix,

@@ -16,7 +16,7 @@ import random
 import secrets
 import time
 from collections.abc import AsyncIterator
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
@@ -84,8 +84,7 @@ async def test_a_reading_cut_off_by_a_dead_connection_is_an_error_and_the_next_o
     broker = urlsplit(AMQP_URL)
     proxy = BlackHoleProxy(broker.port or 5672)
     await proxy.start()
-    credentials = broker.netloc.rsplit("@", 1)[0]
-    via_proxy = urlunsplit(broker._replace(netloc=f"{credentials}@127.0.0.1:{proxy.port}"))
+    via_proxy = proxy.routed(AMQP_URL)
     connection = await connect(via_proxy, timeout_s=10, heartbeat_s=1)
     reader = QueueDepthReader(connection, [queue_with_three])
     three = {queue_with_three: QueueDepth(messages=3, consumers=0)}

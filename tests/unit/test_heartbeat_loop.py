@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 from sagas.order_fulfilment.saga import order_fulfilment
-from sagas.order_fulfilment.simulation.participants import Simulation, simulated_ports
+from sagas.order_fulfilment.simulation.participants import simulated_ports
 from sagaworks.application.ports import Heartbeat
-from sagaworks.bootstrap import System, bootstrap, in_memory
 from sagaworks.entrypoints.health import ServiceState, read_report
 from sagaworks.entrypoints.heartbeat import HeartbeatLoop
 from sagaworks.settings import Settings
+from sagaworks.testing import SagaHarness
 
 pytestmark = pytest.mark.unit
 
@@ -40,36 +40,21 @@ class CutOffOnce:
         raise AssertionError("a loop that stops is not forgotten by the loop itself")
 
 
-async def _system(tmp_path: Path) -> System:
+async def test_a_beat_cut_off_from_below_is_missed_and_the_loop_beats_on(tmp_path: Path) -> None:
     settings = Settings.load(secrets_dir=None).model_copy(
         update={"health_file": tmp_path / "health.json", "heartbeat_interval_s": 0.01}
     )
-    ports = simulated_ports(Simulation())
-    fakes = in_memory(settings, ports)
-    return await bootstrap(
-        settings,
-        [order_fulfilment],
-        ports,
-        clock=fakes.clock,
-        store=fakes.store,
-        publisher=fakes.publisher,
-        caller=fakes.caller,
-    )
-
-
-async def test_a_beat_cut_off_from_below_is_missed_and_the_loop_beats_on(tmp_path: Path) -> None:
-    system = await _system(tmp_path)
-    log = CutOffOnce()
-    loop = HeartbeatLoop(system, log, lambda: 0, lambda: ServiceState(up=True))
-    beating = asyncio.create_task(loop.run())
-    try:
-        async with asyncio.timeout(10):
-            while len(log.beats) < 2:
-                assert not beating.done(), "the loop ended at the cut-off beat"
-                await asyncio.sleep(0.01)
-        assert read_report(tmp_path / "health.json").database.up
-    finally:
-        beating.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await beating
-        await system.aclose()
+    async with SagaHarness(order_fulfilment, simulated_ports(), settings=settings) as harness:
+        log = CutOffOnce()
+        loop = HeartbeatLoop(await harness.system(), log, lambda: 0, lambda: ServiceState(up=True))
+        beating = asyncio.create_task(loop.run())
+        try:
+            async with asyncio.timeout(10):
+                while len(log.beats) < 2:
+                    assert not beating.done(), "the loop ended at the cut-off beat"
+                    await asyncio.sleep(0.01)
+            assert read_report(tmp_path / "health.json").database.up
+        finally:
+            beating.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await beating
