@@ -36,8 +36,8 @@ READINGS = 1500
 
 
 @pytest.fixture
-async def queue_with_three(broker: AbstractRobustConnection) -> AsyncIterator[str]:
-    name = f"sagaworks.test.depths.{secrets.token_hex(4)}"
+async def queue_with_three(broker: AbstractRobustConnection, run_id: str) -> AsyncIterator[str]:
+    name = f"{run_id}.depths.{secrets.token_hex(3)}"
     async with broker.channel() as channel:
         await channel.declare_queue(name)
         for n in range(3):
